@@ -1,0 +1,264 @@
+"""The broker's socket loop: the only zmq user in broker/. It translates frames to core events
+and core actions to frames, and owns nothing the cores could own."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from zrpc._clock import Clock, monotonic, timeout_ms
+from zrpc._errors import ProtocolError
+from zrpc._frames import (
+    CLIENT,
+    WORKER,
+    ClientReply,
+    ClientRequest,
+    Disconnect,
+    Heartbeat,
+    Ready,
+    Status,
+    WorkerReply,
+    decode,
+    encode,
+)
+from zrpc._serial import pack_error, pack_result
+from zrpc._service import RESERVED
+from zrpc._sockets import DEFAULT_MAX_MESSAGE, SocketOptions, make_socket
+
+from ._dispatch import (
+    AckLeave,
+    Action,
+    Dispatcher,
+    Notice,
+    ReplyArrived,
+    ReplyToClient,
+    RequestArrived,
+    SendToWorker,
+    WorkerLeaving,
+    WorkerLost,
+    WorkerReady,
+)
+
+BATCH = 512
+"""Messages drained per wake-up: batching is measured to pay (DESIGN.md §2)."""
+
+log = logging.getLogger("zrpc.broker")
+
+
+@dataclass
+class BrokerConfig:
+    frontend: str = "tcp://127.0.0.1:5555"
+    role: str = "primary"
+    state: str | None = None
+    peer_state: str | None = None
+    monitor: str | None = None
+    lb: str = "least-outstanding"
+    queue_limit: int = 1000
+    service_grace: float = 1.0
+    heartbeat_interval: float = 0.25
+    liveness: int = 3
+    max_message: int = DEFAULT_MAX_MESSAGE
+    send_tracebacks: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Prefix(logging.LoggerAdapter):
+    """Every log line names the broker's role and state."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        b = self.extra["broker"]  # type: ignore[index]
+        return f"broker[{b.role}/{b.state}] {msg}", kwargs
+
+
+class Broker:
+    """One broker process: a ROUTER frontend shared by clients and workers."""
+
+    def __init__(self, config: BrokerConfig, *, context: zmq.Context | None = None,
+                 clock: Clock = monotonic) -> None:
+        self.config = config
+        self.role = config.role
+        self.state = "active"  # a broker with no peer serves (the zguide's lone-primary rule)
+        self._clock = clock
+        self._ctx = context or zmq.Context()
+        self._own_ctx = context is None
+        self.dispatcher = Dispatcher(clock, strategy=config.lb, queue_limit=config.queue_limit,
+                                     service_grace=config.service_grace)
+        self.log = _Prefix(log, {"broker": self})
+        self._stop = threading.Event()
+        self._front: zmq.Socket | None = None
+        self._started_wall = time.time()
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("received", "sent", "malformed", "unroutable", "send_full"), 0)
+        self.ready = threading.Event()  # set once the frontend is bound
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Safe from a signal handler or another thread: the loop exits within 100 ms."""
+        self._stop.set()
+
+    def bind(self) -> None:
+        opts = SocketOptions(max_message=self.config.max_message)
+        self._front = make_socket(self._ctx, zmq.ROUTER, options=opts)
+        try:
+            self._front.bind(self.config.frontend)
+        except zmq.ZMQError as exc:
+            self._front.close()
+            raise OSError(f"cannot bind frontend {self.config.frontend}: {exc.strerror}") from None
+        self.ready.set()
+
+    def run(self) -> None:
+        if self._front is None:
+            self.bind()
+        front = self._front
+        assert front is not None
+        self.log.info("serving on %s (lb=%s, queue_limit=%d)", self.config.frontend,
+                      self.config.lb, self.config.queue_limit)
+        poller = zmq.Poller()
+        poller.register(front, zmq.POLLIN)
+        recv = front.recv_multipart
+        try:
+            while not self._stop.is_set():
+                now = self._clock()
+                wait = timeout_ms(self.dispatcher.next_deadline(), now, cap=0.1)
+                if poller.poll(wait):
+                    for _ in range(BATCH):
+                        try:
+                            frames = recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_frames(frames)
+                self._execute(self.dispatcher.tick())
+        finally:
+            front.close(linger=0)
+            if self._own_ctx:
+                self._ctx.term()
+            self.log.info("stopped")
+
+    # --- input ---------------------------------------------------------------------------
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        self.counters["received"] += 1
+        if len(frames) != 3:
+            self._malformed(frames[0] if frames else b"?", f"{len(frames) - 1} frames, expected 2")
+            return
+        peer, head, body = frames
+        try:
+            msg = decode(head, body)
+        except ProtocolError as exc:
+            if exc.reply_to is not None:
+                self._send(peer, encode(ClientReply(exc.reply_to, Status.PROTOCOL_ERROR,
+                                                    pack_error("ProtocolError", str(exc)))))
+            self._malformed(peer, str(exc))
+            return
+        t = type(msg)
+        d = self.dispatcher
+        if t is ClientRequest:
+            if msg.service == RESERVED:  # type: ignore[union-attr]
+                self._internal(peer, msg)  # type: ignore[arg-type]
+            else:
+                self._execute(d.handle(RequestArrived(peer, msg)))  # type: ignore[arg-type]
+        elif t is WorkerReply:
+            self._execute(d.handle(ReplyArrived(peer, msg)))  # type: ignore[arg-type]
+            if not d.has_worker(peer):
+                self._ask_register(peer)
+        elif t is Ready:
+            self._execute(d.handle(WorkerReady(peer, msg)))  # type: ignore[arg-type]
+            self._send(peer, encode(Heartbeat(WORKER, self._hello())))
+        elif t is Heartbeat:
+            if msg.sender == WORKER:  # type: ignore[union-attr]
+                if not d.has_worker(peer):
+                    self._ask_register(peer)
+            else:
+                self._send(peer, encode(Heartbeat(CLIENT, self._hello())))
+        elif t is Disconnect:
+            self._execute(d.handle(WorkerLeaving(peer)))
+        else:
+            self._malformed(peer, f"{t.__name__} is not sent to a broker")
+
+    def _hello(self) -> dict[str, Any]:
+        return {"interval_ms": int(self.config.heartbeat_interval * 1000),
+                "liveness": self.config.liveness, "role": self.role, "state": self.state}
+
+    def _ask_register(self, peer: bytes) -> None:
+        info = self._hello()
+        info["register"] = True
+        self._send(peer, encode(Heartbeat(WORKER, info)))
+
+    def _malformed(self, peer: bytes, why: str) -> None:
+        n = self.counters["malformed"] = self.counters["malformed"] + 1
+        if n <= 10 or n % 1000 == 0:
+            self.log.warning("dropped malformed message #%d from %s: %s", n, peer.hex()[:16], why)
+
+    def _internal(self, peer: bytes, req: ClientRequest) -> None:
+        """Answers the reserved `zrpc` service (as Majordomo's mmi.*); never a failover vote."""
+        if req.method == "status":
+            body, status = pack_result(self.status()), Status.OK
+        elif req.method == "services":
+            body, status = pack_result(self.dispatcher.services_map()), Status.OK
+        elif req.method == "ping":
+            body, status = pack_result("pong"), Status.OK
+        else:
+            body = pack_error("MethodNotFound", f"the broker has no method zrpc.{req.method}")
+            status = Status.METHOD_NOT_FOUND
+        self._send(peer, encode(ClientReply(req.request_id, status, body)))
+
+    def status(self) -> dict[str, Any]:
+        snap = self.dispatcher.snapshot()
+        snap["broker"] = {
+            "endpoint": self.config.frontend,
+            "role": self.role,
+            "state": self.state,
+            "peer_state": None,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "uptime_s": round(time.time() - self._started_wall, 3),
+        }
+        snap["counters"].update(self.counters)
+        return snap
+
+    # --- output --------------------------------------------------------------------------
+
+    def _execute(self, actions: list[Action]) -> None:
+        pending = actions
+        while pending:
+            more: list[Action] = []
+            for a in pending:
+                t = type(a)
+                if t is SendToWorker:
+                    if not self._send(a.worker_id, encode(a.message)):  # type: ignore[union-attr]
+                        more.extend(self.dispatcher.handle(WorkerLost(a.worker_id, "unreachable")))  # type: ignore[union-attr]
+                elif t is ReplyToClient:
+                    self._send(a.client_id, encode(ClientReply(a.request_id, a.status, a.body)))  # type: ignore[union-attr]
+                elif t is AckLeave:
+                    self._send(a.worker_id, encode(Disconnect()))  # type: ignore[union-attr]
+                elif t is Notice:
+                    self._notice(a)  # type: ignore[arg-type]
+            pending = more
+
+    def _notice(self, n: Notice) -> None:
+        level = logging.WARNING if n.name in ("worker_lost",) else logging.INFO
+        self.log.log(level, "%s %s %s", n.name, n.subject, n.detail)
+
+    def _send(self, peer: bytes, frames: list[bytes]) -> bool:
+        """False when the peer is gone (ROUTER_MANDATORY); a full pipe is counted, not fatal."""
+        try:
+            self._front.send_multipart([peer, *frames], zmq.NOBLOCK)  # type: ignore[union-attr]
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EHOSTUNREACH:
+                self.counters["unroutable"] += 1
+                return False
+            if exc.errno == errno.EAGAIN:
+                self.counters["send_full"] += 1
+                return True
+            raise
+        self.counters["sent"] += 1
+        return True

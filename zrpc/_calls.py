@@ -1,0 +1,103 @@
+"""CallTable: a client's calls in flight, matched by request id, with deadlines. Sans-IO;
+shared by Client and AsyncClient so both follow the same rules."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+from typing import Any
+
+from ._clock import Clock, budget_ms
+from ._frames import H_ATTEMPT, H_BUDGET, H_IDEMPOTENT, H_TRACE, ClientRequest, encode
+from ._serial import pack_call
+
+
+class PendingCall:
+    __slots__ = ("request_id", "service", "method", "headers", "body", "deadline", "future",
+                 "broker", "sent_at", "frames")
+
+    def __init__(self, request_id: int, service: str, method: str, headers: dict[str, Any],
+                 body: bytes, deadline: float, future: Any) -> None:
+        self.request_id = request_id
+        self.service = service
+        self.method = method
+        self.headers = headers
+        self.body = body
+        self.deadline = deadline
+        self.future = future
+        self.broker = -1
+        self.sent_at = 0.0
+        self.frames: list[bytes] = []
+
+    def encode(self, now: float) -> list[bytes]:
+        """Frames for (re)sending, carrying the budget left at `now` (DESIGN.md §3)."""
+        self.headers[H_BUDGET] = budget_ms(self.deadline, now)
+        return encode(ClientRequest(self.request_id, self.service, self.method, self.headers, self.body))
+
+
+class CallTable:
+    """Request ids, headers and deadlines for one client; the loop owns the only instance."""
+
+    def __init__(self, clock: Clock, default_timeout: float) -> None:
+        if not default_timeout > 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        self._clock = clock
+        self.default_timeout = default_timeout
+        self._ids = itertools.count(int.from_bytes(os.urandom(3), "big") << 20)
+        self._pending: dict[int, PendingCall] = {}
+        self._deadlines: list[tuple[float, int]] = []
+
+    def prepare(self, service: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                future: Any, timeout: float | None = None, idempotent: bool | None = None,
+                trace_id: str | None = None) -> PendingCall:
+        """Builds a call (safe from any thread: it touches no table state)."""
+        if not isinstance(service, str) or not service or not isinstance(method, str) or not method:
+            raise ValueError("service and method must be non-empty strings")
+        t = self.default_timeout if timeout is None else timeout
+        if not t > 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        headers: dict[str, Any] = {H_ATTEMPT: 0}
+        if idempotent is not None:
+            headers[H_IDEMPOTENT] = bool(idempotent)
+        if trace_id is not None:
+            headers[H_TRACE] = trace_id
+        body = pack_call(args, kwargs)
+        return PendingCall(next(self._ids), service, method, headers, body, self._clock() + t, future)
+
+    def add(self, call: PendingCall) -> None:
+        self._pending[call.request_id] = call
+        heapq.heappush(self._deadlines, (call.deadline, call.request_id))
+
+    def pop(self, request_id: int) -> PendingCall | None:
+        """The call a reply answers; None for a late or duplicate reply (dropped)."""
+        return self._pending.pop(request_id, None)
+
+    def expired(self) -> list[PendingCall]:
+        now = self._clock()
+        out = []
+        dl = self._deadlines
+        while dl and dl[0][0] <= now:
+            _, rid = heapq.heappop(dl)
+            call = self._pending.pop(rid, None)
+            if call is not None:
+                out.append(call)
+        return out
+
+    def next_deadline(self) -> float | None:
+        dl = self._deadlines
+        while dl and dl[0][1] not in self._pending:
+            heapq.heappop(dl)
+        return dl[0][0] if dl else None
+
+    def drain(self) -> list[PendingCall]:
+        out = list(self._pending.values())
+        self._pending.clear()
+        self._deadlines.clear()
+        return out
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._pending.values()))

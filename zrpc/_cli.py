@@ -1,0 +1,343 @@
+"""The `zrpc` command line (click): every command explains itself with --help and answers a
+user mistake with one line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any, Sequence
+
+import click
+
+from ._config import ENV, LOCAL_PAIR, check_endpoint, resolve_brokers
+from ._errors import RemoteError, Timeout, ZrpcError
+from ._service import Service
+
+LB_CHOICES = ["least-outstanding", "round-robin", "random", "weighted", "p2c-ewma"]
+ROLE_PORTS = {"primary": (5555, 5565, 5575), "backup": (5556, 5566, 5576)}
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()),
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _brokers_option(f: Any) -> Any:
+    return click.option(
+        "--brokers", envvar=ENV, show_envvar=True, metavar="EP[,EP]",
+        help=f"Broker endpoints, comma-separated (default: the local pair {','.join(LOCAL_PAIR)}).",
+    )(f)
+
+
+def _log_option(f: Any) -> Any:
+    return click.option("--log-level", default="info", show_default=True,
+                        type=click.Choice(["debug", "info", "warning", "error"]),
+                        help="How much to log on stderr.")(f)
+
+
+def _brokers(value: str | None) -> list[str]:
+    try:
+        return resolve_brokers(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--brokers") from None
+
+
+def _endpoint(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_endpoint(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+class _Group(click.Group):
+    """Turns expected failures into one line on stderr (exit 1); --help stays click's."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ZrpcError, OSError, ValueError, TypeError) as exc:
+            if isinstance(exc, click.ClickException):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="zrpc")
+def main() -> None:
+    """zrpc: RPC over ZeroMQ with high availability built in.
+
+    A broker (or a primary/backup pair) dispatches calls to workers; clients call services
+    through it. Every command finds the brokers with --brokers or $ZRPC_BROKERS, else uses
+    the local pair (tcp://127.0.0.1:5555 and :5556).
+    """
+
+
+# --- broker ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--role", type=click.Choice(["primary", "backup"]), default="primary", show_default=True,
+              help="This broker's place in a Binary Star pair.")
+@click.option("--frontend", callback=_endpoint, metavar="EP",
+              help="Endpoint clients and workers connect to (default tcp://127.0.0.1:5555 for "
+                   "primary, :5556 for backup).")
+@click.option("--state", callback=_endpoint, metavar="EP",
+              help="Endpoint where this broker publishes its state to its peer.")
+@click.option("--peer-state", callback=_endpoint, metavar="EP",
+              help="The peer broker's state endpoint (omit to run alone).")
+@click.option("--monitor", callback=_endpoint, metavar="EP",
+              help="Endpoint where alerts and metrics are published.")
+@click.option("--lb", type=click.Choice(LB_CHOICES), default="least-outstanding", show_default=True,
+              help="How calls are spread over workers.")
+@click.option("--queue-limit", type=click.IntRange(1, 10_000_000), default=1000, show_default=True,
+              help="Calls that may wait per service when every worker is busy; beyond it, Overloaded.")
+@click.option("--service-grace", type=click.FloatRange(0, 3600), default=1.0, show_default=True,
+              help="Seconds a call to a service with no worker waits for one to register.")
+@click.option("--heartbeat-interval", type=click.FloatRange(0.01, 60), default=0.25, show_default=True,
+              help="Seconds between heartbeats (announced to workers and clients).")
+@click.option("--liveness", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Silent intervals after which a worker is declared dead.")
+@click.option("--max-message-size", type=click.IntRange(1024, 2**31 - 1), default=16 * 1024 * 1024,
+              show_default=True, help="Bytes; larger messages drop the sender's connection.")
+@_log_option
+def broker(role: str, frontend: str | None, state: str | None, peer_state: str | None,
+           monitor: str | None, lb: str, queue_limit: int, service_grace: float,
+           heartbeat_interval: float, liveness: int, max_message_size: int, log_level: str) -> None:
+    """Run a broker: routes calls from clients to workers until SIGTERM or Ctrl-C."""
+    from broker import Broker, BrokerConfig
+
+    _setup_logging(log_level)
+    fport = ROLE_PORTS[role][0]
+    config = BrokerConfig(
+        frontend=frontend or f"tcp://127.0.0.1:{fport}", role=role, state=state,
+        peer_state=peer_state, monitor=monitor, lb=lb, queue_limit=queue_limit,
+        service_grace=service_grace, heartbeat_interval=heartbeat_interval, liveness=liveness,
+        max_message=max_message_size,
+    )
+    if not _is_loopback(config.frontend):
+        click.echo(f"warning: {config.frontend} is reachable from other hosts and no CURVE keys "
+                   "are set: anyone who can connect can call and serve.", err=True)
+    b = Broker(config)
+    b.bind()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: b.stop())
+    b.run()
+
+
+def _is_loopback(ep: str) -> bool:
+    host = ep.split("://", 1)[1].rsplit(":", 1)[0] if ep.startswith("tcp://") else "local"
+    return host in ("127.0.0.1", "localhost", "[::1]", "local") or host.startswith("127.")
+
+
+# --- worker ------------------------------------------------------------------------------
+
+
+def load_services(specs: Sequence[str]) -> list[Service]:
+    """MODULE:ATTR (a Service or a list of them) or MODULE (every Service it defines)."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    out: list[Service] = []
+    for spec in specs:
+        modname, _, attr = spec.partition(":")
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError as exc:
+            raise click.BadParameter(f"cannot import {modname!r}: {exc}", param_hint="SERVICE") from None
+        if attr:
+            try:
+                obj = getattr(mod, attr)
+            except AttributeError:
+                raise click.BadParameter(f"module {modname!r} has no attribute {attr!r}",
+                                         param_hint="SERVICE") from None
+            found = list(obj) if isinstance(obj, (list, tuple)) else [obj]
+        else:
+            found = [v for v in vars(mod).values() if isinstance(v, Service)]
+        if not found or not all(isinstance(s, Service) for s in found):
+            raise click.BadParameter(f"{spec!r} is not a zrpc.Service", param_hint="SERVICE")
+        out.extend(found)
+    return out
+
+
+@main.command()
+@click.argument("services", nargs=-1, required=True, metavar="MODULE[:SERVICE]...")
+@_brokers_option
+@click.option("--concurrency", type=click.IntRange(1, 10_000), default=8, show_default=True,
+              help="Calls handled at once (thread pool size; the capacity announced).")
+@click.option("--weight", type=click.FloatRange(0.001, 1e6), default=1.0, show_default=True,
+              help="Relative share of calls under --lb weighted.")
+@click.option("--heartbeat-interval", type=click.FloatRange(0.01, 60), default=0.25, show_default=True,
+              help="Seconds between heartbeats to each broker.")
+@_log_option
+def worker(services: tuple[str, ...], brokers: str | None, concurrency: int, weight: float,
+           heartbeat_interval: float, log_level: str) -> None:
+    """Serve the services defined in MODULE (e.g. `zrpc worker examples.calc:calc`).
+
+    SIGTERM or Ctrl-C finishes the calls in flight, then leaves; a second one stops at once.
+    """
+    from ._worker import Worker
+
+    _setup_logging(log_level)
+    w = Worker(load_services(services), _brokers(brokers), concurrency=concurrency,
+               weight=weight, heartbeat_interval=heartbeat_interval)
+    w.run()
+
+
+# --- call --------------------------------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+    """JSON literal if it parses, else the text itself as a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@main.command()
+@click.argument("target", metavar="SERVICE.METHOD")
+@click.argument("args", nargs=-1)
+@click.option("--kw", "kwargs", multiple=True, metavar="KEY=VALUE",
+              help="A keyword argument (VALUE as JSON, else a string); repeatable.")
+@_brokers_option
+@click.option("--timeout", type=click.FloatRange(0.001, 86400), default=5.0, show_default=True,
+              help="Seconds to wait for the reply.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"result": ...} or {"error": {...}}.')
+def call(target: str, args: tuple[str, ...], kwargs: tuple[str, ...], brokers: str | None,
+         timeout: float, as_json: bool) -> None:
+    """Call SERVICE.METHOD with ARGS (JSON literals, else strings) and print the result as JSON.
+
+    Example: zrpc call calc.add 1 2
+    """
+    from ._client import Client
+
+    service, dot, method = target.rpartition(".")
+    if not dot or not service or not method:
+        raise click.BadParameter(f"{target!r}: expected SERVICE.METHOD, e.g. calc.add",
+                                 param_hint="SERVICE.METHOD")
+    kw: dict[str, Any] = {}
+    for item in kwargs:
+        key, eq, val = item.partition("=")
+        if not eq or not key.isidentifier():
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--kw")
+        kw[key] = _parse_value(val)
+    eps = _brokers(brokers)
+    with Client(eps, timeout=timeout) as client:
+        try:
+            result = client.call(service, method, *[_parse_value(a) for a in args], **kw)
+        except ZrpcError as exc:
+            kind = exc.remote_type if isinstance(exc, RemoteError) else type(exc).__name__
+            message = exc.message if isinstance(exc, RemoteError) else str(exc)
+            if isinstance(exc, Timeout):
+                message += f" (is a broker running at {', '.join(eps)}?)"
+            if as_json:
+                click.echo(json.dumps({"error": {"type": kind, "message": message,
+                                                 "remote": isinstance(exc, RemoteError)}}))
+            else:
+                click.echo(f"error: {kind}: {message}", err=True)
+            sys.exit(1)
+    out = _jsonable(result)
+    click.echo(json.dumps({"result": out} if as_json else out))
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+def fetch_status(endpoints: Sequence[str], timeout: float) -> dict[str, Any]:
+    """Asks each broker for zrpc.status; merges into the `zrpc status --json` shape."""
+    from ._client import Client
+
+    brokers: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    for ep in endpoints:
+        with Client([ep], timeout=timeout) as c:
+            try:
+                st = c.call("zrpc", "status")
+            except ZrpcError as exc:
+                brokers.append({"endpoint": ep, "role": None, "state": "unreachable",
+                                "peer_state": None, "error": str(exc)})
+                continue
+        info = dict(st["broker"])
+        info["endpoint"] = ep
+        info["counters"] = st.get("counters", {})
+        brokers.append(info)
+        if best is None or info.get("state") == "active":
+            best = st
+    return {"brokers": brokers, "services": (best or {}).get("services", []),
+            "workers": (best or {}).get("workers", [])}
+
+
+@main.command()
+@_brokers_option
+@click.option("--timeout", type=click.FloatRange(0.01, 600), default=2.0, show_default=True,
+              help="Seconds to wait for each broker.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts.")
+def status(brokers: str | None, timeout: float, as_json: bool) -> None:
+    """Show brokers, services and workers: outstanding calls, queues, latency."""
+    eps = _brokers(brokers)
+    st = fetch_status(eps, timeout)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+    else:
+        print_status(st)
+    if all(b["state"] == "unreachable" for b in st["brokers"]):
+        click.echo(f"error: no broker answered at {', '.join(eps)} within {timeout:g}s "
+                   "(is one running? see `zrpc broker --help`)", err=True)
+        sys.exit(1)
+
+
+def print_status(st: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title="brokers", title_justify="left")
+    for col in ("endpoint", "role", "state", "peer", "pid", "uptime"):
+        t.add_column(col)
+    for b in st["brokers"]:
+        t.add_row(b["endpoint"], str(b.get("role") or "-"), str(b["state"]),
+                  str(b.get("peer_state") or "-"), str(b.get("pid", "-")),
+                  f"{b['uptime_s']:.0f}s" if "uptime_s" in b else "-")
+    console.print(t)
+    t = Table(title="services", title_justify="left")
+    for col in ("service", "workers", "outstanding", "queued"):
+        t.add_column(col, justify="left" if col == "service" else "right")
+    for s in st["services"]:
+        t.add_row(s["name"], str(s["workers"]), str(s["outstanding"]), str(s["queued"]))
+    console.print(t)
+    t = Table(title="workers", title_justify="left")
+    for col in ("worker", "services", "capacity", "outstanding", "ewma ms", "served", "errors"):
+        t.add_column(col, justify="left" if col in ("worker", "services") else "right")
+    for w in st["workers"]:
+        name = w["name"] + (" (leaving)" if w.get("leaving") else "")
+        t.add_row(name, ",".join(w["services"]), str(w["capacity"]), str(w["outstanding"]),
+                  f"{w['ewma_ms']:.2f}", str(w["served"]), str(w["errors"]))
+    console.print(t)
+
+
+# --- demo --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--plain", is_flag=True, help="Plain text output (for logs and CI).")
+def demo(plain: bool) -> None:
+    """Start a broker and workers of examples/calc.py, make calls, show what happened."""
+    from ._demo import run_demo
+
+    sys.exit(run_demo(plain=plain))

@@ -1,0 +1,38 @@
+"""Where the brokers are: ZRPC_BROKERS, --brokers, or the local pair."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Sequence
+
+LOCAL_PAIR = ("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556")
+ENV = "ZRPC_BROKERS"
+
+_ENDPOINT = re.compile(r"^(tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-*]+):\d{1,5}|ipc://.+|inproc://.+)$")
+
+
+def check_endpoint(ep: str) -> str:
+    """Raises ValueError with the expected shape for a malformed endpoint."""
+    ep = ep.strip()
+    if not _ENDPOINT.match(ep):
+        raise ValueError(f"invalid endpoint {ep!r}: expected tcp://HOST:PORT (or ipc://PATH)")
+    if ep.startswith("tcp://"):
+        port = int(ep.rsplit(":", 1)[1])
+        if not 0 < port < 65536:
+            raise ValueError(f"invalid port in endpoint {ep!r}")
+    return ep
+
+
+def resolve_brokers(brokers: Sequence[str] | str | None = None) -> list[str]:
+    """Explicit list or comma-separated string, else $ZRPC_BROKERS, else the local pair."""
+    if brokers is None:
+        brokers = os.environ.get(ENV) or list(LOCAL_PAIR)
+    if isinstance(brokers, str):
+        brokers = [b for b in brokers.split(",") if b.strip()]
+    out = [check_endpoint(b) for b in brokers]
+    if not out:
+        raise ValueError("no broker endpoint given")
+    if len(out) > 2:
+        raise ValueError(f"at most two brokers (a primary/backup pair), got {len(out)}")
+    return out

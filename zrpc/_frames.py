@@ -1,0 +1,291 @@
+"""ZRPC/1 codec: two frames (msgpack head, opaque body) <-> frozen dataclasses, sans-IO.
+
+Every malformed input raises `ProtocolError` and nothing else, so a loop can catch one type
+and stay up. The spec is docs/protocol.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import msgpack
+
+from ._errors import ProtocolError
+
+CLIENT = "ZRPC1C"
+WORKER = "ZRPC1W"
+
+MAX_HEAD = 64 * 1024
+"""Heads are small routing data; anything larger is an attack or a bug."""
+
+MAX_ID = 255
+"""ZeroMQ routing ids are at most 255 bytes."""
+
+
+class Command(enum.IntEnum):
+    REQUEST = 1
+    REPLY = 2
+    READY = 3
+    HEARTBEAT = 4
+    DISCONNECT = 5
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    ERROR = 1  # the handler raised
+    TIMEOUT = 2
+    SERVICE_UNAVAILABLE = 3
+    METHOD_NOT_FOUND = 4
+    OVERLOADED = 5
+    CALL_STATE_UNKNOWN = 6
+    PROTOCOL_ERROR = 7
+    NOT_ACTIVE = 8  # a passive broker: send to its peer
+    UNAUTHORIZED = 9
+
+
+_STATUSES = frozenset(int(s) for s in Status)
+
+# Header keys (docs/protocol.md §4). Unknown keys are carried along untouched.
+H_BUDGET = "budget_ms"
+H_IDEMPOTENT = "idempotent"
+H_ATTEMPT = "attempt"
+H_TRACE = "trace_id"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRequest:
+    request_id: int
+    service: str
+    method: str
+    headers: dict[str, Any]
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientReply:
+    request_id: int
+    status: int
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRequest:
+    client_id: bytes
+    request_id: int
+    service: str
+    method: str
+    headers: dict[str, Any]
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReply:
+    client_id: bytes
+    request_id: int
+    status: int
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A worker's announcement: services -> {method: idempotent}, and its capacity."""
+
+    worker_id: str
+    services: dict[str, dict[str, bool]]
+    capacity: int
+    weight: float = 1.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Liveness both ways; `info` carries settings and state (interval_ms, broker state)."""
+
+    sender: str  # CLIENT or WORKER protocol tag
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """From a worker: take no new calls, in-flight ones will still be replied.
+    From the broker: acknowledged, nothing more will be sent."""
+
+
+Message = Union[ClientRequest, ClientReply, WorkerRequest, WorkerReply, Ready, Heartbeat, Disconnect]
+
+def pack(obj: Any) -> bytes:
+    """msgpack with bin and str kept apart (packb: a shared Packer is not thread-safe)."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+
+def encode(msg: Message) -> list[bytes]:
+    """Returns the two frames [head, body] for one message."""
+    t = type(msg)
+    if t is ClientRequest:
+        head = [CLIENT, 1, msg.request_id, msg.service, msg.method, msg.headers]
+    elif t is ClientReply:
+        head = [CLIENT, 2, msg.request_id, msg.status]
+    elif t is WorkerRequest:
+        head = [WORKER, 1, msg.client_id, msg.request_id, msg.service, msg.method, msg.headers]
+    elif t is WorkerReply:
+        head = [WORKER, 2, msg.client_id, msg.request_id, msg.status]
+    elif t is Ready:
+        head = [WORKER, 3, msg.worker_id, msg.services, msg.capacity, msg.weight, msg.info]
+        return [pack(head), b""]
+    elif t is Heartbeat:
+        return [pack([msg.sender, 4, msg.info]), b""]
+    elif t is Disconnect:
+        return [pack([WORKER, 5]), b""]
+    else:
+        raise TypeError(f"not a ZRPC/1 message: {msg!r}")
+    return [pack(head), msg.body]
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+
+def _unpack_head(head: bytes) -> list[Any]:
+    if len(head) > MAX_HEAD:
+        raise ProtocolError(f"head of {len(head)} bytes exceeds {MAX_HEAD}")
+    try:
+        fields = msgpack.unpackb(head, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"head is not valid msgpack: {type(exc).__name__}") from None
+    if not isinstance(fields, list) or len(fields) < 2:
+        raise ProtocolError("head must be an array [protocol, command, ...]")
+    return fields
+
+
+def _int(v: Any, what: str, lo: int = 0, hi: int = 2**64 - 1) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise ProtocolError(f"{what} must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def _str(v: Any, what: str, max_len: int = 256) -> str:
+    if type(v) is not str or len(v) > max_len:
+        raise ProtocolError(f"{what} must be a string of at most {max_len} characters")
+    return v
+
+
+def _id(v: Any, what: str) -> bytes:
+    if type(v) is not bytes or not 0 < len(v) <= MAX_ID:
+        raise ProtocolError(f"{what} must be 1..{MAX_ID} bytes")
+    return v
+
+
+def _headers(v: Any) -> dict[str, Any]:
+    if type(v) is not dict:
+        raise ProtocolError("headers must be a map")
+    b = v.get(H_BUDGET)
+    if b is not None and (type(b) is not int or not 0 <= b <= 2**40):
+        raise ProtocolError(f"header {H_BUDGET} must be a non-negative integer")
+    i = v.get(H_IDEMPOTENT)
+    if i is not None and type(i) is not bool:
+        raise ProtocolError(f"header {H_IDEMPOTENT} must be a boolean")
+    a = v.get(H_ATTEMPT)
+    if a is not None and (type(a) is not int or not 0 <= a <= 1000):
+        raise ProtocolError(f"header {H_ATTEMPT} must be a small non-negative integer")
+    return v
+
+
+def _status(v: Any) -> int:
+    if type(v) is not int or v not in _STATUSES:
+        raise ProtocolError(f"unknown status {v!r}")
+    return v
+
+
+def _services(v: Any) -> dict[str, dict[str, bool]]:
+    if type(v) is not dict or not v or len(v) > 1000:
+        raise ProtocolError("services must be a non-empty map of at most 1000 services")
+    for name, methods in v.items():
+        _str(name, "service name")
+        if type(methods) is not dict or len(methods) > 10000:
+            raise ProtocolError(f"methods of {name!r} must be a map method -> idempotent")
+        for m, idem in methods.items():
+            _str(m, "method name")
+            if type(idem) is not bool:
+                raise ProtocolError(f"idempotent flag of {name}.{m} must be a boolean")
+    return v
+
+
+def _info(fields: list[Any], at: int) -> dict[str, Any]:
+    if len(fields) <= at:
+        return {}
+    v = fields[at]
+    if type(v) is not dict:
+        raise ProtocolError("info must be a map")
+    return v
+
+
+def _need(fields: list[Any], n: int, what: str) -> None:
+    if len(fields) < n:
+        raise ProtocolError(f"{what} needs {n} head fields, got {len(fields)}")
+
+
+def decode(head: bytes, body: bytes = b"") -> Message:
+    """Parses one message; raises ProtocolError (with `reply_to` when answerable)."""
+    fields = _unpack_head(head)
+    tag, cmd = fields[0], fields[1]
+    if tag == CLIENT:
+        if cmd == 1:
+            _need(fields, 6, "client REQUEST")
+            rid = _int(fields[2], "request_id")
+            try:
+                return ClientRequest(
+                    rid, _str(fields[3], "service"), _str(fields[4], "method"), _headers(fields[5]), body
+                )
+            except ProtocolError as exc:
+                raise ProtocolError(str(exc), reply_to=rid) from None
+        if cmd == 2:
+            _need(fields, 4, "client REPLY")
+            return ClientReply(_int(fields[2], "request_id"), _status(fields[3]), body)
+        if cmd == 4:
+            return Heartbeat(CLIENT, _info(fields, 2))
+    elif tag == WORKER:
+        if cmd == 1:
+            _need(fields, 7, "worker REQUEST")
+            return WorkerRequest(
+                _id(fields[2], "client_id"),
+                _int(fields[3], "request_id"),
+                _str(fields[4], "service"),
+                _str(fields[5], "method"),
+                _headers(fields[6]),
+                body,
+            )
+        if cmd == 2:
+            _need(fields, 5, "worker REPLY")
+            return WorkerReply(
+                _id(fields[2], "client_id"), _int(fields[3], "request_id"), _status(fields[4]), body
+            )
+        if cmd == 3:
+            _need(fields, 5, "READY")
+            weight = fields[5] if len(fields) > 5 else 1.0
+            if type(weight) not in (int, float) or not 0 < weight <= 1e6:
+                raise ProtocolError("weight must be a positive number")
+            return Ready(
+                _str(fields[2], "worker_id"),
+                _services(fields[3]),
+                _int(fields[4], "capacity", 1, 100_000),
+                float(weight),
+                _info(fields, 6),
+            )
+        if cmd == 4:
+            return Heartbeat(WORKER, _info(fields, 2))
+        if cmd == 5:
+            return Disconnect()
+    else:
+        raise ProtocolError(f"unknown protocol tag {tag!r}")
+    raise ProtocolError(f"unknown command {cmd!r} for {tag}")
+
+
+def decode_frames(frames: list[bytes]) -> Message:
+    """Like decode(), from a frame list: exactly [head, body] or [head]."""
+    if not 1 <= len(frames) <= 2:
+        raise ProtocolError(f"expected 2 frames [head, body], got {len(frames)}")
+    return decode(frames[0], frames[1] if len(frames) == 2 else b"")

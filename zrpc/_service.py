@@ -1,0 +1,73 @@
+"""Service: a named registry of handler functions, declared with decorators."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, TypeVar, overload
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RESERVED = "zrpc"
+"""The broker answers this service itself (zrpc.status, zrpc.services)."""
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
+_METHOD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    name: str
+    func: Callable[..., Any]
+    idempotent: bool
+    is_async: bool
+
+
+class Service:
+    """A set of methods served under one name; a worker may serve several services."""
+
+    def __init__(self, name: str) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"invalid service name {name!r}: use letters, digits, '_', '-', '.'")
+        if name == RESERVED or name.startswith(RESERVED + "."):
+            raise ValueError(f"service name {name!r} is reserved for the broker")
+        self.name = name
+        self._methods: dict[str, Method] = {}
+
+    @overload
+    def method(self, func: F) -> F: ...
+
+    @overload
+    def method(self, *, name: str | None = None, idempotent: bool = True) -> Callable[[F], F]: ...
+
+    def method(self, func: Any = None, *, name: str | None = None, idempotent: bool = True) -> Any:
+        """Registers a handler. Idempotent methods (the default) may be retried on another
+        worker when one dies; `idempotent=False` ones are never executed twice."""
+
+        def register(f: F) -> F:
+            mname = name or f.__name__
+            if not _METHOD.match(mname):
+                raise ValueError(f"invalid method name {mname!r}")
+            if mname in self._methods:
+                raise ValueError(f"method {self.name}.{mname} is defined twice")
+            self._methods[mname] = Method(mname, f, idempotent, inspect.iscoroutinefunction(f))
+            return f
+
+        if func is not None:
+            return register(func)
+        return register
+
+    @property
+    def methods(self) -> Mapping[str, Method]:
+        return dict(self._methods)
+
+    def get(self, method: str) -> Method | None:
+        return self._methods.get(method)
+
+    def spec(self) -> dict[str, bool]:
+        """method -> idempotent: what a worker announces in READY."""
+        return {m.name: m.idempotent for m in self._methods.values()}
+
+    def __repr__(self) -> str:
+        return f"<Service {self.name} methods={sorted(self._methods)}>"

@@ -1,0 +1,82 @@
+"""The one place sockets are made, so every socket gets the same limits and options."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import zmq
+
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+"""Larger messages make libzmq drop the sender's connection instead of allocating them."""
+
+
+@dataclass(frozen=True)
+class SocketOptions:
+    max_message: int = DEFAULT_MAX_MESSAGE
+    hwm: int = 100_000
+    reconnect_ivl_ms: int = 250
+    reconnect_ivl_max_ms: int = 8000
+    linger_ms: int = 0
+
+
+def make_socket(
+    ctx: zmq.Context,
+    kind: int,
+    *,
+    identity: bytes | None = None,
+    options: SocketOptions | None = None,
+) -> zmq.Socket:
+    """Creates a socket with limits (max message size, high-water marks), no linger, capped
+    reconnect backoff, and ROUTER_MANDATORY on routers so a vanished peer is an error."""
+    o = options or SocketOptions()
+    sock = ctx.socket(kind)
+    sock.linger = o.linger_ms
+    sock.setsockopt(zmq.MAXMSGSIZE, o.max_message)
+    sock.sndhwm = o.hwm
+    sock.rcvhwm = o.hwm
+    sock.setsockopt(zmq.RECONNECT_IVL, o.reconnect_ivl_ms)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, o.reconnect_ivl_max_ms)
+    if identity is not None:
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    return sock
+
+
+class Waker:
+    """Wakes a socket loop from other threads (zmq sockets are not thread-safe, so other
+    threads never touch the loop's sockets; they queue work and ring this)."""
+
+    def __init__(self, ctx: zmq.Context, name: str) -> None:
+        addr = f"inproc://zrpc-wake-{name}"
+        self.socket = ctx.socket(zmq.PAIR)  # the loop polls this one
+        self.socket.bind(addr)
+        self._tx = ctx.socket(zmq.PAIR)
+        self._tx.connect(addr)
+        self._lock = threading.Lock()
+        self._pending = False
+
+    def wake(self) -> None:
+        if self._pending:  # a wake-up is on its way; the loop will see our work
+            return
+        self._pending = True
+        with self._lock:
+            try:
+                self._tx.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def clear(self) -> None:
+        """Called by the loop before it looks at the queued work."""
+        self._pending = False
+        while True:
+            try:
+                self.socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+    def close(self) -> None:
+        with self._lock:
+            self._tx.close(linger=0)
+        self.socket.close(linger=0)
