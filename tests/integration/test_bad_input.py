@@ -1,0 +1,131 @@
+"""A broker and a worker survive garbage on their sockets and keep serving."""
+
+import os
+import random
+
+import msgpack
+import zmq
+
+import zrpc
+from tests.conftest import broker_status
+from zrpc._frames import CLIENT, WORKER
+from zrpc.testing import free_port, wait_until
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def garbage(rng: random.Random, i: int) -> list[bytes]:
+    kind = i % 10
+    pk = lambda o: msgpack.packb(o, use_bin_type=True)  # noqa: E731
+    if kind == 0:
+        return [rng.randbytes(rng.randrange(0, 64)) for _ in range(rng.randrange(1, 5))]
+    if kind == 1:
+        return [pk([CLIENT, 1, i, "calc", "add", {"budget_ms": "x"}]), b""]
+    if kind == 2:
+        return [pk([CLIENT, 1, i, "calc", "add", {}])[:-1], b""]  # truncated head
+    if kind == 3:
+        return [pk([WORKER, 3, "evil", {"calc": {"add": True}}, 10**9]), b""]  # absurd capacity
+    if kind == 4:
+        return [pk([WORKER, 2, os.urandom(16), i, 0]), b"res"]  # reply from an unknown worker
+    if kind == 5:
+        return [pk(["ZRPC1C", 42]), b""]
+    if kind == 6:
+        return [pk([CLIENT, 1, i, "calc", "add", {"budget_ms": 1000}]), rng.randbytes(20)]  # bad body
+    if kind == 7:
+        return [pk([CLIENT, 1, i, "calc", "add", {"budget_ms": 0}]), pk([[1, 2], {}])]
+    if kind == 8:
+        return [pk([CLIENT, 2, i, 0]), b""]  # a reply sent to a broker
+    return [pk([CLIENT, 1, i, "x" * 1000, "add", {}]), b""]
+
+
+def test_broker_survives_thousands_of_malformed_messages(cluster, client_factory):
+    ep = cluster.broker()
+    cluster.worker(ep)
+    pid = broker_status(ep)["broker"]["pid"]
+    ctx = zmq.Context()
+    rng = random.Random(7)
+    try:
+        rss0 = None
+        for round_ in range(2):
+            s = ctx.socket(zmq.DEALER)
+            s.linger = 0
+            s.connect(ep)
+            for i in range(3000):
+                s.send_multipart(garbage(rng, i))
+            # answerable ones get an error reply: the broker processed the batch
+            wait_until(lambda: s.poll(100), 10, what="an error reply")
+            s.close()
+            wait_until(lambda: (broker_status(ep) or {}).get("counters", {}).get("malformed", 0)
+                       >= 1000 * (round_ + 1), 15, what="malformed messages counted")
+            if rss0 is None:
+                rss0 = rss_kb(pid)
+        c = client_factory([ep], timeout=5)
+        assert c.proxy("calc").add(2, 2) == 4
+        assert rss_kb(pid) - rss0 < 20_000  # a second flood does not grow memory
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_oversized_message_drops_only_that_connection(cluster, client_factory):
+    ep = cluster.broker("--max-message-size", str(1024 * 1024))
+    cluster.worker(ep)
+    ctx = zmq.Context()
+    try:
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.connect(ep)
+        s.send_multipart([b"\x00" * (50 * 1024 * 1024), b""])
+        c = client_factory([ep], timeout=5)
+        assert c.proxy("calc").add(1, 1) == 2
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_bad_body_gets_a_protocol_error_reply(cluster):
+    ep = cluster.broker()
+    cluster.worker(ep)
+    ctx = zmq.Context()
+    try:
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.rcvtimeo = 5000
+        s.connect(ep)
+        s.send_multipart([msgpack.packb([CLIENT, 1, 5, "calc", "add", {"budget_ms": 3000}]), b"\xc1"])
+        head, body = s.recv_multipart()
+        assert msgpack.unpackb(head)[:4] == [CLIENT, 2, 5, 7]  # PROTOCOL_ERROR
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_worker_survives_garbage_from_a_broker(cluster, client_factory):
+    real = cluster.broker()
+    fake_ep = f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    try:
+        fake = ctx.socket(zmq.ROUTER)
+        fake.linger = 0
+        fake.rcvtimeo = 10000
+        fake.bind(fake_ep)
+        w = cluster.worker(real, "--brokers", f"{real},{fake_ep}")
+        wid = fake.recv_multipart()[0]  # its READY
+        rng = random.Random(3)
+        pk = lambda o: msgpack.packb(o, use_bin_type=True)  # noqa: E731
+        for i in range(2000):
+            if i % 3 == 0:
+                frames = [rng.randbytes(rng.randrange(0, 40))]
+            elif i % 3 == 1:
+                frames = [pk([WORKER, 1, b"c", i, "calc", "add", {}]), rng.randbytes(10)]
+            else:
+                frames = [pk([WORKER, 1, b"c", i, "calc", "nope", {"budget_ms": 100}]), b""]
+            fake.send_multipart([wid, *frames])
+        c = client_factory([real], timeout=5)
+        assert c.proxy("calc").add(3, 4) == 7
+        assert w.poll() is None
+    finally:
+        ctx.destroy(linger=0)
