@@ -31,7 +31,7 @@ from zrpc._frames import (
 )
 from zrpc._serial import pack_error, pack_result
 from zrpc._service import RESERVED
-from zrpc._sockets import DEFAULT_MAX_MESSAGE, SocketOptions, make_socket
+from zrpc._sockets import DEFAULT_MAX_MESSAGE, NOBLOCK, SocketOptions, make_socket, send_frames
 
 from ._dispatch import (
     AckLeave,
@@ -251,7 +251,7 @@ class Broker:
     def _send(self, peer: bytes, frames: list[bytes]) -> bool:
         """False when the peer is gone (ROUTER_MANDATORY); a full pipe is counted, not fatal."""
         try:
-            self._front.send_multipart([peer, *frames], zmq.NOBLOCK)  # type: ignore[union-attr]
+            send_frames(self._front, [peer, *frames], NOBLOCK)  # type: ignore[arg-type]
         except zmq.ZMQError as exc:
             if exc.errno == errno.EHOSTUNREACH:
                 self.counters["unroutable"] += 1

@@ -22,7 +22,7 @@ from ._errors import ProtocolError, Timeout, ZrpcError
 from ._frames import ClientReply, decode_frames
 from ._proxy import ServiceProxy
 from ._serial import outcome
-from ._sockets import SocketOptions, Waker, make_socket
+from ._sockets import SocketOptions, Waker, make_socket, send_frames
 
 BATCH = 512
 
@@ -149,7 +149,7 @@ class Client:
             self._table.add(call)
             call.broker = self._active
             call.sent_at = now
-            sock.send_multipart(call.encode(now))
+            send_frames(sock, call.encode(now))
 
     def _on_frames(self, frames: list[bytes]) -> None:
         try:

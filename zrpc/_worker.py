@@ -15,7 +15,7 @@ import threading
 import traceback
 import uuid
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+import queue
 from typing import Any, Iterable, Sequence
 
 import zmq
@@ -37,7 +37,7 @@ from ._frames import (
 )
 from ._serial import pack_error, pack_result, unpack_call
 from ._service import Method, Service
-from ._sockets import SocketOptions, Waker, make_socket
+from ._sockets import NOBLOCK, SocketOptions, Waker, make_socket, send_frames
 
 log = logging.getLogger("zrpc.worker")
 
@@ -89,7 +89,8 @@ class Worker:
         self._hard_stop = threading.Event()
         self._results: deque[tuple[int, bytes, int, int, bytes]] = deque()
         self._inflight = 0
-        self._pool: ThreadPoolExecutor | None = None
+        self._jobs: queue.SimpleQueue[tuple[int, WorkerRequest, Method] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
         self._aloop: asyncio.AbstractEventLoop | None = None
         self.counters: dict[str, int] = dict.fromkeys(("calls", "errors", "malformed"), 0)
         self.ready = threading.Event()  # set once READY went out to every broker
@@ -131,7 +132,10 @@ class Worker:
         socks = [make_socket(ctx, zmq.DEALER, identity=self.identity, options=self._opts)
                  for _ in self.brokers]
         self._socks = socks
-        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="zrpc-handler")
+        self._threads = [threading.Thread(target=self._handler_thread, name=f"zrpc-handler-{i}", daemon=True)
+                         for i in range(self.concurrency)]
+        for t in self._threads:
+            t.start()
         if any(m.is_async for s in self.services.values() for m in s.methods.values()):
             self._aloop = asyncio.new_event_loop()
             threading.Thread(target=self._aloop.run_forever, name="zrpc-async", daemon=True).start()
@@ -140,9 +144,9 @@ class Worker:
             poller.register(s, zmq.POLLIN)
         poller.register(self._waker.socket, zmq.POLLIN)
         ready = self._ready_msg()
-        for s, ep in zip(socks, self.brokers):
+        for i, (s, ep) in enumerate(zip(socks, self.brokers)):
             s.connect(ep)
-            s.send_multipart(ready)
+            self._send(i, ready)
         self.ready.set()
         log.info("worker %s serving %s on %s (concurrency %d)", self.name,
                  ", ".join(sorted(self.services)), ", ".join(self.brokers), self.concurrency)
@@ -156,8 +160,8 @@ class Worker:
                 if self._stop.is_set() and leaving_since is None:
                     leaving_since = now
                     log.info("draining %d in-flight call(s), then leaving", self._inflight)
-                    for s in socks:
-                        s.send_multipart(encode(Disconnect()))
+                    for i in range(len(socks)):
+                        self._send(i, encode(Disconnect()))
                 if leaving_since is not None:
                     if self._inflight == 0 and (all(acked) or now - leaving_since > max(1.0, 4 * interval)):
                         break
@@ -177,9 +181,9 @@ class Worker:
                         self._on_frames(idx, frames, acked, ready)
                 self._flush_results(last_sent)
                 now = self._clock()
-                for i, s in enumerate(socks):
+                for i in range(len(socks)):
                     if now - last_sent[i] >= interval:
-                        s.send_multipart(encode(Heartbeat(WORKER, {})))
+                        self._send(i, encode(Heartbeat(WORKER, {})))
                         last_sent[i] = now
         finally:
             self._shutdown()
@@ -197,7 +201,7 @@ class Worker:
             self._start(idx, msg)  # type: ignore[arg-type]
         elif t is Heartbeat:
             if msg.info.get("register"):  # type: ignore[union-attr]
-                self._socks[idx].send_multipart(ready)
+                self._send(idx, ready)
         elif t is Disconnect:
             acked[idx] = True
         else:
@@ -218,12 +222,20 @@ class Worker:
         if method.is_async and self._aloop is not None:
             asyncio.run_coroutine_threadsafe(self._run_async(idx, req, method), self._aloop)
         else:
-            assert self._pool is not None
-            self._pool.submit(self._run_sync, idx, req, method)
+            self._jobs.put((idx, req, method))
 
     def _reply(self, idx: int, req: WorkerRequest, status: int, body: bytes) -> None:
-        frames = encode(WorkerReply(req.client_id, req.request_id, status, body))
-        self._socks[idx].send_multipart(frames)
+        self._send(idx, encode(WorkerReply(req.client_id, req.request_id, status, body)))
+
+    def _send(self, idx: int, frames: list[bytes]) -> bool:
+        """Never blocks the loop: a broker that cannot take more (gone, or its queue full)
+        loses this message, which is counted; liveness and retries deal with the rest."""
+        try:
+            send_frames(self._socks[idx], frames, NOBLOCK)
+            return True
+        except zmq.Again:
+            self.counters["send_dropped"] = self.counters.get("send_dropped", 0) + 1
+            return False
 
     # --- handler side (other threads) -----------------------------------------------------
 
@@ -242,6 +254,14 @@ class Worker:
             return Status.OK, pack_result(value)
         except Exception as exc:
             return Status.ERROR, pack_error("TypeError", f"result cannot be sent with msgpack: {exc}")
+
+    def _handler_thread(self) -> None:
+        jobs = self._jobs
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            self._run_sync(*job)
 
     def _run_sync(self, idx: int, req: WorkerRequest, method: Method) -> None:
         decoded = self._decode_args(req)
@@ -284,7 +304,7 @@ class Worker:
             self._inflight -= 1
             if status != Status.OK:
                 self.counters["errors"] += 1
-            self._socks[idx].send_multipart(encode(WorkerReply(cid, rid, status, body)))
+            self._send(idx, encode(WorkerReply(cid, rid, status, body)))
             last_sent[idx] = now
 
     def _shutdown(self) -> None:
@@ -292,8 +312,8 @@ class Worker:
         for s in self._socks:
             s.close(linger=linger)
         self._waker.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for _ in self._threads:
+            self._jobs.put(None)
         if self._aloop is not None:
             self._aloop.call_soon_threadsafe(self._aloop.stop)
         if self._own_ctx:
