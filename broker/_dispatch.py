@@ -274,6 +274,9 @@ class Dispatcher:
     def inflight(self) -> int:
         return len(self._calls)
 
+    def worker_ids(self) -> list[bytes]:
+        return list(self._workers)
+
     def has_worker(self, worker_id: bytes) -> bool:
         return worker_id in self._workers
 
@@ -405,6 +408,7 @@ class Dispatcher:
 
     def _answer(self, call: Call, status: int, message: str) -> ReplyToClient:
         call.answered = True
+        self._remember(call.key)
         return ReplyToClient(call.client_id, call.request_id, status,
                              pack_error(Status(status).name.title().replace("_", ""), message))
 

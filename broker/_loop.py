@@ -16,6 +16,7 @@ import zmq
 
 from zrpc._clock import Clock, monotonic, timeout_ms
 from zrpc._errors import ProtocolError
+from zrpc._liveness import LivenessTracker
 from zrpc._frames import (
     CLIENT,
     WORKER,
@@ -91,6 +92,8 @@ class Broker:
         self._own_ctx = context is None
         self.dispatcher = Dispatcher(clock, strategy=config.lb, queue_limit=config.queue_limit,
                                      service_grace=config.service_grace)
+        self.liveness: LivenessTracker[bytes] = LivenessTracker(
+            clock, config.heartbeat_interval, config.liveness)
         self.log = _Prefix(log, {"broker": self})
         self._stop = threading.Event()
         self._front: zmq.Socket | None = None
@@ -128,7 +131,9 @@ class Broker:
         try:
             while not self._stop.is_set():
                 now = self._clock()
-                wait = timeout_ms(self.dispatcher.next_deadline(), now, cap=0.1)
+                nxt = self.liveness.next_deadline()
+                dd = self.dispatcher.next_deadline()
+                wait = timeout_ms(nxt if dd is None else min(dd, nxt), now, cap=0.1)
                 if poller.poll(wait):
                     for _ in range(BATCH):
                         try:
@@ -137,6 +142,7 @@ class Broker:
                             break
                         self._on_frames(frames)
                 self._execute(self.dispatcher.tick())
+                self._keep_alive()
         finally:
             front.close(linger=0)
             if self._own_ctx:
@@ -168,21 +174,39 @@ class Broker:
                 self._execute(d.handle(RequestArrived(peer, msg)))  # type: ignore[arg-type]
         elif t is WorkerReply:
             self._execute(d.handle(ReplyArrived(peer, msg)))  # type: ignore[arg-type]
-            if not d.has_worker(peer):
-                self._ask_register(peer)
+            self._worker_seen(peer)
         elif t is Ready:
             self._execute(d.handle(WorkerReady(peer, msg)))  # type: ignore[arg-type]
+            self.liveness.seen(peer)
             self._send(peer, encode(Heartbeat(WORKER, self._hello())))
         elif t is Heartbeat:
             if msg.sender == WORKER:  # type: ignore[union-attr]
-                if not d.has_worker(peer):
-                    self._ask_register(peer)
+                self._worker_seen(peer)
             else:
                 self._send(peer, encode(Heartbeat(CLIENT, self._hello())))
         elif t is Disconnect:
             self._execute(d.handle(WorkerLeaving(peer)))
+            self._worker_seen(peer)
         else:
             self._malformed(peer, f"{t.__name__} is not sent to a broker")
+
+    def _worker_seen(self, peer: bytes) -> None:
+        """Any traffic from a worker is a heartbeat; an unknown one is asked to register
+        (this broker restarted, or declared it dead while it was only stopped)."""
+        if self.dispatcher.has_worker(peer):
+            self.liveness.seen(peer)
+        else:
+            self._ask_register(peer)
+
+    def _keep_alive(self) -> None:
+        for wid in self.liveness.expired():
+            if self.dispatcher.has_worker(wid):
+                self._execute(self.dispatcher.handle(
+                    WorkerLost(wid, f"silent for {self.liveness.timeout:.2f}s")))
+        if self.liveness.beat():
+            frames = encode(Heartbeat(WORKER, self._hello()))
+            for wid in self.dispatcher.worker_ids():
+                self._send(wid, frames)
 
     def _hello(self) -> dict[str, Any]:
         return {"interval_ms": int(self.config.heartbeat_interval * 1000),

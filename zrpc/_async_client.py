@@ -9,13 +9,12 @@ from typing import Any, Sequence
 import zmq
 import zmq.asyncio
 
-from ._calls import CallTable, PendingCall
 from ._clock import Clock, monotonic, timeout_ms
 from ._config import resolve_brokers
-from ._errors import ProtocolError, Timeout, ZrpcError
-from ._frames import ClientReply, decode_frames
+from ._errors import ProtocolError, ZrpcError
+from ._frames import decode_frames
 from ._proxy import ServiceProxy
-from ._serial import outcome
+from ._session import Completed, Expired, Output, Session, Transmit
 from ._sockets import SocketOptions, make_socket
 
 TICK = 0.05
@@ -30,6 +29,8 @@ class AsyncClient:
         brokers: Sequence[str] | str | None = None,
         *,
         timeout: float = 10.0,
+        heartbeat_interval: float = 0.25,
+        liveness: int = 3,
         context: zmq.asyncio.Context | None = None,
         clock: Clock = monotonic,
         max_message: int | None = None,
@@ -38,7 +39,8 @@ class AsyncClient:
         self.timeout = timeout
         self.identity = uuid.uuid4().bytes
         self._clock = clock
-        self._table = CallTable(clock, timeout)
+        self._session = Session(clock, len(self.brokers), timeout, interval=heartbeat_interval,
+                                liveness=liveness)
         self._ctx = context or zmq.asyncio.Context()
         self._own_ctx = context is None
         opts = SocketOptions(max_message=max_message) if max_message else SocketOptions()
@@ -46,7 +48,6 @@ class AsyncClient:
                        for _ in self.brokers]
         for s, ep in zip(self._socks, self.brokers):
             s.connect(ep)
-        self._active = 0
         self._reader: asyncio.Task | None = None
         self._closed = False
 
@@ -69,8 +70,8 @@ class AsyncClient:
                 await self._reader
             except (asyncio.CancelledError, Exception):
                 pass
-        for call in self._table.drain():
-            _fail(call, ZrpcError("client closed"))
+        for call in self._session.close():
+            call.fail(ZrpcError("client closed"))
         for s in self._socks:
             s.close(linger=0)
         if self._own_ctx:
@@ -97,52 +98,44 @@ class AsyncClient:
         if self._reader is None:
             self._reader = loop.create_task(self._read())
         fut = loop.create_future()
-        call = self._table.prepare(service, method, args, kwargs, fut, timeout, idempotent, trace_id)
-        self._table.add(call)
-        now = self._clock()
-        call.broker = self._active
-        call.sent_at = now
-        self._socks[self._active].send_multipart(call.encode(now), zmq.NOBLOCK)
+        call = self._session.table.prepare(service, method, args, kwargs, fut, timeout, idempotent,
+                                           trace_id)
+        self._apply(self._session.submit(call))
         return fut
 
     # --- the reader task -----------------------------------------------------------------
 
     async def _read(self) -> None:
         poller = zmq.asyncio.Poller()
+        index = {s: i for i, s in enumerate(self._socks)}
         for s in self._socks:
             poller.register(s, zmq.POLLIN)
-        table = self._table
+        session = self._session
         while True:
             now = self._clock()
-            for sock, _ in await poller.poll(timeout_ms(table.next_deadline(), now, cap=TICK)):
+            for sock, _ in await poller.poll(timeout_ms(session.next_deadline(), now, cap=TICK)):
+                b = index[sock]
                 while True:
                     try:
                         frames = await sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._on_frames(frames)
-            for call in table.expired():
-                _fail(call, Timeout(f"{call.service}.{call.method}: no reply before the deadline"))
+                    try:
+                        msg = decode_frames(frames)
+                    except ProtocolError:
+                        continue
+                    self._apply(session.received(b, msg))
+            self._apply(session.tick())
 
-    def _on_frames(self, frames: list[bytes]) -> None:
-        try:
-            msg = decode_frames(frames)
-        except ProtocolError:
-            return
-        if type(msg) is not ClientReply:
-            return
-        call = self._table.pop(msg.request_id)
-        if call is None:
-            return
-        try:
-            result = outcome(msg.status, msg.body)
-        except ZrpcError as exc:
-            _fail(call, exc)
-        else:
-            if not call.future.done():
-                call.future.set_result(result)
-
-
-def _fail(call: PendingCall, exc: BaseException) -> None:
-    if not call.future.done():
-        call.future.set_exception(exc)
+    def _apply(self, outputs: list[Output]) -> None:
+        for o in outputs:
+            t = type(o)
+            if t is Transmit:
+                try:
+                    self._socks[o.broker].send_multipart(o.frames, zmq.NOBLOCK)  # type: ignore[union-attr]
+                except zmq.Again:
+                    pass
+            elif t is Completed:
+                o.call.resolve(o.status, o.body)  # type: ignore[union-attr]
+            elif t is Expired:
+                o.call.timed_out()  # type: ignore[union-attr]

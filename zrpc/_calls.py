@@ -10,7 +10,8 @@ from typing import Any
 
 from ._clock import Clock, budget_ms
 from ._frames import H_ATTEMPT, H_BUDGET, H_IDEMPOTENT, H_TRACE, ClientRequest, encode
-from ._serial import pack_call
+from ._errors import Timeout, ZrpcError
+from ._serial import outcome, pack_call
 
 
 class PendingCall:
@@ -29,6 +30,31 @@ class PendingCall:
         self.broker = -1
         self.sent_at = 0.0
         self.frames: list[bytes] = []
+
+    def fail(self, exc: BaseException) -> None:
+        f = self.future
+        if not f.done():
+            try:
+                f.set_exception(exc)
+            except Exception:  # cancelled meanwhile (asyncio or concurrent InvalidStateError)
+                pass
+
+    def resolve(self, status: int, body: bytes) -> None:
+        """Completes the future with the result, or the exception the status stands for."""
+        try:
+            result = outcome(status, body)
+        except ZrpcError as exc:
+            self.fail(exc)
+            return
+        f = self.future
+        if not f.done():
+            try:
+                f.set_result(result)
+            except Exception:
+                pass
+
+    def timed_out(self) -> None:
+        self.fail(Timeout(f"{self.service}.{self.method}: no reply before the deadline"))
 
     def encode(self, now: float) -> list[bytes]:
         """Frames for (re)sending, carrying the budget left at `now` (DESIGN.md §3)."""

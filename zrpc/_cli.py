@@ -173,10 +173,12 @@ def load_services(specs: Sequence[str]) -> list[Service]:
 @click.option("--weight", type=click.FloatRange(0.001, 1e6), default=1.0, show_default=True,
               help="Relative share of calls under --lb weighted.")
 @click.option("--heartbeat-interval", type=click.FloatRange(0.01, 60), default=0.25, show_default=True,
-              help="Seconds between heartbeats to each broker.")
+              help="Seconds between heartbeats to each broker (a broker's own setting wins).")
+@click.option("--liveness", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Silent intervals after which a broker is presumed dead and reconnected.")
 @_log_option
 def worker(services: tuple[str, ...], brokers: str | None, concurrency: int, weight: float,
-           heartbeat_interval: float, log_level: str) -> None:
+           heartbeat_interval: float, liveness: int, log_level: str) -> None:
     """Serve the services defined in MODULE (e.g. `zrpc worker examples.calc:calc`).
 
     SIGTERM or Ctrl-C finishes the calls in flight, then leaves; a second one stops at once.
@@ -185,7 +187,7 @@ def worker(services: tuple[str, ...], brokers: str | None, concurrency: int, wei
 
     _setup_logging(log_level)
     w = Worker(load_services(services), _brokers(brokers), concurrency=concurrency,
-               weight=weight, heartbeat_interval=heartbeat_interval)
+               weight=weight, heartbeat_interval=heartbeat_interval, liveness=liveness)
     w.run()
 
 

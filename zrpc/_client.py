@@ -15,14 +15,13 @@ from typing import Any, Sequence
 
 import zmq
 
-from ._calls import CallTable, PendingCall
 from ._clock import Clock, monotonic, timeout_ms
 from ._config import resolve_brokers
 from ._errors import ProtocolError, Timeout, ZrpcError
-from ._frames import ClientReply, decode_frames
+from ._frames import decode_frames
 from ._proxy import ServiceProxy
-from ._serial import outcome
-from ._sockets import SocketOptions, Waker, make_socket, send_frames
+from ._session import Completed, Expired, Output, Session, Transmit
+from ._sockets import NOBLOCK, SocketOptions, Waker, make_socket, send_frames
 
 BATCH = 512
 
@@ -35,6 +34,8 @@ class Client:
         brokers: Sequence[str] | str | None = None,
         *,
         timeout: float = 10.0,
+        heartbeat_interval: float = 0.25,
+        liveness: int = 3,
         context: zmq.Context | None = None,
         clock: Clock = monotonic,
         max_message: int | None = None,
@@ -43,7 +44,8 @@ class Client:
         self.timeout = timeout
         self.identity = uuid.uuid4().bytes
         self._clock = clock
-        self._table = CallTable(clock, timeout)
+        self._session = Session(clock, len(self.brokers), timeout, interval=heartbeat_interval,
+                                liveness=liveness)
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self._opts = SocketOptions(max_message=max_message) if max_message else SocketOptions()
@@ -54,7 +56,6 @@ class Client:
                        for _ in self.brokers]
         for s, ep in zip(self._socks, self.brokers):
             s.connect(ep)
-        self._active = 0
         self._thread = threading.Thread(target=self._loop, name="zrpc-client", daemon=True)
         self._thread.start()
 
@@ -93,7 +94,7 @@ class Client:
         if self._closed.is_set():
             raise ZrpcError("client is closed")
         fut: Future = Future()
-        call = self._table.prepare(service, method, args, kwargs, fut, timeout, idempotent, trace_id)
+        call = self._session.table.prepare(service, method, args, kwargs, fut, timeout, idempotent, trace_id)
         self._outbox.append(call)
         self._waker.wake()
         return fut
@@ -111,65 +112,49 @@ class Client:
 
     def _loop(self) -> None:
         poller = zmq.Poller()
+        index = {s: i for i, s in enumerate(self._socks)}
         for s in self._socks:
             poller.register(s, zmq.POLLIN)
         poller.register(self._waker.socket, zmq.POLLIN)
-        table = self._table
+        session = self._session
         try:
             while not self._closed.is_set():
                 now = self._clock()
-                for sock, _ in poller.poll(timeout_ms(table.next_deadline(), now, cap=0.25)):
+                for sock, _ in poller.poll(timeout_ms(session.next_deadline(), now, cap=0.25)):
                     if sock is self._waker.socket:
                         continue
+                    b = index[sock]
                     for _ in range(BATCH):
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._on_frames(frames)
+                        try:
+                            msg = decode_frames(frames)
+                        except ProtocolError:
+                            continue  # cannot be matched to a call; that call will time out
+                        self._apply(session.received(b, msg))
                 self._waker.clear()
-                self._send_outbox()
-                for call in table.expired():
-                    _fail(call, Timeout(f"{call.service}.{call.method}: no reply before the deadline"))
+                outbox = self._outbox
+                while outbox:
+                    self._apply(session.submit(outbox.popleft()))
+                self._apply(session.tick())
         finally:
-            for call in [*table.drain(), *self._outbox]:
-                _fail(call, ZrpcError("client closed"))
+            for call in [*session.close(), *self._outbox]:
+                call.fail(ZrpcError("client closed"))
             for s in self._socks:
                 s.close(linger=0)
             self._waker.close()
 
-    def _send_outbox(self) -> None:
-        outbox = self._outbox
-        if not outbox:
-            return
-        now = self._clock()
-        sock = self._socks[self._active]
-        while outbox:
-            call = outbox.popleft()
-            self._table.add(call)
-            call.broker = self._active
-            call.sent_at = now
-            send_frames(sock, call.encode(now))
-
-    def _on_frames(self, frames: list[bytes]) -> None:
-        try:
-            msg = decode_frames(frames)
-        except ProtocolError:
-            return  # a broken reply cannot be matched to a call; the call times out
-        if type(msg) is not ClientReply:
-            return
-        call = self._table.pop(msg.request_id)
-        if call is None:
-            return  # late or duplicate reply
-        try:
-            result = outcome(msg.status, msg.body)
-        except ZrpcError as exc:
-            _fail(call, exc)
-        else:
-            if not call.future.done():
-                call.future.set_result(result)
-
-
-def _fail(call: PendingCall, exc: BaseException) -> None:
-    if not call.future.done():
-        call.future.set_exception(exc)
+    def _apply(self, outputs: list[Output]) -> None:
+        for o in outputs:
+            t = type(o)
+            if t is Transmit:
+                try:
+                    send_frames(self._socks[o.broker], o.frames, NOBLOCK)  # type: ignore[union-attr]
+                except zmq.Again:
+                    pass  # that broker cannot take more now: its calls keep their deadlines
+            elif t is Completed:
+                o.call.resolve(o.status, o.body)  # type: ignore[union-attr]
+            elif t is Expired:
+                o.call.timed_out()  # type: ignore[union-attr]

@@ -37,11 +37,26 @@ from ._frames import (
 )
 from ._serial import pack_error, pack_result, unpack_call
 from ._service import Method, Service
+from ._liveness import Backoff, LivenessTracker
+from ._reply_cache import DONE, RUNNING, ReplyCache
 from ._sockets import NOBLOCK, SocketOptions, Waker, make_socket, send_frames
 
 log = logging.getLogger("zrpc.worker")
 
 BATCH = 256
+
+
+class _Link:
+    """This worker's connection to one broker."""
+
+    def __init__(self, index: int, endpoint: str) -> None:
+        self.index = index
+        self.endpoint = endpoint
+        self.sock: zmq.Socket | None = None
+        self.last_sent = 0.0
+        self.acked = False  # our DISCONNECT was acknowledged
+        self.backoff = Backoff()
+        self.reconnect_at: float | None = None
 
 
 class Worker:
@@ -56,6 +71,7 @@ class Worker:
         concurrency: int = 8,
         weight: float = 1.0,
         heartbeat_interval: float = 0.25,
+        liveness: int = 3,
         send_tracebacks: bool = True,
         drain_timeout: float = 30.0,
         context: zmq.Context | None = None,
@@ -93,6 +109,12 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._aloop: asyncio.AbstractEventLoop | None = None
         self.counters: dict[str, int] = dict.fromkeys(("calls", "errors", "malformed"), 0)
+        self._tracker: LivenessTracker[int] = LivenessTracker(clock, heartbeat_interval, liveness)
+        self._cache = ReplyCache(clock)
+        self._links = [_Link(i, ep) for i, ep in enumerate(self.brokers)]
+        self._by_sock: dict[zmq.Socket, _Link] = {}
+        self._poller = zmq.Poller()
+        self._heartbeat = encode(Heartbeat(WORKER, {}))
         self.ready = threading.Event()  # set once READY went out to every broker
 
     # --- public --------------------------------------------------------------------------
@@ -129,9 +151,6 @@ class Worker:
     def _run(self) -> None:
         ctx = self._ctx
         self._waker = Waker(ctx, "worker-" + self.identity.hex())
-        socks = [make_socket(ctx, zmq.DEALER, identity=self.identity, options=self._opts)
-                 for _ in self.brokers]
-        self._socks = socks
         self._threads = [threading.Thread(target=self._handler_thread, name=f"zrpc-handler-{i}", daemon=True)
                          for i in range(self.concurrency)]
         for t in self._threads:
@@ -139,73 +158,120 @@ class Worker:
         if any(m.is_async for s in self.services.values() for m in s.methods.values()):
             self._aloop = asyncio.new_event_loop()
             threading.Thread(target=self._aloop.run_forever, name="zrpc-async", daemon=True).start()
-        poller = zmq.Poller()
-        for s in socks:
-            poller.register(s, zmq.POLLIN)
-        poller.register(self._waker.socket, zmq.POLLIN)
-        ready = self._ready_msg()
-        for i, (s, ep) in enumerate(zip(socks, self.brokers)):
-            s.connect(ep)
-            self._send(i, ready)
+        self._ready_frames = self._ready_msg()
+        for link in self._links:
+            self._connect(link)
         self.ready.set()
         log.info("worker %s serving %s on %s (concurrency %d)", self.name,
                  ", ".join(sorted(self.services)), ", ".join(self.brokers), self.concurrency)
-        acked = [False] * len(socks)
         leaving_since: float | None = None
-        last_sent = [self._clock()] * len(socks)
-        interval = self.heartbeat_interval
         try:
             while not self._hard_stop.is_set():
                 now = self._clock()
                 if self._stop.is_set() and leaving_since is None:
                     leaving_since = now
                     log.info("draining %d in-flight call(s), then leaving", self._inflight)
-                    for i in range(len(socks)):
-                        self._send(i, encode(Disconnect()))
+                    for link in self._links:
+                        self._send(link, encode(Disconnect()))
                 if leaving_since is not None:
-                    if self._inflight == 0 and (all(acked) or now - leaving_since > max(1.0, 4 * interval)):
+                    acked = all(link.acked or link.sock is None for link in self._links)
+                    if self._inflight == 0 and (acked or now - leaving_since > max(1.0, 4 * self._tracker.interval)):
                         break
                     if now - leaving_since > self.drain_timeout:
                         log.warning("drain timeout: leaving with %d call(s) unfinished", self._inflight)
                         break
-                next_hb = min(last_sent) + interval
-                for sock, _ in poller.poll(timeout_ms(next_hb, now, cap=0.1)):
+                for sock, _ in self._poller.poll(timeout_ms(self._next_deadline(), now, cap=0.1)):
                     if sock is self._waker.socket:
                         continue
-                    idx = socks.index(sock)
+                    link = self._by_sock[sock]
+                    self._tracker.seen(link.index)
+                    link.backoff.reset()
                     for _ in range(BATCH):
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._on_frames(idx, frames, acked, ready)
-                self._flush_results(last_sent)
-                now = self._clock()
-                for i in range(len(socks)):
-                    if now - last_sent[i] >= interval:
-                        self._send(i, encode(Heartbeat(WORKER, {})))
-                        last_sent[i] = now
+                        self._on_frames(link, frames)
+                self._flush_results()
+                self._keep_alive()
         finally:
             self._shutdown()
 
-    def _on_frames(self, idx: int, frames: list[bytes], acked: list[bool], ready: list[bytes]) -> None:
+    # --- links to brokers: heartbeats and reconnects --------------------------------------
+
+    def _connect(self, link: _Link) -> None:
+        link.sock = make_socket(self._ctx, zmq.DEALER, identity=self.identity, options=self._opts)
+        link.sock.connect(link.endpoint)
+        self._poller.register(link.sock, zmq.POLLIN)
+        self._by_sock[link.sock] = link
+        link.reconnect_at = None
+        self._tracker.seen(link.index)  # a full liveness period to hear from it
+        self._send(link, self._ready_frames)
+
+    def _disconnect(self, link: _Link) -> None:
+        if link.sock is not None:
+            self._poller.unregister(link.sock)
+            del self._by_sock[link.sock]
+            link.sock.close(linger=0)
+            link.sock = None
+
+    def _next_deadline(self) -> float:
+        nxt = self._tracker.next_deadline()
+        for link in self._links:
+            if link.reconnect_at is not None:
+                nxt = min(nxt, link.reconnect_at)
+            elif link.sock is not None:
+                nxt = min(nxt, link.last_sent + self._tracker.interval)
+        return nxt
+
+    def _keep_alive(self) -> None:
+        """Heartbeats to quiet links, and the Paranoid Pirate reconnect of silent brokers."""
+        now = self._clock()
+        for index in self._tracker.expired():
+            link = self._links[index]
+            delay = link.backoff.next_delay()
+            log.warning("broker %s silent for %.2fs: reconnecting in %.2fs", link.endpoint,
+                        self._tracker.timeout, delay)
+            self._disconnect(link)
+            link.reconnect_at = now + delay
+        interval = self._tracker.interval
+        for link in self._links:
+            if link.sock is None:
+                if link.reconnect_at is not None and now >= link.reconnect_at:
+                    log.info("reconnecting to broker %s", link.endpoint)
+                    self._connect(link)
+            elif now - link.last_sent >= interval:
+                self._send(link, self._heartbeat)
+
+    def _on_frames(self, link: _Link, frames: list[bytes]) -> None:
         try:
             msg = decode_frames(frames)
         except ProtocolError as exc:
             self.counters["malformed"] += 1
             if self.counters["malformed"] <= 10:
-                log.warning("dropped malformed message from broker %s: %s", self.brokers[idx], exc)
+                log.warning("dropped malformed message from broker %s: %s", link.endpoint, exc)
             return
         t = type(msg)
         if t is WorkerRequest:
-            self._start(idx, msg)  # type: ignore[arg-type]
+            self._start(link.index, msg)  # type: ignore[arg-type]
         elif t is Heartbeat:
-            if msg.info.get("register"):  # type: ignore[union-attr]
-                self._send(idx, ready)
+            info = msg.info  # type: ignore[union-attr]
+            self._follow(info)
+            if info.get("register"):
+                log.info("broker %s asks this worker to register", link.endpoint)
+                self._send(link, self._ready_frames)
         elif t is Disconnect:
-            acked[idx] = True
+            link.acked = True
         else:
             self.counters["malformed"] += 1
+
+    def _follow(self, info: dict[str, Any]) -> None:
+        """Adopts the broker's heartbeat settings, so a mismatch cannot make it declare us dead."""
+        ms, liveness = info.get("interval_ms"), info.get("liveness")
+        if type(ms) is int and type(liveness) is int and 10 <= ms <= 60_000 and 1 <= liveness <= 100:
+            if ms / 1000 != self._tracker.interval or liveness != self._tracker.liveness:
+                self._tracker.configure(ms / 1000, liveness)
+                log.info("following the broker's heartbeat: %d ms x %d", ms, liveness)
 
     def _start(self, idx: int, req: WorkerRequest) -> None:
         svc = self.services.get(req.service)
@@ -217,6 +283,12 @@ class Worker:
         if req.headers.get(H_BUDGET, 1) <= 0:
             self._reply(idx, req, Status.TIMEOUT, pack_error("Timeout", "deadline passed"))
             return
+        state, entry = self._cache.begin((req.client_id, req.request_id), idx)
+        if state == DONE:  # a retried call that already ran here: answer, never re-run
+            self._reply(idx, req, entry.status, entry.body)  # type: ignore[union-attr,arg-type]
+            return
+        if state == RUNNING:  # its reply will go to this broker too
+            return
         self._inflight += 1
         self.counters["calls"] += 1
         if method.is_async and self._aloop is not None:
@@ -225,17 +297,29 @@ class Worker:
             self._jobs.put((idx, req, method))
 
     def _reply(self, idx: int, req: WorkerRequest, status: int, body: bytes) -> None:
-        self._send(idx, encode(WorkerReply(req.client_id, req.request_id, status, body)))
+        self._send_reply(idx, encode(WorkerReply(req.client_id, req.request_id, status, body)))
 
-    def _send(self, idx: int, frames: list[bytes]) -> bool:
+    def _send_reply(self, idx: int, frames: list[bytes]) -> None:
+        """To the broker the call came from, else through another one (it passes replies
+        for calls it does not hold on to the client)."""
+        first = self._links[idx]
+        for link in [first, *(x for x in self._links if x is not first)]:
+            if link.sock is not None and self._send(link, frames):
+                return
+        self.counters["replies_lost"] = self.counters.get("replies_lost", 0) + 1
+
+    def _send(self, link: _Link, frames: list[bytes]) -> bool:
         """Never blocks the loop: a broker that cannot take more (gone, or its queue full)
         loses this message, which is counted; liveness and retries deal with the rest."""
+        if link.sock is None:
+            return False
         try:
-            send_frames(self._socks[idx], frames, NOBLOCK)
-            return True
+            send_frames(link.sock, frames, NOBLOCK)
         except zmq.Again:
             self.counters["send_dropped"] = self.counters.get("send_dropped", 0) + 1
             return False
+        link.last_sent = self._clock()
+        return True
 
     # --- handler side (other threads) -----------------------------------------------------
 
@@ -293,24 +377,23 @@ class Worker:
 
     # --- back on the loop ------------------------------------------------------------------
 
-    def _flush_results(self, last_sent: list[float]) -> None:
+    def _flush_results(self) -> None:
         self._waker.clear()
         results = self._results
-        if not results:
-            return
-        now = self._clock()
         while results:
             idx, cid, rid, status, body = results.popleft()
             self._inflight -= 1
             if status != Status.OK:
                 self.counters["errors"] += 1
-            self._send(idx, encode(WorkerReply(cid, rid, status, body)))
-            last_sent[idx] = now
+            frames = encode(WorkerReply(cid, rid, status, body))
+            for dest in self._cache.finish((cid, rid), status, body) or [idx]:
+                self._send_reply(dest, frames)  # type: ignore[arg-type]
 
     def _shutdown(self) -> None:
         linger = 0 if self._hard_stop.is_set() else 2000  # let the last replies leave
-        for s in self._socks:
-            s.close(linger=linger)
+        for link in self._links:
+            if link.sock is not None:
+                link.sock.close(linger=linger)
         self._waker.close()
         for _ in self._threads:
             self._jobs.put(None)

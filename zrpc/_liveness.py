@@ -1,0 +1,88 @@
+"""Paranoid Pirate liveness, sans-IO: who has been silent too long, when to heartbeat, and
+how long to wait before reconnecting. Any traffic from a peer counts as a heartbeat."""
+
+from __future__ import annotations
+
+import random
+from typing import Generic, Hashable, TypeVar
+
+from ._clock import Clock
+
+P = TypeVar("P", bound=Hashable)
+
+
+class LivenessTracker(Generic[P]):
+    """A peer silent for `interval * liveness` seconds is dead (DESIGN.md §4).
+
+    Deadlines, not poll ticks: the verdict does not depend on how often the loop wakes.
+    """
+
+    def __init__(self, clock: Clock, interval: float = 0.25, liveness: int = 3) -> None:
+        self._clock = clock
+        self._last: dict[P, float] = {}
+        self._next_beat = clock()
+        self.configure(interval, liveness)
+
+    def configure(self, interval: float, liveness: int) -> None:
+        if not interval > 0 or liveness < 1:
+            raise ValueError("interval must be > 0 and liveness >= 1")
+        self.interval = interval
+        self.liveness = liveness
+        self.timeout = interval * liveness
+
+    def seen(self, peer: P) -> None:
+        self._last[peer] = self._clock()
+
+    def forget(self, peer: P) -> None:
+        self._last.pop(peer, None)
+
+    def __contains__(self, peer: object) -> bool:
+        return peer in self._last
+
+    def silence(self, peer: P) -> float:
+        """Seconds since the peer was last heard (inf if never)."""
+        last = self._last.get(peer)
+        return float("inf") if last is None else self._clock() - last
+
+    def expired(self) -> list[P]:
+        """Peers silent too long; they are forgotten (report each death once)."""
+        limit = self._clock() - self.timeout
+        dead = [p for p, t in self._last.items() if t <= limit]
+        for p in dead:
+            del self._last[p]
+        return dead
+
+    def beat(self) -> bool:
+        """True once per interval: time to send heartbeats."""
+        now = self._clock()
+        if now < self._next_beat:
+            return False
+        self._next_beat = now + self.interval
+        return True
+
+    def next_deadline(self) -> float:
+        """The earlier of the next heartbeat and the next possible expiry."""
+        nxt = self._next_beat
+        if self._last:
+            nxt = min(nxt, min(self._last.values()) + self.timeout)
+        return nxt
+
+
+class Backoff:
+    """Exponential reconnect delay with jitter: 250 ms doubling to 8 s (DESIGN.md §4)."""
+
+    def __init__(self, initial: float = 0.25, maximum: float = 8.0, jitter: float = 0.2,
+                 rng: random.Random | None = None) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.jitter = jitter
+        self._rng = rng or random.Random()
+        self._next = initial
+
+    def next_delay(self) -> float:
+        base = self._next
+        self._next = min(self.maximum, self._next * 2)
+        return base * (1 + self._rng.uniform(-self.jitter, self.jitter))
+
+    def reset(self) -> None:
+        self._next = self.initial
