@@ -14,7 +14,7 @@ monotonic: Clock = time.monotonic
 def budget_ms(deadline: float, now: float) -> int:
     """Milliseconds left until `deadline` (never negative): what a hop forwards."""
     left = (deadline - now) * 1000.0
-    return int(left) if left > 0 else 0
+    return int(left + 1e-6) if left > 0 else 0  # truncate, but not float noise
 
 
 def deadline_from_budget(budget: int, now: float) -> float:

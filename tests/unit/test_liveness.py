@@ -1,0 +1,63 @@
+import random
+
+import pytest
+
+from zrpc._liveness import Backoff, LivenessTracker
+from zrpc.testing import FakeClock
+
+
+def test_silent_peer_expires_after_interval_times_liveness():
+    clock = FakeClock()
+    t = LivenessTracker(clock, interval=0.25, liveness=3)
+    t.seen("w")
+    clock.advance(0.74)
+    assert t.expired() == []
+    clock.advance(0.02)
+    assert t.expired() == ["w"]
+    assert t.expired() == []  # reported once
+
+
+def test_any_traffic_resets_the_clock():
+    clock = FakeClock()
+    t = LivenessTracker(clock, 0.25, 3)
+    t.seen("w")
+    for _ in range(10):
+        clock.advance(0.5)
+        t.seen("w")
+    assert t.expired() == []
+    assert t.silence("w") == 0.0 and t.silence("other") == float("inf")
+
+
+def test_next_deadline_is_the_earliest_of_beat_and_expiry():
+    clock = FakeClock(100.0)
+    t = LivenessTracker(clock, 0.25, 3)
+    assert t.beat()  # first beat at once
+    assert not t.beat()
+    assert t.next_deadline() == pytest.approx(100.25)
+    t.seen("w")
+    clock.advance(0.2)
+    assert t.next_deadline() == pytest.approx(100.25)
+    clock.advance(0.1)
+    assert t.beat()
+    assert t.next_deadline() == pytest.approx(100.55)
+
+
+def test_configure_follows_new_settings():
+    clock = FakeClock()
+    t = LivenessTracker(clock, 1.0, 3)
+    t.seen("w")
+    t.configure(0.1, 2)
+    clock.advance(0.21)
+    assert t.expired() == ["w"]
+    with pytest.raises(ValueError):
+        t.configure(0, 3)
+
+
+def test_backoff_doubles_to_a_cap_with_jitter_and_resets():
+    b = Backoff(0.25, 8.0, jitter=0.2, rng=random.Random(1))
+    delays = [b.next_delay() for _ in range(8)]
+    bases = [0.25, 0.5, 1, 2, 4, 8, 8, 8]
+    for d, base in zip(delays, bases):
+        assert base * 0.8 <= d <= base * 1.2
+    b.reset()
+    assert b.next_delay() <= 0.3
