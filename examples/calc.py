@@ -34,18 +34,35 @@ def sleep(seconds: float) -> float:
 
 
 @calc.method
+def slow_add(a: int, b: int, delay: float = 0.1) -> int:
+    time.sleep(delay)
+    return a + b
+
+
+@calc.method
+def burn(seconds: float) -> int:
+    """Pure-Python CPU work (holds the GIL between switches): a busy worker, not a dead one."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return n
+
+
+@calc.method
 def whoami() -> dict:
     return {"pid": os.getpid()}
 
 
 @calc.method(idempotent=False)
-def charge(account: str, cents: int) -> dict:
+def charge(account: str, cents: int, delay: float = 0.0) -> dict:
     """Not idempotent: never executed twice, even across failover. Appends to a ledger
     file when ZRPC_LEDGER is set, so tests can prove it."""
     ledger = os.environ.get("ZRPC_LEDGER")
     if ledger:
         with open(ledger, "a") as f:
             f.write(f"{account} {cents} {os.getpid()}\n")
+    time.sleep(delay)
     return {"account": account, "charged": cents, "pid": os.getpid()}
 
 
