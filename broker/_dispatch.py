@@ -17,6 +17,8 @@ from zrpc._frames import (
     H_ATTEMPT,
     H_BUDGET,
     H_IDEMPOTENT,
+    H_PROBE,
+    H_RESENT,
     ClientRequest,
     Ready,
     Status,
@@ -101,7 +103,7 @@ Action = Union[SendToWorker, ReplyToClient, AckLeave, Notice]
 
 # --- state ----------------------------------------------------------------------------------
 
-QUEUED, INFLIGHT, DONE = 0, 1, 2
+QUEUED, INFLIGHT, DONE, PROBING = 0, 1, 2, 3
 
 
 class Call:
@@ -110,6 +112,7 @@ class Call:
     __slots__ = (
         "client_id", "request_id", "service", "method", "headers", "body", "deadline",
         "expires", "idempotent", "attempt", "arrived", "state", "worker", "sent_at", "answered",
+        "probes",
     )
 
     def __init__(self, client_id: bytes, req: ClientRequest, deadline: float, idempotent: bool,
@@ -129,6 +132,7 @@ class Call:
         self.worker: WorkerState | None = None
         self.sent_at = 0.0
         self.answered = False
+        self.probes: set[bytes] = set()
 
     @property
     def key(self) -> tuple[bytes, int]:
@@ -218,7 +222,8 @@ class Dispatcher:
         self._recent_limit = recent_limit
         self.counters: dict[str, int] = dict.fromkeys(
             ("requests", "replies", "duplicates", "late_replies", "orphan_replies", "retries",
-             "overloaded", "timeouts", "unavailable", "state_unknown", "method_not_found"), 0)
+             "overloaded", "timeouts", "unavailable", "state_unknown", "method_not_found",
+             "probes"), 0)
 
     # --- the three verbs -----------------------------------------------------------------
 
@@ -243,6 +248,13 @@ class Dispatcher:
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, _, call = heapq.heappop(timers)
+            if call.state == PROBING:
+                call.state = DONE
+                self._calls.pop(call.key, None)
+                self.counters["timeouts"] += 1
+                out.append(self._answer(call, Status.TIMEOUT, "deadline passed while asking the "
+                                        "workers whether this re-sent call already ran"))
+                continue
             if call.state != QUEUED:
                 continue
             svc = self._services[call.service]
@@ -260,7 +272,7 @@ class Dispatcher:
 
     def next_deadline(self) -> float | None:
         timers = self._timers
-        while timers and timers[0][2].state != QUEUED:
+        while timers and timers[0][2].state not in (QUEUED, PROBING):
             heapq.heappop(timers)
         return timers[0][0] if timers else None
 
@@ -354,10 +366,61 @@ class Dispatcher:
             self.counters["method_not_found"] += 1
             return [self._answer(call, Status.METHOD_NOT_FOUND,
                                  f"service {req.service!r} has no method {req.method!r}")]
+        if key in self._recent and not idem:
+            # answered here already; running it again could charge twice
+            self.counters["duplicates"] += 1
+            return [self._answer(call, Status.CALL_STATE_UNKNOWN,
+                                 "this call was already answered; its reply may have been lost")]
+        if req.headers.get(H_RESENT) and not idem:
+            return self._probe(svc, call)
         worker = self._pick(svc)
         if worker is not None:
             return [self._send(call, worker, now)]
         return self._enqueue(svc, call, call.deadline)
+
+    def _probe(self, svc: ServiceState, call: Call) -> list[Action]:
+        """A re-sent non-idempotent call may already have run on some worker (dispatched by a
+        broker that is gone): ask every worker's reply cache before running it anywhere."""
+        self.counters["probes"] += 1
+        call.state = PROBING
+        call.probes = {w.id for w in svc.workers}
+        self._calls[call.key] = call
+        heapq.heappush(self._timers, (call.deadline, next(self._seq), call))
+        now = self._clock()
+        headers = dict(call.headers)
+        headers[H_BUDGET] = budget_ms(call.deadline, now)
+        headers[H_IDEMPOTENT] = False
+        headers[H_PROBE] = True
+        msg = WorkerRequest(call.client_id, call.request_id, call.service, call.method, headers, call.body)
+        return [SendToWorker(w.id, msg) for w in svc.workers]
+
+    def _probe_answered(self, worker_id: bytes, call: Call, reply: WorkerReply) -> list[Action]:
+        now = self._clock()
+        if reply.status != Status.NOT_SEEN:  # it ran (or runs) there: that is the answer
+            call.state = DONE
+            self._calls.pop(call.key, None)
+            call.answered = True
+            self._remember(call.key)
+            self.counters["replies"] += 1
+            return [ReplyToClient(call.client_id, call.request_id, reply.status, reply.body)]
+        call.probes.discard(worker_id)
+        if call.probes:
+            return []
+        return self._dispatch_probed(call, now)
+
+    def _dispatch_probed(self, call: Call, now: float) -> list[Action]:
+        """No worker has seen it: it never ran, so running it once is safe."""
+        call.state = QUEUED
+        self._calls.pop(call.key, None)
+        svc = self._services.get(call.service)
+        if svc is not None and svc.workers:
+            worker = self._pick(svc)
+            if worker is not None:
+                return [self._send(call, worker, now)]
+            return self._enqueue(svc, call, call.deadline)
+        self.counters["unavailable"] += 1
+        call.state = DONE
+        return [self._answer(call, Status.SERVICE_UNAVAILABLE, f"no worker serves {call.service!r}")]
 
     def _in_grace(self, svc: ServiceState | None, now: float) -> bool:
         since = self._started if svc is None else max(self._started, svc.empty_since)
@@ -423,6 +486,12 @@ class Dispatcher:
         key = (reply.client_id, reply.request_id)
         worker = self._workers.get(worker_id)
         call = worker.calls.pop(key, None) if worker is not None else None
+        if call is None:
+            held = self._calls.get(key)
+            if held is not None and held.state == PROBING:
+                return self._probe_answered(worker_id, held, reply)
+            if reply.status == Status.NOT_SEEN:
+                return []  # a probe answered after the question was settled
         out: list[Action] = []
         if call is not None:
             worker.outstanding -= 1  # type: ignore[union-attr]
@@ -537,6 +606,13 @@ class Dispatcher:
         self._remove(worker, now)
         out: list[Action] = [Notice("worker_lost", worker.name,
                                     {"reason": reason, "inflight": len(worker.calls)})]
+        for held in [c for c in self._calls.values() if c.state == PROBING and worker_id in c.probes]:
+            # the lost worker might be the one that ran it: its fate cannot be known
+            held.state = DONE
+            self._calls.pop(held.key, None)
+            self.counters["state_unknown"] += 1
+            out.append(self._answer(held, Status.CALL_STATE_UNKNOWN,
+                                    "a worker was lost before it said whether this call ran there"))
         calls = sorted(worker.calls.values(), key=lambda c: c.arrived)
         worker.calls.clear()
         worker.outstanding = 0

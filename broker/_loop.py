@@ -34,6 +34,17 @@ from zrpc._serial import pack_error, pack_result
 from zrpc._service import RESERVED
 from zrpc._sockets import DEFAULT_MAX_MESSAGE, NOBLOCK, SocketOptions, make_socket, send_frames
 
+from ._bstar import Action as BStarAction
+from ._bstar import (
+    BinaryStar,
+    ClientVoted,
+    PeerAlert,
+    PeerStateSeen,
+    PublishState,
+    StateChanged,
+    decode_state,
+    encode_state,
+)
 from ._dispatch import (
     AckLeave,
     Action,
@@ -86,7 +97,10 @@ class Broker:
                  clock: Clock = monotonic) -> None:
         self.config = config
         self.role = config.role
-        self.state = "active"  # a broker with no peer serves (the zguide's lone-primary rule)
+        if (config.state is None) != (config.peer_state is None):
+            raise ValueError("--state and --peer-state go together (both for a pair, neither alone)")
+        # A broker with no peer serves at once; a pair member follows the Binary Star rules.
+        self.bstar = BinaryStar(config.role, clock, config.heartbeat_interval) if config.peer_state else None
         self._clock = clock
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
@@ -97,9 +111,11 @@ class Broker:
         self.log = _Prefix(log, {"broker": self})
         self._stop = threading.Event()
         self._front: zmq.Socket | None = None
+        self._pub: zmq.Socket | None = None
+        self._sub: zmq.Socket | None = None
         self._started_wall = time.time()
         self.counters: dict[str, int] = dict.fromkeys(
-            ("received", "sent", "malformed", "unroutable", "send_full"), 0)
+            ("received", "sent", "malformed", "unroutable", "send_full", "not_active"), 0)
         self.ready = threading.Event()  # set once the frontend is bound
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -116,6 +132,17 @@ class Broker:
         except zmq.ZMQError as exc:
             self._front.close()
             raise OSError(f"cannot bind frontend {self.config.frontend}: {exc.strerror}") from None
+        if self.bstar is not None:
+            self._pub = make_socket(self._ctx, zmq.PUB, options=opts)
+            try:
+                self._pub.bind(self.config.state)  # type: ignore[arg-type]
+            except zmq.ZMQError as exc:
+                self._front.close()
+                self._pub.close()
+                raise OSError(f"cannot bind state endpoint {self.config.state}: {exc.strerror}") from None
+            self._sub = make_socket(self._ctx, zmq.SUB, options=opts)
+            self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+            self._sub.connect(self.config.peer_state)  # type: ignore[arg-type]
         self.ready.set()
 
     def run(self) -> None:
@@ -127,14 +154,22 @@ class Broker:
                       self.config.lb, self.config.queue_limit)
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
+        if self._sub is not None:
+            poller.register(self._sub, zmq.POLLIN)
         recv = front.recv_multipart
         try:
             while not self._stop.is_set():
                 now = self._clock()
                 nxt = self.liveness.next_deadline()
                 dd = self.dispatcher.next_deadline()
-                wait = timeout_ms(nxt if dd is None else min(dd, nxt), now, cap=0.1)
-                if poller.poll(wait):
+                if dd is not None:
+                    nxt = min(nxt, dd)
+                if self.bstar is not None:
+                    nxt = min(nxt, self.bstar.next_deadline())
+                if poller.poll(timeout_ms(nxt, now, cap=0.1)):
+                    # the peer's state first: a broker resumed after SIGSTOP must learn that
+                    # its peer took over before it serves anything from its backlog
+                    self._read_peer()
                     for _ in range(BATCH):
                         try:
                             frames = recv(zmq.NOBLOCK)
@@ -145,6 +180,9 @@ class Broker:
                 self._keep_alive()
         finally:
             front.close(linger=0)
+            for sock in (self._pub, self._sub):
+                if sock is not None:
+                    sock.close(linger=0)
             if self._own_ctx:
                 self._ctx.term()
             self.log.info("stopped")
@@ -170,8 +208,12 @@ class Broker:
         if t is ClientRequest:
             if msg.service == RESERVED:  # type: ignore[union-attr]
                 self._internal(peer, msg)  # type: ignore[arg-type]
-            else:
+            elif self.bstar is None or self.bstar.accepts_clients or self._vote():
                 self._execute(d.handle(RequestArrived(peer, msg)))  # type: ignore[arg-type]
+            else:
+                self.counters["not_active"] += 1
+                self._send(peer, encode(ClientReply(msg.request_id, Status.NOT_ACTIVE,  # type: ignore[union-attr]
+                                                    pack_error("NotActive", f"broker is {self.state}"))))
         elif t is WorkerReply:
             self._execute(d.handle(ReplyArrived(peer, msg)))  # type: ignore[arg-type]
             self._worker_seen(peer)
@@ -198,7 +240,48 @@ class Broker:
         else:
             self._ask_register(peer)
 
+    @property
+    def state(self) -> str:
+        return "active" if self.bstar is None else self.bstar.state.value
+
+    def _vote(self) -> bool:
+        """A client request to a broker that is not active: a vote for takeover."""
+        assert self.bstar is not None
+        self._bstar_actions(self.bstar.handle(ClientVoted()))
+        return self.bstar.accepts_clients
+
+    def _read_peer(self) -> None:
+        sub, bstar = self._sub, self.bstar
+        if sub is None or bstar is None:
+            return
+        while True:
+            try:
+                frames = sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                state, epoch = decode_state(frames)
+            except ProtocolError as exc:
+                self._malformed(b"peer", f"state message: {exc}")
+                continue
+            self._bstar_actions(bstar.handle(PeerStateSeen(state, epoch)))
+
+    def _bstar_actions(self, actions: list[BStarAction]) -> None:
+        for a in actions:
+            if isinstance(a, PublishState):
+                try:
+                    send_frames(self._pub, encode_state(a.state, a.epoch, self.role), NOBLOCK)  # type: ignore[arg-type]
+                except zmq.Again:
+                    pass
+            elif isinstance(a, StateChanged):
+                self.log.info("%s -> %s: %s", a.old.value, a.new.value, a.reason)
+            elif isinstance(a, PeerAlert):
+                level = logging.INFO if a.resolved or a.severity == "info" else logging.WARNING
+                self.log.log(level, "%s%s %s", a.name, " resolved" if a.resolved else "", a.detail)
+
     def _keep_alive(self) -> None:
+        if self.bstar is not None:
+            self._bstar_actions(self.bstar.tick())
         for wid in self.liveness.expired():
             if self.dispatcher.has_worker(wid):
                 self._execute(self.dispatcher.handle(
@@ -210,7 +293,8 @@ class Broker:
 
     def _hello(self) -> dict[str, Any]:
         return {"interval_ms": int(self.config.heartbeat_interval * 1000),
-                "liveness": self.config.liveness, "role": self.role, "state": self.state}
+                "liveness": self.config.liveness, "role": self.role, "state": self.state,
+                "epoch": self.bstar.epoch if self.bstar is not None else 0}
 
     def _ask_register(self, peer: bytes) -> None:
         info = self._hello()
@@ -237,11 +321,13 @@ class Broker:
 
     def status(self) -> dict[str, Any]:
         snap = self.dispatcher.snapshot()
+        pair = self.bstar.snapshot() if self.bstar is not None else {}
         snap["broker"] = {
             "endpoint": self.config.frontend,
             "role": self.role,
             "state": self.state,
-            "peer_state": None,
+            "peer_state": pair.get("peer_state"),
+            "epoch": pair.get("epoch"),
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "uptime_s": round(time.time() - self._started_wall, 3),

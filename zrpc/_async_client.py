@@ -31,6 +31,7 @@ class AsyncClient:
         timeout: float = 10.0,
         heartbeat_interval: float = 0.25,
         liveness: int = 3,
+        failover_timeout: float | None = None,
         context: zmq.asyncio.Context | None = None,
         clock: Clock = monotonic,
         max_message: int | None = None,
@@ -40,7 +41,7 @@ class AsyncClient:
         self.identity = uuid.uuid4().bytes
         self._clock = clock
         self._session = Session(clock, len(self.brokers), timeout, interval=heartbeat_interval,
-                                liveness=liveness)
+                                liveness=liveness, failover_timeout=failover_timeout)
         self._ctx = context or zmq.asyncio.Context()
         self._own_ctx = context is None
         opts = SocketOptions(max_message=max_message) if max_message else SocketOptions()

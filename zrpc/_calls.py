@@ -16,7 +16,7 @@ from ._serial import outcome, pack_call
 
 class PendingCall:
     __slots__ = ("request_id", "service", "method", "headers", "body", "deadline", "future",
-                 "broker", "sent_at", "frames")
+                 "broker", "sent_at", "bounces")
 
     def __init__(self, request_id: int, service: str, method: str, headers: dict[str, Any],
                  body: bytes, deadline: float, future: Any) -> None:
@@ -29,7 +29,7 @@ class PendingCall:
         self.future = future
         self.broker = -1
         self.sent_at = 0.0
-        self.frames: list[bytes] = []
+        self.bounces = 0
 
     def fail(self, exc: BaseException) -> None:
         f = self.future
@@ -71,7 +71,7 @@ class CallTable:
         self._clock = clock
         self.default_timeout = default_timeout
         self._ids = itertools.count(int.from_bytes(os.urandom(3), "big") << 20)
-        self._pending: dict[int, PendingCall] = {}
+        self.pending: dict[int, PendingCall] = {}
         self._deadlines: list[tuple[float, int]] = []
 
     def prepare(self, service: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -92,12 +92,12 @@ class CallTable:
         return PendingCall(next(self._ids), service, method, headers, body, self._clock() + t, future)
 
     def add(self, call: PendingCall) -> None:
-        self._pending[call.request_id] = call
+        self.pending[call.request_id] = call
         heapq.heappush(self._deadlines, (call.deadline, call.request_id))
 
     def pop(self, request_id: int) -> PendingCall | None:
         """The call a reply answers; None for a late or duplicate reply (dropped)."""
-        return self._pending.pop(request_id, None)
+        return self.pending.pop(request_id, None)
 
     def expired(self) -> list[PendingCall]:
         now = self._clock()
@@ -105,25 +105,25 @@ class CallTable:
         dl = self._deadlines
         while dl and dl[0][0] <= now:
             _, rid = heapq.heappop(dl)
-            call = self._pending.pop(rid, None)
+            call = self.pending.pop(rid, None)
             if call is not None:
                 out.append(call)
         return out
 
     def next_deadline(self) -> float | None:
         dl = self._deadlines
-        while dl and dl[0][1] not in self._pending:
+        while dl and dl[0][1] not in self.pending:
             heapq.heappop(dl)
         return dl[0][0] if dl else None
 
     def drain(self) -> list[PendingCall]:
-        out = list(self._pending.values())
-        self._pending.clear()
+        out = list(self.pending.values())
+        self.pending.clear()
         self._deadlines.clear()
         return out
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self.pending)
 
     def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(list(self._pending.values()))
+        return iter(list(self.pending.values()))

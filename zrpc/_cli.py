@@ -136,6 +136,42 @@ def _is_loopback(ep: str) -> bool:
     return host in ("127.0.0.1", "localhost", "[::1]", "local") or host.startswith("127.")
 
 
+def _ports(value: str, default: tuple[int, int]) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected two ports, e.g. {default[0]},{default[1]}") from None
+    if not (0 < a < 65536 and 0 < b < 65536) or a == b:
+        raise click.BadParameter(f"{value!r}: two different ports between 1 and 65535")
+    return a, b
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface both brokers bind.")
+@click.option("--frontend-ports", default="5555,5556", show_default=True, metavar="P,B",
+              help="Client/worker ports of the primary and the backup.")
+@click.option("--state-ports", default="5565,5566", show_default=True, metavar="P,B",
+              help="Ports where each broker publishes its state to the other.")
+@click.option("--monitor-ports", default="5575,5576", show_default=True, metavar="P,B",
+              help="Ports of the alert and metrics sockets.")
+@click.option("--lb", type=click.Choice(LB_CHOICES), default="least-outstanding", show_default=True)
+@click.option("--heartbeat-interval", type=click.FloatRange(0.01, 60), default=0.25, show_default=True)
+@click.option("--restart/--no-restart", default=True, show_default=True,
+              help="Restart a broker that dies (it comes back passive).")
+@_log_option
+def pair(host: str, frontend_ports: str, state_ports: str, monitor_ports: str, lb: str,
+         heartbeat_interval: float, restart: bool, log_level: str) -> None:
+    """Run a primary and a backup broker on this machine (the local pair every command uses
+    by default). Either can die: the other takes over when a client needs it."""
+    from ._pair import DEFAULT_PORTS, PairPorts, run_pair
+
+    ports = PairPorts(_ports(frontend_ports, DEFAULT_PORTS["frontend"]),
+                      _ports(state_ports, DEFAULT_PORTS["state"]),
+                      _ports(monitor_ports, DEFAULT_PORTS["monitor"]))
+    extra = ["--lb", lb, "--heartbeat-interval", str(heartbeat_interval), "--log-level", log_level]
+    sys.exit(run_pair(host, ports, extra, restart))
+
+
 # --- worker ------------------------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ class Client:
         timeout: float = 10.0,
         heartbeat_interval: float = 0.25,
         liveness: int = 3,
+        failover_timeout: float | None = None,
         context: zmq.Context | None = None,
         clock: Clock = monotonic,
         max_message: int | None = None,
@@ -45,7 +46,7 @@ class Client:
         self.identity = uuid.uuid4().bytes
         self._clock = clock
         self._session = Session(clock, len(self.brokers), timeout, interval=heartbeat_interval,
-                                liveness=liveness)
+                                liveness=liveness, failover_timeout=failover_timeout)
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self._opts = SocketOptions(max_message=max_message) if max_message else SocketOptions()

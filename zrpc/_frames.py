@@ -16,6 +16,7 @@ from ._errors import ProtocolError
 
 CLIENT = "ZRPC1C"
 WORKER = "ZRPC1W"
+PEER = "ZRPC1S"  # broker <-> broker state (Binary Star)
 
 MAX_HEAD = 64 * 1024
 """Heads are small routing data; anything larger is an attack or a bug."""
@@ -43,6 +44,7 @@ class Status(enum.IntEnum):
     PROTOCOL_ERROR = 7
     NOT_ACTIVE = 8  # a passive broker: send to its peer
     UNAUTHORIZED = 9
+    NOT_SEEN = 10  # worker -> broker, answering a probe: this call never ran here
 
 
 _STATUSES = frozenset(int(s) for s in Status)
@@ -52,6 +54,8 @@ H_BUDGET = "budget_ms"
 H_IDEMPOTENT = "idempotent"
 H_ATTEMPT = "attempt"
 H_TRACE = "trace_id"
+H_RESENT = "resent"  # the client re-sent it after losing its broker: it may have run already
+H_PROBE = "probe"  # broker -> worker: answer from your reply cache only, never run it
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +192,10 @@ def _headers(v: Any) -> dict[str, Any]:
     i = v.get(H_IDEMPOTENT)
     if i is not None and type(i) is not bool:
         raise ProtocolError(f"header {H_IDEMPOTENT} must be a boolean")
+    for flag in (H_RESENT, H_PROBE):
+        f = v.get(flag)
+        if f is not None and type(f) is not bool:
+            raise ProtocolError(f"header {flag} must be a boolean")
     a = v.get(H_ATTEMPT)
     if a is not None and (type(a) is not int or not 0 <= a <= 1000):
         raise ProtocolError(f"header {H_ATTEMPT} must be a small non-negative integer")
@@ -289,3 +297,4 @@ def decode_frames(frames: list[bytes]) -> Message:
     if not 1 <= len(frames) <= 2:
         raise ProtocolError(f"expected 2 frames [head, body], got {len(frames)}")
     return decode(frames[0], frames[1] if len(frames) == 2 else b"")
+

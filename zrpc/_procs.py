@@ -45,20 +45,21 @@ class Processes:
             p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p), **(env or {})}
         self.env.pop("ZRPC_BROKERS", None)
 
-    def zrpc(self, *args: str, name: str | None = None, env: dict[str, str] | None = None
-             ) -> subprocess.Popen[bytes]:
-        return self.spawn([sys.executable, "-m", "zrpc", *args], name=name, env=env)
+    def zrpc(self, *args: str, name: str | None = None, env: dict[str, str] | None = None,
+             inherit: bool = False) -> subprocess.Popen[bytes]:
+        return self.spawn([sys.executable, "-m", "zrpc", *args], name=name, env=env, inherit=inherit)
 
-    def spawn(self, argv: Sequence[str], name: str | None = None, env: dict[str, str] | None = None
-              ) -> subprocess.Popen[bytes]:
-        out: int | object = subprocess.DEVNULL
-        if self.log_dir is not None:
+    def spawn(self, argv: Sequence[str], name: str | None = None, env: dict[str, str] | None = None,
+              inherit: bool = False) -> subprocess.Popen[bytes]:
+        """Output goes to LOG_DIR/NAME.log, to our own stdout/stderr (`inherit`), or nowhere."""
+        out: int | object | None = None if inherit else subprocess.DEVNULL
+        if self.log_dir is not None and not inherit:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             label = name or f"p{len(self.procs)}"
             out = open(self.log_dir / f"{label}.log", "ab")
         proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO),
                                 env={**self.env, **(env or {})}, start_new_session=True)  # type: ignore[arg-type]
-        if out is not subprocess.DEVNULL:
+        if out not in (subprocess.DEVNULL, None):
             out.close()  # type: ignore[union-attr]
         self.procs.append(proc)
         return proc

@@ -51,6 +51,13 @@ class ReplyCache:
             return RUNNING, e
         return DONE, e
 
+    def probe(self, key: Hashable, reply_to: Hashable) -> tuple[str, Entry | None]:
+        """Like begin(), but an unknown call is not started: returns (NEW, None) and records
+        nothing (the broker only asks whether the call ran here)."""
+        if key not in self._entries:
+            return NEW, None
+        return self.begin(key, reply_to)
+
     def finish(self, key: Hashable, status: int, body: bytes) -> list[Hashable]:
         """Records the reply; returns every destination waiting for it."""
         e = self._entries.get(key)

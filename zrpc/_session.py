@@ -7,12 +7,13 @@ it, so both follow the same rules: heartbeats, deadlines, and which broker is ac
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Union
 
 from ._calls import CallTable, PendingCall
 from ._clock import Clock
-from ._frames import CLIENT, ClientReply, Heartbeat, Message, encode
+from ._frames import CLIENT, H_RESENT, ClientReply, Heartbeat, Message, Status, encode
 from ._liveness import LivenessTracker
 
 
@@ -38,17 +39,33 @@ Output = Union[Transmit, Completed, Expired]
 
 
 class Session:
-    """Which broker to talk to, and what became of each call."""
+    """Which broker to talk to, and what became of each call.
+
+    Failover (DESIGN.md §4): calls go to the broker believed active. The client switches to
+    the other broker when the active one has been silent (no reply, no heartbeat) for
+    `failover_timeout`, when it answers NOT_ACTIVE, or when the other one says it is active and
+    this one does not. Calls that were sent to a broker that went silent are re-sent with the
+    same request id and the `resent` header: the new broker treats them as votes for its
+    takeover, and asks the workers' reply caches before running a non-idempotent one.
+    """
 
     def __init__(self, clock: Clock, brokers: int, timeout: float, *, interval: float = 0.25,
-                 liveness: int = 3) -> None:
+                 liveness: int = 3, failover_timeout: float | None = None) -> None:
         self._clock = clock
         self.table = CallTable(clock, timeout)
         self.brokers = brokers
         self.active = 0
+        self.interval = interval
+        self.failover_timeout = failover_timeout or 2 * interval * liveness
         self.liveness: LivenessTracker[int] = LivenessTracker(clock, interval, liveness)
+        for b in range(brokers):
+            self.liveness.seen(b)  # silence is counted from the start
         self.alive = [False] * brokers
+        self.lost = [False] * brokers  # silent for failover_timeout
         self.info: list[dict[str, Any]] = [{} for _ in range(brokers)]
+        self.switches = 0
+        self._switched_at = clock()
+        self._bounced: deque[tuple[float, PendingCall]] = deque()
         self._heartbeat = encode(Heartbeat(CLIENT, {}))
 
     # --- inputs --------------------------------------------------------------------------
@@ -60,23 +77,43 @@ class Session:
 
     def received(self, broker: int, msg: Message) -> list[Output]:
         """Any traffic from a broker shows it is alive; replies complete calls."""
+        out: list[Output] = []
         self.liveness.seen(broker)
         self.alive[broker] = True
+        if self.lost[broker]:
+            self.lost[broker] = False
+            if broker == self.active:  # it came back (restarted): what it held is gone
+                out.extend(self._resend([c for c in self.table if c.broker == broker]))
         t = type(msg)
         if t is ClientReply:
+            if msg.status == Status.NOT_ACTIVE:  # type: ignore[union-attr]
+                return out + self._bounce(broker, msg.request_id)  # type: ignore[union-attr]
             call = self.table.pop(msg.request_id)  # type: ignore[union-attr]
             if call is None:
-                return []  # late or duplicate: already answered
-            return [Completed(call, msg.status, msg.body)]  # type: ignore[union-attr]
-        if t is Heartbeat:
+                return out  # late or duplicate: already answered
+            out.append(Completed(call, msg.status, msg.body))  # type: ignore[union-attr]
+        elif t is Heartbeat:
             self.info[broker] = dict(msg.info)  # type: ignore[union-attr]
-        return []
+            if broker != self.active and self._prefer(broker):
+                out.extend(self._switch(broker, "it says it is active"))
+        return out
 
     def tick(self) -> list[Output]:
-        """Heartbeats every interval, dead-broker detection, and calls past their deadline."""
+        """Heartbeats every interval, dead-broker detection, failover, and deadlines."""
         out: list[Output] = []
+        now = self._clock()
         for b in self.liveness.expired():
             self.alive[b] = False
+        for b in range(self.brokers):
+            if not self.lost[b] and self.liveness.silence(b) >= self.failover_timeout:
+                self.lost[b] = True
+        if (self.brokers > 1 and self.lost[self.active]
+                and now - self._switched_at >= self.failover_timeout):
+            out.extend(self._switch(1 - self.active, "silent"))
+        while self._bounced and self._bounced[0][0] <= now:
+            _, call = self._bounced.popleft()
+            if call.request_id in self.table.pending:
+                out.append(self._transmit(call, self.active))
         if self.liveness.beat():
             out.extend(Transmit(b, self._heartbeat) for b in range(self.brokers))
         out.extend(Expired(c) for c in self.table.expired())
@@ -85,12 +122,62 @@ class Session:
     def next_deadline(self) -> float:
         nxt = self.liveness.next_deadline()
         dl = self.table.next_deadline()
-        return nxt if dl is None else min(nxt, dl)
+        if dl is not None:
+            nxt = min(nxt, dl)
+        if self._bounced:
+            nxt = min(nxt, self._bounced[0][0])
+        return nxt
 
     def close(self) -> list[PendingCall]:
         return self.table.drain()
 
     # --- internals -----------------------------------------------------------------------
+
+    def _prefer(self, other: int) -> bool:
+        """Should we move to `other`? Only if it says it is active and ours does not (or is
+        gone, or is an active with a lower epoch: the one about to step down)."""
+        theirs, ours = self.info[other], self.info[self.active]
+        if theirs.get("state") != "active":
+            return False
+        if not self.alive[self.active] or self.lost[self.active] or ours.get("state") != "active":
+            return True
+        return int(theirs.get("epoch") or 0) > int(ours.get("epoch") or 0)
+
+    def _switch(self, new: int, reason: str) -> list[Output]:
+        old = self.active
+        self.active = new
+        self.switches += 1
+        self._switched_at = self._clock()
+        self.info[old].pop("state", None)
+        # calls the old broker will answer NOT_ACTIVE come back by themselves; those sent to
+        # a broker that is gone are re-sent now
+        if self.alive[old] and not self.lost[old] and reason != "silent":
+            return []
+        return self._resend([c for c in self.table if c.broker == old])
+
+    def _resend(self, calls: list[PendingCall]) -> list[Output]:
+        out: list[Output] = []
+        for c in calls:
+            c.headers[H_RESENT] = True
+            out.append(self._transmit(c, self.active))
+        return out
+
+    def _bounce(self, broker: int, request_id: int) -> list[Output]:
+        """A passive broker refused the call: try the other one, at once the first time,
+        then once per interval (both may be passive for a moment during a takeover)."""
+        call = self.table.pending.get(request_id)
+        if call is None:
+            return []
+        self.info[broker]["state"] = "passive"
+        out: list[Output] = []
+        if broker == self.active and self.brokers > 1:
+            out.extend(self._switch(1 - broker, "not active"))
+        call.bounces += 1
+        if call.bounces == 1:
+            out.append(self._transmit(call, self.active))
+        else:
+            self._bounced.append((self._clock() + self.interval, call))
+        return out
 
     def _transmit(self, call: PendingCall, broker: int) -> Transmit:
         now = self._clock()

@@ -25,6 +25,7 @@ from ._config import resolve_brokers
 from ._errors import ProtocolError
 from ._frames import (
     H_BUDGET,
+    H_PROBE,
     WORKER,
     Disconnect,
     Heartbeat,
@@ -38,7 +39,7 @@ from ._frames import (
 from ._serial import pack_error, pack_result, unpack_call
 from ._service import Method, Service
 from ._liveness import Backoff, LivenessTracker
-from ._reply_cache import DONE, RUNNING, ReplyCache
+from ._reply_cache import DONE, NEW, RUNNING, ReplyCache
 from ._sockets import NOBLOCK, SocketOptions, Waker, make_socket, send_frames
 
 log = logging.getLogger("zrpc.worker")
@@ -274,6 +275,13 @@ class Worker:
                 log.info("following the broker's heartbeat: %d ms x %d", ms, liveness)
 
     def _start(self, idx: int, req: WorkerRequest) -> None:
+        if req.headers.get(H_PROBE):
+            state, entry = self._cache.probe((req.client_id, req.request_id), idx)
+            if state == NEW:
+                self._reply(idx, req, Status.NOT_SEEN, b"")
+            elif state == DONE:
+                self._reply(idx, req, entry.status, entry.body)  # type: ignore[union-attr,arg-type]
+            return  # RUNNING: the reply will come to this broker too
         svc = self.services.get(req.service)
         method = svc.get(req.method) if svc is not None else None
         if method is None:

@@ -260,3 +260,70 @@ def test_every_strategy_dispatches_within_capacity(lb):
 def test_unknown_strategy_is_refused():
     with pytest.raises(ValueError, match="unknown strategy"):
         Dispatcher(FakeClock(), strategy="nope")
+
+
+# --- re-sent calls after a broker failover ----------------------------------------------------
+
+
+def test_resent_non_idempotent_call_probes_every_worker_first():
+    d, _ = make()
+    ready(d, b"w1")
+    ready(d, b"w2")
+    out = request(d, 7, method="charge", resent=True)
+    probes = sends(out)
+    assert sorted(s.worker_id for s in probes) == [b"w1", b"w2"]
+    assert all(s.message.headers["probe"] for s in probes)
+    assert reply(d, b"w1", 7, status=Status.NOT_SEEN) == []
+    (run,) = sends(reply(d, b"w2", 7, status=Status.NOT_SEEN))  # nobody ran it: run it once
+    assert "probe" not in run.message.headers or not run.message.headers["probe"]
+    assert replies(reply(d, run.worker_id, 7))[0].status == Status.OK
+
+
+def test_resent_call_that_already_ran_is_answered_from_the_worker_cache():
+    d, _ = make()
+    ready(d, b"w1")
+    ready(d, b"w2")
+    request(d, 7, method="charge", resent=True)
+    (r,) = replies(reply(d, b"w2", 7, status=Status.OK))
+    assert r.status == Status.OK
+    assert replies(reply(d, b"w1", 7, status=Status.NOT_SEEN)) == []
+    assert d.inflight == 0
+
+
+def test_probed_worker_lost_makes_the_call_state_unknown():
+    d, _ = make()
+    ready(d, b"w1")
+    ready(d, b"w2")
+    request(d, 7, method="charge", resent=True)
+    reply(d, b"w1", 7, status=Status.NOT_SEEN)
+    (r,) = replies(d.handle(WorkerLost(b"w2")))
+    assert r.status == Status.CALL_STATE_UNKNOWN
+
+
+def test_probe_times_out_at_the_deadline():
+    d, clock = make()
+    ready(d, b"w1")
+    request(d, 7, method="charge", resent=True, budget_ms=200)
+    clock.advance(0.3)
+    (r,) = replies(d.tick())
+    assert r.status == Status.TIMEOUT
+
+
+def test_resent_idempotent_call_is_simply_dispatched():
+    d, _ = make()
+    ready(d, b"w1")
+    (s,) = sends(request(d, 7, resent=True))
+    assert not s.message.headers.get("probe")
+
+
+def test_non_idempotent_duplicate_of_an_answered_call_is_not_rerun():
+    d, _ = make()
+    ready(d, b"w1")
+    request(d, 7, method="charge")
+    reply(d, b"w1", 7)
+    (r,) = replies(request(d, 7, method="charge"))
+    assert r.status == Status.CALL_STATE_UNKNOWN
+    # an idempotent one is simply run again
+    request(d, 8)
+    reply(d, b"w1", 8)
+    assert sends(request(d, 8))
