@@ -24,12 +24,46 @@ class Cluster:
 
     def __init__(self, procs: Processes) -> None:
         self.procs = procs
+        self.pairs: list[PairInfo] = []
 
     def broker(self, *args: str, port: int | None = None, name: str = "broker") -> str:
         ep = f"tcp://127.0.0.1:{port or free_port()}"
         self.procs.zrpc("broker", "--frontend", ep, "--log-level", "debug", *args, name=name)
         wait_until(lambda: broker_status(ep), 15, what=f"broker at {ep} answering")
         return ep
+
+    def pair(self, *args: str, relay: bool = False) -> "PairInfo":
+        """A primary and a backup on free ports, configured as `zrpc pair` does; with `relay`,
+        each broker reaches its peer's state socket through a TcpRelay that can be cut."""
+        from zrpc._pair import PairPorts, broker_args
+
+        ports = PairPorts((free_port(), free_port()), (free_port(), free_port()), (free_port(), free_port()))
+        info = PairInfo(ports)
+        self.pairs.append(info)
+        for role, me, peer in (("primary", 0, 1), ("backup", 1, 0)):
+            argv = broker_args(role, "127.0.0.1", ports)
+            if relay:
+                r = TcpRelay(free_port(), ports.state[peer])
+                info.relays.append(r)
+                argv[argv.index("--peer-state") + 1] = f"tcp://127.0.0.1:{r.port}"
+            info.procs[role] = self.procs.zrpc("broker", *argv, "--log-level", "debug", *args, name=role)
+        for ep in info.endpoints:
+            wait_until(lambda: broker_status(ep), 15, what=f"broker at {ep} answering")
+        wait_until(lambda: info.states() == ["active", "passive"], 10, what="pair settled")
+        return info
+
+    def start_broker(self, info: "PairInfo", role: str, *args: str) -> None:
+        """(Re)starts one side of a pair, as `zrpc pair` restarts a dead broker."""
+        from zrpc._pair import broker_args
+
+        argv = broker_args(role, "127.0.0.1", info.ports)
+        if info.relays:
+            r = info.relays[0 if role == "primary" else 1]
+            argv[argv.index("--peer-state") + 1] = f"tcp://127.0.0.1:{r.port}"
+        info.procs[role] = self.procs.zrpc("broker", *argv, "--log-level", "debug", *args,
+                                           name=f"{role}-restarted")
+        ep = info.endpoints[0 if role == "primary" else 1]
+        wait_until(lambda: broker_status(ep), 15, what=f"broker at {ep} answering")
 
     def worker(self, ep: str, *args: str, spec: str = "examples.calc:calc", wait: bool = True,
                env: dict[str, str] | None = None, name: str | None = None):
@@ -45,6 +79,104 @@ class Cluster:
                           timeout, what=f"{n} workers registered")
 
 
+class PairInfo:
+    def __init__(self, ports: Any) -> None:
+        self.ports = ports
+        self.procs: dict[str, Any] = {}
+        self.relays: list[TcpRelay] = []
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"tcp://127.0.0.1:{p}" for p in self.ports.frontend]
+
+    @property
+    def brokers(self) -> str:
+        return ",".join(self.endpoints)
+
+    def states(self) -> list[str | None]:
+        return [(broker_status(ep) or {}).get("broker", {}).get("state") for ep in self.endpoints]
+
+    def close(self) -> None:
+        for r in self.relays:
+            r.close()
+
+
+class TcpRelay:
+    """A TCP forwarder between a broker and its peer's state socket, which a test can cut
+    (all connections dropped, new ones refused at once) and heal."""
+
+    def __init__(self, port: int, target: int) -> None:
+        import socket
+        import threading
+
+        self.port, self.target = port, target
+        self._cut = threading.Event()
+        self._closed = threading.Event()
+        self._conns: list[Any] = []
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", port))
+        self._listener.settimeout(0.1)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            if self._cut.is_set():
+                conn.close()
+                continue
+            try:
+                up = socket.create_connection(("127.0.0.1", self.target), timeout=1)
+            except OSError:
+                conn.close()
+                continue
+            with self._lock:
+                self._conns += [conn, up]
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any) -> None:
+        try:
+            while not self._cut.is_set():
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        import socket
+
+        self._cut.set()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def heal(self) -> None:
+        self._cut.clear()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.cut()
+        self._listener.close()
+
+
 @pytest.fixture
 def procs(tmp_path) -> Processes:
     p = Processes(log_dir=tmp_path / "logs")
@@ -56,7 +188,10 @@ def procs(tmp_path) -> Processes:
 
 @pytest.fixture
 def cluster(procs) -> Cluster:
-    return Cluster(procs)
+    c = Cluster(procs)
+    yield c
+    for pair in c.pairs:
+        pair.close()
 
 
 @pytest.fixture

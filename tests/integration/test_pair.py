@@ -1,0 +1,58 @@
+"""A Binary Star pair on loopback: one active, one passive, workers on both, status on both."""
+
+import json
+import subprocess
+import sys
+
+import zrpc
+from tests.conftest import broker_status
+from zrpc._procs import REPO
+
+
+def test_pair_settles_and_serves_through_the_active_broker(cluster, client_factory):
+    pair = cluster.pair()
+    cluster.worker(pair.endpoints[0], "--brokers", pair.brokers)
+    cluster.wait_workers(pair.endpoints[1], 1)  # registered with both
+    c = client_factory(pair.endpoints, timeout=5)
+    assert [c.proxy("calc").add(i, 1) for i in range(20)] == [i + 1 for i in range(20)]
+    primary, backup = (broker_status(ep) for ep in pair.endpoints)
+    assert primary["counters"]["replies"] >= 20 and backup["counters"]["replies"] == 0
+    assert (primary["broker"]["peer_state"], backup["broker"]["peer_state"]) == ("passive", "active")
+
+
+def test_passive_broker_refuses_calls_but_answers_status(cluster):
+    pair = cluster.pair()
+    cluster.worker(pair.endpoints[0], "--brokers", pair.brokers)
+    with zrpc.Client([pair.endpoints[1]], timeout=1) as only_backup:
+        # the primary is alive, so a client vote on the backup must not make it take over
+        for _ in range(3):
+            try:
+                only_backup.proxy("calc").add(1, 1)
+            except zrpc.Timeout:
+                pass
+        assert only_backup.call("zrpc", "ping") == "pong"
+    assert pair.states() == ["active", "passive"]
+    assert broker_status(pair.endpoints[1])["counters"]["not_active"] >= 1
+
+
+def test_client_starting_with_backup_first_finds_the_active_broker(cluster, client_factory):
+    pair = cluster.pair()
+    cluster.worker(pair.endpoints[0], "--brokers", pair.brokers)
+    cluster.wait_workers(pair.endpoints[1], 1)
+    c = client_factory(list(reversed(pair.endpoints)), timeout=5)
+    assert c.proxy("calc").add(2, 2) == 4
+
+
+def test_status_json_shows_both_brokers(cluster):
+    pair = cluster.pair()
+    p = subprocess.run([sys.executable, "-m", "zrpc", "status", "--json", "--brokers", pair.brokers],
+                       capture_output=True, text=True, timeout=30, cwd=REPO)
+    st = json.loads(p.stdout)
+    assert [(b["role"], b["state"], b["peer_state"]) for b in st["brokers"]] == [
+        ("primary", "active", "passive"), ("backup", "passive", "active")]
+
+
+def test_broker_refuses_half_a_pair_configuration():
+    p = subprocess.run([sys.executable, "-m", "zrpc", "broker", "--state", "tcp://127.0.0.1:1"],
+                       capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert p.returncode != 0 and "go together" in p.stderr and "Traceback" not in p.stderr
