@@ -7,6 +7,7 @@ It never decodes a call's body; it only holds it (for queueing and idempotent re
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_left
 import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -144,7 +145,7 @@ class WorkerState:
 
     __slots__ = (
         "id", "name", "services", "capacity", "weight", "outstanding", "ewma", "calls",
-        "leaving", "joined", "served", "errors", "info",
+        "leaving", "joined", "served", "errors", "info", "ejected",
     )
 
     def __init__(self, wid: bytes, ready: Ready, now: float) -> None:
@@ -161,10 +162,17 @@ class WorkerState:
         self.joined = now
         self.served = 0
         self.errors = 0
+        self.ejected = False  # an outlier kept out of dispatch for a while
+
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, float("inf"))
+"""Upper bounds (seconds) of the per-service latency histogram (Prometheus-style buckets)."""
 
 
 class ServiceState:
-    __slots__ = ("name", "workers", "queue", "queued", "methods", "strategy", "empty_since")
+    __slots__ = ("name", "workers", "queue", "queued", "methods", "strategy", "empty_since",
+                 "calls", "errors", "buckets", "max_workers")
 
     def __init__(self, name: str, strategy: Strategy, now: float) -> None:
         self.name = name
@@ -174,6 +182,10 @@ class ServiceState:
         self.methods: dict[str, bool] = {}
         self.strategy = strategy
         self.empty_since = now
+        self.calls = 0  # replies from workers
+        self.errors = 0  # of which not OK
+        self.buckets = [0] * len(LATENCY_BUCKETS)  # latency histogram (not cumulative)
+        self.max_workers = 0  # most workers seen at once: redundancy is judged against it
 
 
 class Dispatcher:
@@ -286,6 +298,12 @@ class Dispatcher:
     def inflight(self) -> int:
         return len(self._calls)
 
+    def set_ejected(self, worker_id: bytes, ejected: bool) -> None:
+        """Outlier ejection: an ejected worker gets calls only when no other worker can."""
+        w = self._workers.get(worker_id)
+        if w is not None:
+            w.ejected = ejected
+
     def worker_ids(self) -> list[bytes]:
         return list(self._workers)
 
@@ -301,6 +319,10 @@ class Dispatcher:
                 "outstanding": sum(w.outstanding for w in s.workers),
                 "queued": s.queued,
                 "methods": sorted(s.methods),
+                "calls": s.calls,
+                "errors": s.errors,
+                "latency_buckets": list(s.buckets),
+                "max_workers": s.max_workers,
             }
             for s in sorted(self._services.values(), key=lambda s: s.name)
         ]
@@ -316,6 +338,7 @@ class Dispatcher:
                 "served": w.served,
                 "errors": w.errors,
                 "leaving": w.leaving,
+                "ejected": w.ejected,
                 **{k: v for k, v in w.info.items() if k in ("host", "pid")},
             }
             for w in sorted(self._workers.values(), key=lambda w: w.name)
@@ -449,7 +472,9 @@ class Dispatcher:
         if len(ws) == 1:
             w = ws[0]
             return w if w.outstanding < w.capacity and not w.leaving else None
-        cands = [w for w in ws if w.outstanding < w.capacity and not w.leaving]
+        cands = [w for w in ws if w.outstanding < w.capacity and not w.leaving and not w.ejected]
+        if not cands:  # ejected workers still serve rather than leave a call waiting
+            cands = [w for w in ws if w.outstanding < w.capacity and not w.leaving]
         if not cands:
             return None
         return svc.strategy.choose(cands)  # type: ignore[return-value]
@@ -498,8 +523,14 @@ class Dispatcher:
             lat = now - call.sent_at
             worker.ewma = lat if worker.ewma == 0.0 else worker.ewma + self._alpha * (lat - worker.ewma)  # type: ignore[union-attr]
             worker.served += 1  # type: ignore[union-attr]
+            svc = self._services.get(call.service)
+            if svc is not None:
+                svc.calls += 1
+                svc.buckets[bisect_left(LATENCY_BUCKETS, lat)] += 1
             if reply.status != Status.OK:
                 worker.errors += 1  # type: ignore[union-attr]
+                if svc is not None:
+                    svc.errors += 1
             if self._calls.get(key) is call:
                 del self._calls[key]
             call.state = DONE
@@ -573,6 +604,7 @@ class Dispatcher:
             svc = self._service(name, now)
             svc.workers.append(worker)
             svc.methods.update(methods)
+            svc.max_workers = max(svc.max_workers, len(svc.workers))
         out.extend(self._drain(worker, now))
         return out
 
@@ -605,7 +637,8 @@ class Dispatcher:
         now = self._clock()
         self._remove(worker, now)
         out: list[Action] = [Notice("worker_lost", worker.name,
-                                    {"reason": reason, "inflight": len(worker.calls)})]
+                                    {"reason": reason, "inflight": len(worker.calls),
+                                     "services": sorted(worker.services)})]
         for held in [c for c in self._calls.values() if c.state == PROBING and worker_id in c.probes]:
             # the lost worker might be the one that ran it: its fate cannot be known
             held.state = DONE

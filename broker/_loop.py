@@ -45,6 +45,8 @@ from ._bstar import (
     decode_state,
     encode_state,
 )
+from ._monitor import Eject, Monitor, Thresholds
+from ._monitor import Output as MonitorOutput
 from ._dispatch import (
     AckLeave,
     Action,
@@ -79,7 +81,8 @@ class BrokerConfig:
     liveness: int = 3
     max_message: int = DEFAULT_MAX_MESSAGE
     send_tracebacks: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    metrics_port: int | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)
 
 
 class _Prefix(logging.LoggerAdapter):
@@ -108,11 +111,17 @@ class Broker:
                                      service_grace=config.service_grace)
         self.liveness: LivenessTracker[bytes] = LivenessTracker(
             clock, config.heartbeat_interval, config.liveness)
+        self.monitor = Monitor(clock, config.heartbeat_interval, config.thresholds)
+        self.metrics: dict[str, Any] = {}  # the latest `metrics` snapshot
+        self.last_status: dict[str, Any] = {}  # refreshed every second, read by Prometheus
+        self._next_eval = clock()
+        self._next_metrics = clock() + 1.0
         self.log = _Prefix(log, {"broker": self})
         self._stop = threading.Event()
         self._front: zmq.Socket | None = None
         self._pub: zmq.Socket | None = None
         self._sub: zmq.Socket | None = None
+        self._mon: zmq.Socket | None = None
         self._started_wall = time.time()
         self.counters: dict[str, int] = dict.fromkeys(
             ("received", "sent", "malformed", "unroutable", "send_full", "not_active"), 0)
@@ -143,6 +152,20 @@ class Broker:
             self._sub = make_socket(self._ctx, zmq.SUB, options=opts)
             self._sub.setsockopt(zmq.SUBSCRIBE, b"")
             self._sub.connect(self.config.peer_state)  # type: ignore[arg-type]
+        if self.config.monitor is not None:
+            self._mon = make_socket(self._ctx, zmq.PUB, options=opts)
+            try:
+                self._mon.bind(self.config.monitor)
+            except zmq.ZMQError as exc:
+                for sock in (self._front, self._pub, self._sub, self._mon):
+                    if sock is not None:
+                        sock.close()
+                raise OSError(f"cannot bind monitor endpoint {self.config.monitor}: {exc.strerror}") from None
+        if self.config.metrics_port is not None:
+            from ._metrics import serve_prometheus
+
+            self.last_status = self.status()
+            serve_prometheus(self, self.config.metrics_port)
         self.ready.set()
 
     def run(self) -> None:
@@ -166,6 +189,7 @@ class Broker:
                     nxt = min(nxt, dd)
                 if self.bstar is not None:
                     nxt = min(nxt, self.bstar.next_deadline())
+                nxt = min(nxt, self._next_eval, self._next_metrics)
                 if poller.poll(timeout_ms(nxt, now, cap=0.1)):
                     # the peer's state first: a broker resumed after SIGSTOP must learn that
                     # its peer took over before it serves anything from its backlog
@@ -180,7 +204,7 @@ class Broker:
                 self._keep_alive()
         finally:
             front.close(linger=0)
-            for sock in (self._pub, self._sub):
+            for sock in (self._pub, self._sub, self._mon):
                 if sock is not None:
                     sock.close(linger=0)
             if self._own_ctx:
@@ -224,6 +248,8 @@ class Broker:
         elif t is Heartbeat:
             if msg.sender == WORKER:  # type: ignore[union-attr]
                 self._worker_seen(peer)
+                if d.has_worker(peer):
+                    self.monitor.worker_heartbeat(peer)
             else:
                 self._send(peer, encode(Heartbeat(CLIENT, self._hello())))
         elif t is Disconnect:
@@ -276,12 +302,24 @@ class Broker:
             elif isinstance(a, StateChanged):
                 self.log.info("%s -> %s: %s", a.old.value, a.new.value, a.reason)
             elif isinstance(a, PeerAlert):
-                level = logging.INFO if a.resolved or a.severity == "info" else logging.WARNING
-                self.log.log(level, "%s%s %s", a.name, " resolved" if a.resolved else "", a.detail)
+                self._monitor_outputs(self.monitor.peer(a))
 
     def _keep_alive(self) -> None:
         if self.bstar is not None:
             self._bstar_actions(self.bstar.tick())
+        now = self._clock()
+        if now >= self._next_eval:
+            self._next_eval = now + min(0.1, self.config.heartbeat_interval / 2)
+            self._monitor_outputs(self.monitor.evaluate(self.dispatcher.snapshot()))
+        if now >= self._next_metrics:
+            self._next_metrics = now + 1.0
+            snap = self.dispatcher.snapshot()
+            metrics, alerts = self.monitor.metrics(snap)
+            metrics.update(self._identity(), counters={**snap["counters"], **self.counters})
+            self.metrics = metrics
+            self.last_status = self.status()
+            self._publish("metrics", metrics)
+            self._monitor_outputs(alerts)
         for wid in self.liveness.expired():
             if self.dispatcher.has_worker(wid):
                 self._execute(self.dispatcher.handle(
@@ -333,6 +371,10 @@ class Broker:
             "uptime_s": round(time.time() - self._started_wall, 3),
         }
         snap["counters"].update(self.counters)
+        snap["alerts"] = [{"name": a.name, "severity": a.severity, "subject": a.subject,
+                           "detail": a.detail} for a in self.monitor.active]
+        for w in snap["workers"]:
+            w["phi"] = round(self.monitor.phi(bytes.fromhex(w["id"])), 2)
         return snap
 
     # --- output --------------------------------------------------------------------------
@@ -355,8 +397,36 @@ class Broker:
             pending = more
 
     def _notice(self, n: Notice) -> None:
-        level = logging.WARNING if n.name in ("worker_lost",) else logging.INFO
-        self.log.log(level, "%s %s %s", n.name, n.subject, n.detail)
+        outputs = self.monitor.notice(n)
+        if not outputs:
+            self.log.debug("%s %s %s", n.name, n.subject, n.detail)
+        self._monitor_outputs(outputs)
+
+    def _monitor_outputs(self, outputs: list[MonitorOutput]) -> None:
+        for o in outputs:
+            if isinstance(o, Eject):
+                self.dispatcher.set_ejected(o.worker_id, o.ejected)
+                continue
+            level = {"info": logging.INFO, "warning": logging.WARNING}.get(o.severity, logging.ERROR)
+            if o.state == "resolved":
+                level = logging.INFO
+            self.log.log(level, "alert %s %s: %s %s", o.name, o.state, o.subject, o.detail)
+            self._publish("alert." + o.name, {
+                "name": o.name, "severity": o.severity, "state": o.state,
+                "resolved": o.state == "resolved", "subject": o.subject, "detail": o.detail,
+                **self._identity()})
+
+    def _identity(self) -> dict[str, Any]:
+        return {"time": time.time(), "broker": self.config.frontend, "role": self.role,
+                "broker_state": self.state}
+
+    def _publish(self, topic: str, event: dict[str, Any]) -> None:
+        if self._mon is None:
+            return
+        try:
+            send_frames(self._mon, [topic.encode(), pack_result(event)], NOBLOCK)
+        except zmq.ZMQError:
+            pass  # a monitor must never slow the broker down
 
     def _send(self, peer: bytes, frames: list[bytes]) -> bool:
         """False when the peer is gone (ROUTER_MANDATORY); a full pipe is counted, not fatal."""

@@ -106,12 +106,27 @@ def main() -> None:
               help="Silent intervals after which a worker is declared dead.")
 @click.option("--max-message-size", type=click.IntRange(1024, 2**31 - 1), default=16 * 1024 * 1024,
               show_default=True, help="Bytes; larger messages drop the sender's connection.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535),
+              help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics.")
+@click.option("--eject-outliers", is_flag=True,
+              help="Keep a degraded worker out of dispatch for a while (never a service's last).")
+@click.option("--latency-slo", type=click.FloatRange(0.001, 3600), default=1.0, show_default=True,
+              help="Seconds; alert latency_slo when a service's p99 is above it.")
+@click.option("--error-rate", type=click.FloatRange(0.0001, 1), default=0.1, show_default=True,
+              help="Alert error_rate when this share of a service's calls fail.")
+@click.option("--phi-threshold", type=click.FloatRange(1, 100), default=8.0, show_default=True,
+              help="Alert worker_suspect when phi-accrual suspicion reaches it.")
+@click.option("--backlog", type=click.IntRange(1, 10_000_000), default=100, show_default=True,
+              help="Alert queue_backlog when this many calls wait.")
 @_log_option
 def broker(role: str, frontend: str | None, state: str | None, peer_state: str | None,
            monitor: str | None, lb: str, queue_limit: int, service_grace: float,
-           heartbeat_interval: float, liveness: int, max_message_size: int, log_level: str) -> None:
+           heartbeat_interval: float, liveness: int, max_message_size: int, metrics_port: int | None,
+           eject_outliers: bool, latency_slo: float, error_rate: float, phi_threshold: float,
+           backlog: int, log_level: str) -> None:
     """Run a broker: routes calls from clients to workers until SIGTERM or Ctrl-C."""
     from broker import Broker, BrokerConfig
+    from broker._monitor import Thresholds
 
     _setup_logging(log_level)
     fport = ROLE_PORTS[role][0]
@@ -119,7 +134,9 @@ def broker(role: str, frontend: str | None, state: str | None, peer_state: str |
         frontend=frontend or f"tcp://127.0.0.1:{fport}", role=role, state=state,
         peer_state=peer_state, monitor=monitor, lb=lb, queue_limit=queue_limit,
         service_grace=service_grace, heartbeat_interval=heartbeat_interval, liveness=liveness,
-        max_message=max_message_size,
+        max_message=max_message_size, metrics_port=metrics_port,
+        thresholds=Thresholds(phi=phi_threshold, latency_slo=latency_slo, error_rate=error_rate,
+                              backlog=backlog, eject=eject_outliers),
     )
     if not _is_loopback(config.frontend):
         click.echo(f"warning: {config.frontend} is reachable from other hosts and no CURVE keys "
@@ -367,6 +384,39 @@ def print_status(st: dict[str, Any]) -> None:
         t.add_row(name, ",".join(w["services"]), str(w["capacity"]), str(w["outstanding"]),
                   f"{w['ewma_ms']:.2f}", str(w["served"]), str(w["errors"]))
     console.print(t)
+
+
+# --- monitor -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--monitors", envvar="ZRPC_MONITORS", show_envvar=True, metavar="EP[,EP]",
+              help="Monitor endpoints of the brokers (default: the local pair, :5575 and :5576).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
+@click.option("--exec", "exec_cmd", metavar="CMD",
+              help="Run CMD for each alert, with the alert as JSON on stdin (a failure is reported).")
+@click.option("--webhook", metavar="URL", help="POST each alert as JSON to URL (bounded retries).")
+@click.option("--metrics/--no-metrics", default=True, show_default=True,
+              help="Show the brokers' metrics snapshots (one a second each).")
+@click.option("--count", type=click.IntRange(1), help="Stop after this many alerts.")
+@click.option("--duration", type=click.FloatRange(0.1), help="Stop after this many seconds.")
+def monitor(monitors: str | None, as_json: bool, exec_cmd: str | None, webhook: str | None,
+            metrics: bool, count: int | None, duration: float | None) -> None:
+    """Show live alerts (worker lost, suspect, failover...) and metrics from both brokers."""
+    from ._watch import LOCAL_MONITORS, watch
+
+    eps = [check_endpoint_param(e, "--monitors") for e in (monitors.split(",") if monitors else LOCAL_MONITORS)]
+    if webhook and not webhook.startswith(("http://", "https://")):
+        raise click.BadParameter(f"{webhook!r}: expected an http:// or https:// URL", param_hint="--webhook")
+    sys.exit(watch(eps, as_json=as_json, exec_cmd=exec_cmd, webhook=webhook, metrics=metrics,
+                   count=count, duration=duration))
+
+
+def check_endpoint_param(value: str, hint: str) -> str:
+    try:
+        return check_endpoint(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
 
 
 # --- demo --------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class _Link:
         self.endpoint = endpoint
         self.sock: zmq.Socket | None = None
         self.last_sent = 0.0
+        self.last_beat = 0.0
         self.acked = False  # our DISCONNECT was acknowledged
         self.backoff = Backoff()
         self.reconnect_at: float | None = None
@@ -222,11 +223,11 @@ class Worker:
             if link.reconnect_at is not None:
                 nxt = min(nxt, link.reconnect_at)
             elif link.sock is not None:
-                nxt = min(nxt, link.last_sent + self._tracker.interval)
+                nxt = min(nxt, link.last_beat + self._tracker.interval)
         return nxt
 
     def _keep_alive(self) -> None:
-        """Heartbeats to quiet links, and the Paranoid Pirate reconnect of silent brokers."""
+        """Heartbeats to every broker, and the Paranoid Pirate reconnect of silent ones."""
         now = self._clock()
         for index in self._tracker.expired():
             link = self._links[index]
@@ -241,7 +242,9 @@ class Worker:
                 if link.reconnect_at is not None and now >= link.reconnect_at:
                     log.info("reconnecting to broker %s", link.endpoint)
                     self._connect(link)
-            elif now - link.last_sent >= interval:
+            elif now - link.last_beat >= interval:
+                # every interval, busy or not: the broker's phi-accrual detector reads their rhythm
+                link.last_beat = now
                 self._send(link, self._heartbeat)
 
     def _on_frames(self, link: _Link, frames: list[bytes]) -> None:

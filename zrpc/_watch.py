@@ -1,0 +1,132 @@
+"""`zrpc monitor`: live alerts and metrics from both brokers' monitor sockets, shown as
+coloured lines or JSON, and handed to a command (--exec) or a webhook (--webhook)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import click
+import msgpack
+import zmq
+
+from ._sockets import make_socket
+
+LOCAL_MONITORS = ("tcp://127.0.0.1:5575", "tcp://127.0.0.1:5576")
+STYLE = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def run_exec(cmd: str, event: dict[str, Any], timeout: float = 10.0) -> str | None:
+    """Runs CMD with the event as JSON on stdin; returns an error description or None."""
+    try:
+        p = subprocess.run(cmd, shell=True, input=json.dumps(event).encode(), capture_output=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"--exec {cmd!r} ran longer than {timeout:g}s"
+    except OSError as exc:
+        return f"--exec {cmd!r}: {exc}"
+    if p.returncode != 0:
+        err = p.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        return f"--exec {cmd!r} exited {p.returncode}: {err[0]}"
+    return None
+
+
+def post_webhook(url: str, event: dict[str, Any], timeout: float = 5.0, attempts: int = 3) -> str | None:
+    """POSTs the event as JSON; bounded retries with backoff; returns an error or None."""
+    data = json.dumps(event).encode()
+    last = ""
+    for attempt in range(attempts):
+        req = urllib.request.Request(url, data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                if 200 <= resp.status < 300:
+                    return None
+                last = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(getattr(exc, "reason", exc))
+        time.sleep(0.5 * 2**attempt)  # noqa: sleep (retry backoff)
+    return f"--webhook {url}: {last} after {attempts} attempts"
+
+
+def _line(topic: str, ev: dict[str, Any]) -> tuple[str, str]:
+    stamp = time.strftime("%H:%M:%S", time.localtime(ev.get("time", time.time())))
+    where = f"[{ev.get('role')}/{ev.get('broker_state')}]"
+    if topic == "metrics":
+        parts = [f"{name} {s['calls_s']:.0f}/s p99 {s['p99_ms'] if s['p99_ms'] is not None else '-'}ms "
+                 f"q{s['queued']} w{s['workers']}" for name, s in sorted(ev.get("services", {}).items())]
+        return f"{stamp} metrics {where} " + (" | ".join(parts) or "no services"), "dim"
+    state = ev.get("state", "")
+    detail = " ".join(f"{k}={v}" for k, v in ev.get("detail", {}).items())
+    style = "green" if state == "resolved" else STYLE.get(ev.get("severity", ""), "")
+    return (f"{stamp} {ev.get('severity', '').upper():8} {ev.get('name', topic):20} {state:8} "
+            f"{ev.get('subject', '')} {where} {detail}", style)
+
+
+def watch(endpoints: Sequence[str], *, as_json: bool, exec_cmd: str | None, webhook: str | None,
+          metrics: bool, count: int | None, duration: float | None) -> int:
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    ctx = zmq.Context()
+    sub = make_socket(ctx, zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"alert.")
+    if metrics:
+        sub.setsockopt(zmq.SUBSCRIBE, b"metrics")
+    for ep in endpoints:
+        sub.connect(ep)
+    click.echo(f"monitor: listening to {', '.join(endpoints)} (Ctrl-C stops)", err=True)
+    pool = ThreadPoolExecutor(4) if exec_cmd or webhook else None
+    seen_alerts = 0
+    deadline = time.monotonic() + duration if duration else None
+
+    def hand_off(ev: dict[str, Any]) -> None:
+        for err in (run_exec(exec_cmd, ev) if exec_cmd else None,
+                    post_webhook(webhook, ev) if webhook else None):
+            if err:
+                click.echo(f"monitor: {err}", err=True)
+
+    try:
+        while count is None or seen_alerts < count:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            if not sub.poll(200 if left is None else int(min(left, 0.2) * 1000) + 1):
+                continue
+            frames = sub.recv_multipart()
+            if len(frames) != 2:
+                continue
+            topic = frames[0].decode(errors="replace")
+            try:
+                ev = msgpack.unpackb(frames[1], raw=False)
+            except Exception:
+                click.echo("monitor: dropped an undecodable event", err=True)
+                continue
+            if not isinstance(ev, dict):
+                continue
+            if as_json:
+                click.echo(json.dumps({"topic": topic, **ev}, default=str))
+                sys.stdout.flush()
+            else:
+                text, style = _line(topic, ev)
+                console.print(text, style=style, soft_wrap=True)
+            if topic.startswith("alert."):
+                seen_alerts += 1
+                if pool is not None:
+                    pool.submit(hand_off, ev)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+        sub.close(linger=0)
+        ctx.term()
+    return 0
