@@ -149,7 +149,11 @@ class Broker:
                 self._front.close()
                 self._pub.close()
                 raise OSError(f"cannot bind state endpoint {self.config.state}: {exc.strerror}") from None
-            self._sub = make_socket(self._ctx, zmq.SUB, options=opts)
+            # the peer link reconnects on the heartbeat's timescale, not the 8 s client cap:
+            # a restarted peer must be heard within a couple of intervals
+            ivl = max(10, int(self.config.heartbeat_interval * 1000))
+            self._sub = make_socket(self._ctx, zmq.SUB, options=SocketOptions(
+                max_message=self.config.max_message, reconnect_ivl_ms=ivl, reconnect_ivl_max_ms=2 * ivl))
             self._sub.setsockopt(zmq.SUBSCRIBE, b"")
             self._sub.connect(self.config.peer_state)  # type: ignore[arg-type]
         if self.config.monitor is not None:
@@ -310,7 +314,8 @@ class Broker:
         now = self._clock()
         if now >= self._next_eval:
             self._next_eval = now + min(0.1, self.config.heartbeat_interval / 2)
-            self._monitor_outputs(self.monitor.evaluate(self.dispatcher.snapshot()))
+            if self.state == "active":  # the passive broker's view would only repeat it
+                self._monitor_outputs(self.monitor.evaluate(self.dispatcher.snapshot()))
         if now >= self._next_metrics:
             self._next_metrics = now + 1.0
             snap = self.dispatcher.snapshot()
@@ -319,7 +324,8 @@ class Broker:
             self.metrics = metrics
             self.last_status = self.status()
             self._publish("metrics", metrics)
-            self._monitor_outputs(alerts)
+            if self.state == "active":
+                self._monitor_outputs(alerts)
         for wid in self.liveness.expired():
             if self.dispatcher.has_worker(wid):
                 self._execute(self.dispatcher.handle(
@@ -397,7 +403,7 @@ class Broker:
             pending = more
 
     def _notice(self, n: Notice) -> None:
-        outputs = self.monitor.notice(n)
+        outputs = self.monitor.notice(n) if self.state == "active" else []
         if not outputs:
             self.log.debug("%s %s %s", n.name, n.subject, n.detail)
         self._monitor_outputs(outputs)

@@ -68,11 +68,15 @@ class PhiAccrual:
     phi 1 means a 10 % chance the peer is fine, phi 8 one in 10^8.
     """
 
-    def __init__(self, first_interval: float, window: int = 100, min_std_ratio: float = 0.1) -> None:
+    def __init__(self, first_interval: float, window: int = 100, min_std_ratio: float = 0.1,
+                 acceptable_pause: float | None = None) -> None:
         self._gaps: deque[float] = deque(maxlen=window)
         self._last: float | None = None
         self._first = first_interval
         self._min_std_ratio = min_std_ratio
+        # as Akka's acceptable-heartbeat-pause: a busy loop delays a beat a little without
+        # that being news (measured: a loaded 2-core machine delays beats by ~100 ms)
+        self._pause = 0.4 * first_interval if acceptable_pause is None else acceptable_pause
 
     def heartbeat(self, now: float) -> None:
         if self._last is not None:
@@ -86,6 +90,7 @@ class PhiAccrual:
         mean = statistics.fmean(gaps) if gaps else self._first
         std = statistics.pstdev(gaps) if len(gaps) > 1 else 0.0
         std = max(std, mean * self._min_std_ratio, 1e-3)
+        mean += self._pause
         y = (now - self._last - mean) / std
         # logistic approximation of the normal CDF (as Akka and Cassandra do): stable in the tail
         e = math.exp(-y * (1.5976 + 0.070566 * y * y)) if y > -30 else math.inf
@@ -104,6 +109,7 @@ class Thresholds:
     degraded_factor: float = 3.0  # EWMA against the median of the service's other workers
     degraded_min: float = 0.05  # seconds above that median, so that fast services stay quiet
     degraded_samples: int = 10  # calls served before a worker is judged
+    sustain: float = 0.5  # seconds an outlier must stay one (or stay healthy) before it changes
     window: int = 5  # seconds of metrics for latency and error rate
     eject: bool = False
     eject_time: float = 10.0
@@ -126,6 +132,7 @@ class Monitor:
         self._prev: dict[str, dict[str, Any]] = {}  # service -> last cumulative counters
         self._windows: dict[str, deque[tuple[int, int, list[int]]]] = {}
         self._last_metrics: float | None = None
+        self._since: dict[tuple[str, str], float] = {}  # (name, subject) -> condition began
 
     # --- dedup ---------------------------------------------------------------------------
 
@@ -145,6 +152,15 @@ class Monitor:
         if self._raised.pop((name, subject), None) is None:
             return []
         return [Alert(name, CATALOGUE[name][0], RESOLVED, subject, detail)]
+
+    def _sustained(self, name: str, subject: str, holds: bool, now: float) -> bool:
+        """True once `holds` has been true for `sustain` seconds: no flapping on one spike."""
+        key = (name, subject)
+        if not holds:
+            self._since.pop(key, None)
+            return False
+        start = self._since.setdefault(key, now)
+        return now - start >= self.t.sustain
 
     def _event(self, name: str, subject: str, **detail: Any) -> list[Output]:
         return [Alert(name, CATALOGUE[name][0], EVENT, subject, detail)]
@@ -241,7 +257,10 @@ class Monitor:
                     continue
                 base = statistics.median(others)
                 ewma = w["ewma_ms"] / 1000
-                if ewma > max(t.degraded_factor * base, base + t.degraded_min):
+                limit = max(t.degraded_factor * base, base + t.degraded_min)
+                if ewma > 0.7 * limit and ("worker_degraded", w["name"]) in self._raised:
+                    degraded.add(w["name"])  # hysteresis: stays degraded until well below
+                if self._sustained("worker_degraded", w["name"], ewma > limit, now):
                     degraded.add(w["name"])
                     out += self._raise("worker_degraded", w["name"], service=s["name"],
                                        ewma_ms=w["ewma_ms"], peers_median_ms=round(base * 1000, 3))
@@ -251,8 +270,9 @@ class Monitor:
                             out += self._eject(w, now)
         for name in [n for (a, n) in list(self._raised) if a == "worker_degraded"]:
             w = by_name.get(name)
-            if w is not None and name not in degraded and not w.get("ejected"):
-                out += self._resolve("worker_degraded", name, ewma_ms=w["ewma_ms"])
+            healthy = w is not None and name not in degraded and not w.get("ejected")
+            if self._sustained("worker_healthy", name, healthy, now):
+                out += self._resolve("worker_degraded", name, ewma_ms=w["ewma_ms"])  # type: ignore[index]
         for wid, until in list(self._ejected.items()):
             if now >= until:
                 name = next((w["name"] for w in snap["workers"] if w["id"] == wid.hex()), None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +20,55 @@ import zmq
 from ._sockets import make_socket
 
 LOCAL_MONITORS = ("tcp://127.0.0.1:5575", "tcp://127.0.0.1:5576")
+
+
+class EventFeed:
+    """Subscribes to monitor endpoints in a background thread and keeps every event with its
+    arrival time (for `zrpc demo` and tests)."""
+
+    def __init__(self, *endpoints: str) -> None:
+        self.events: list[tuple[float, str, dict[str, Any]]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ctx = zmq.Context()
+        self._sub = make_socket(self._ctx, zmq.SUB)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        for ep in endpoints:
+            self._sub.connect(ep)
+        self._thread = threading.Thread(target=self._run, name="zrpc-feed", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._sub.poll(50):
+                continue
+            frames = self._sub.recv_multipart()
+            if len(frames) != 2:
+                continue
+            try:
+                ev = msgpack.unpackb(frames[1], raw=False)
+            except Exception:
+                continue
+            with self._lock:
+                self.events.append((time.monotonic(), frames[0].decode(errors="replace"), ev))
+
+    def alerts(self, name: str | None = None, state: str | None = None) -> list[tuple[float, dict[str, Any]]]:
+        with self._lock:
+            return [(t, e) for t, topic, e in self.events if topic.startswith("alert.")
+                    and (name is None or topic == "alert." + name) and (state is None or e.get("state") == state)]
+
+    def latest_metrics(self) -> dict[str, Any] | None:
+        with self._lock:
+            for _, topic, e in reversed(self.events):
+                if topic == "metrics" and e.get("broker_state") == "active":
+                    return e
+        return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._sub.close(linger=0)
+        self._ctx.term()
 STYLE = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
 
 

@@ -261,7 +261,7 @@ class Worker:
         elif t is Heartbeat:
             info = msg.info  # type: ignore[union-attr]
             self._follow(info)
-            if info.get("register"):
+            if info.get("register") and not self._stop.is_set():  # a leaving worker stays gone
                 log.info("broker %s asks this worker to register", link.endpoint)
                 self._send(link, self._ready_frames)
         elif t is Disconnect:

@@ -169,3 +169,39 @@ def test_worker_serves_several_services(cluster, client_factory, tmp_path):
     assert c.call("alpha", "hi") == "alpha" and c.call("beta", "hi") == "beta"
     counts = collections.Counter(s["name"] for s in broker_status(ep)["services"])
     assert counts == {"alpha": 1, "beta": 1}
+
+
+
+def test_a_draining_worker_ignores_requests_to_register(procs):
+    """A broker that forgot a leaving worker asks it to register; it must not come back."""
+    import msgpack
+    import zmq
+
+    from zrpc._frames import WORKER, Command, Disconnect, Heartbeat, decode_frames, encode
+    from zrpc.testing import free_port
+
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    fake = ctx.socket(zmq.ROUTER)
+    fake.linger = 0
+    fake.rcvtimeo = 5000
+    fake.bind(ep)
+    try:
+        w = procs.zrpc("worker", "examples.calc:calc", "--brokers", ep, name="worker")
+        wid, head, _ = fake.recv_multipart()
+        assert msgpack.unpackb(head)[1] == Command.READY
+        procs.signal(w, 15)
+        while type(decode_frames(fake.recv_multipart()[1:])) is not Disconnect:
+            pass  # heartbeats until its DISCONNECT (which this broker never acknowledges)
+        fake.send_multipart([wid, *encode(Heartbeat(WORKER, {"register": True}))])
+        fake.rcvtimeo = 1500  # it leaves within a second once nothing is in flight
+        seen = []
+        while w.poll() is None:
+            try:
+                seen.append(msgpack.unpackb(fake.recv_multipart()[1])[1])
+            except zmq.Again:
+                break
+        assert Command.READY not in seen
+        assert w.wait(10) == 0
+    finally:
+        ctx.destroy(linger=0)
