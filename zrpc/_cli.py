@@ -335,7 +335,7 @@ def fetch_status(endpoints: Sequence[str], timeout: float) -> dict[str, Any]:
         if best is None or info.get("state") == "active":
             best = st
     return {"brokers": brokers, "services": (best or {}).get("services", []),
-            "workers": (best or {}).get("workers", [])}
+            "workers": (best or {}).get("workers", []), "alerts": (best or {}).get("alerts", [])}
 
 
 @main.command()
@@ -343,47 +343,79 @@ def fetch_status(endpoints: Sequence[str], timeout: float) -> dict[str, Any]:
 @click.option("--timeout", type=click.FloatRange(0.01, 600), default=2.0, show_default=True,
               help="Seconds to wait for each broker.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts.")
-def status(brokers: str | None, timeout: float, as_json: bool) -> None:
-    """Show brokers, services and workers: outstanding calls, queues, latency."""
+@click.option("--watch", "watch_s", type=click.FloatRange(0.2, 3600), is_flag=False, flag_value=1.0,
+              default=None, metavar="[SECONDS]", help="Refresh every SECONDS (default 1) until Ctrl-C.")
+def status(brokers: str | None, timeout: float, as_json: bool, watch_s: float | None) -> None:
+    """Show brokers (role, state, peer), services, workers (outstanding calls, latency,
+    phi suspicion), queues and the alerts in force."""
     eps = _brokers(brokers)
+    if watch_s is not None and not as_json:
+        _watch_status(eps, timeout, watch_s)
+        return
     st = fetch_status(eps, timeout)
     if as_json:
         click.echo(json.dumps(st, indent=2))
     else:
-        print_status(st)
+        from rich.console import Console
+
+        Console().print(status_view(st))
     if all(b["state"] == "unreachable" for b in st["brokers"]):
         click.echo(f"error: no broker answered at {', '.join(eps)} within {timeout:g}s "
-                   "(is one running? see `zrpc broker --help`)", err=True)
+                   "(is one running? see `zrpc pair --help`)", err=True)
         sys.exit(1)
 
 
-def print_status(st: dict[str, Any]) -> None:
-    from rich.console import Console
+def _watch_status(eps: list[str], timeout: float, every: float) -> None:
+    import time
+
+    from rich.live import Live
+
+    try:
+        with Live(status_view(fetch_status(eps, timeout)), auto_refresh=False) as live:
+            while True:
+                time.sleep(every)  # noqa: sleep (the refresh period)
+                live.update(status_view(fetch_status(eps, timeout)), refresh=True)
+    except KeyboardInterrupt:
+        pass
+
+
+def status_view(st: dict[str, Any]) -> Any:
+    from rich.console import Group
     from rich.table import Table
 
-    console = Console()
     t = Table(title="brokers", title_justify="left")
-    for col in ("endpoint", "role", "state", "peer", "pid", "uptime"):
+    for col in ("endpoint", "role", "state", "peer", "epoch", "pid", "uptime"):
         t.add_column(col)
     for b in st["brokers"]:
-        t.add_row(b["endpoint"], str(b.get("role") or "-"), str(b["state"]),
-                  str(b.get("peer_state") or "-"), str(b.get("pid", "-")),
-                  f"{b['uptime_s']:.0f}s" if "uptime_s" in b else "-")
-    console.print(t)
+        style = {"active": "green", "unreachable": "red"}.get(str(b["state"]), "")
+        t.add_row(b["endpoint"], str(b.get("role") or "-"), f"[{style}]{b['state']}[/]" if style else str(b["state"]),
+                  str(b.get("peer_state") or "-"), str(b.get("epoch") if b.get("epoch") is not None else "-"),
+                  str(b.get("pid", "-")), f"{b['uptime_s']:.0f}s" if "uptime_s" in b else "-")
+    parts: list[Any] = [t]
     t = Table(title="services", title_justify="left")
-    for col in ("service", "workers", "outstanding", "queued"):
+    for col in ("service", "workers", "outstanding", "queued", "calls", "errors"):
         t.add_column(col, justify="left" if col == "service" else "right")
     for s in st["services"]:
-        t.add_row(s["name"], str(s["workers"]), str(s["outstanding"]), str(s["queued"]))
-    console.print(t)
+        t.add_row(s["name"], str(s["workers"]), str(s["outstanding"]), str(s["queued"]),
+                  str(s.get("calls", "-")), str(s.get("errors", "-")))
+    parts.append(t)
     t = Table(title="workers", title_justify="left")
-    for col in ("worker", "services", "capacity", "outstanding", "ewma ms", "served", "errors"):
+    for col in ("worker", "services", "capacity", "outstanding", "ewma ms", "phi", "served", "errors"):
         t.add_column(col, justify="left" if col in ("worker", "services") else "right")
     for w in st["workers"]:
-        name = w["name"] + (" (leaving)" if w.get("leaving") else "")
-        t.add_row(name, ",".join(w["services"]), str(w["capacity"]), str(w["outstanding"]),
-                  f"{w['ewma_ms']:.2f}", str(w["served"]), str(w["errors"]))
-    console.print(t)
+        flags = "".join(f" ({f})" for f in ("leaving", "ejected") if w.get(f))
+        t.add_row(w["name"] + flags, ",".join(w["services"]), str(w["capacity"]), str(w["outstanding"]),
+                  f"{w['ewma_ms']:.2f}", f"{w.get('phi', 0):.1f}", str(w["served"]), str(w["errors"]))
+    parts.append(t)
+    if st.get("alerts"):
+        t = Table(title="alerts in force", title_justify="left")
+        for col in ("severity", "alert", "subject", "detail"):
+            t.add_column(col)
+        for a in st["alerts"]:
+            t.add_row(a["severity"], a["name"], a["subject"],
+                      " ".join(f"{k}={v}" for k, v in a.get("detail", {}).items()))
+        parts.append(t)
+    return Group(*parts)
 
 
 # --- monitor -----------------------------------------------------------------------------
