@@ -22,7 +22,7 @@ import click
 from ._client import Client
 from ._errors import CallStateUnknown, ZrpcError
 from ._pair import DEFAULT_PORTS, PairPorts, broker_args
-from ._procs import Processes, free_port, wait_until
+from ._procs import Processes, free_port, port_free, wait_until
 from ._watch import EventFeed
 
 WORKERS = 3
@@ -31,17 +31,10 @@ THREADS = 4
 
 def _ports() -> tuple[PairPorts, bool]:
     """The local pair's ports if free, else free ones (a pair may already be running)."""
-    import socket
-
     default = PairPorts()
-    wanted = [*default.frontend, *default.state, *default.monitor]
-    for port in wanted:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return PairPorts(*(tuple(free_port() for _ in range(2)) for _ in DEFAULT_PORTS)), False
-    return default, True
+    if all(port_free("127.0.0.1", p) for p in (*default.frontend, *default.state, *default.monitor)):
+        return default, True
+    return PairPorts(*(tuple(free_port() for _ in range(2)) for _ in DEFAULT_PORTS)), False
 
 
 def _status(ep: str, timeout: float = 0.5) -> dict[str, Any] | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from typing import Sequence
 
 import click
 
-from ._procs import Processes
+from ._procs import Processes, port_free
 
 DEFAULT_PORTS = {"frontend": (5555, 5556), "state": (5565, 5566), "monitor": (5575, 5576)}
 
@@ -35,12 +34,9 @@ def broker_args(role: str, host: str, ports: PairPorts) -> list[str]:
 
 def check_free(host: str, ports: Sequence[int]) -> None:
     for port in ports:
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                raise OSError(f"port {port} on {host} is in use (another pair running? "
-                              "see `zrpc status`, or choose other ports)") from None
+        if not port_free(host, port):
+            raise OSError(f"port {port} on {host} is in use (another pair running? "
+                          "see `zrpc status`, or choose other ports)")
 
 
 def run_pair(host: str, ports: PairPorts, extra: Sequence[str], restart: bool) -> int:

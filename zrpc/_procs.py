@@ -22,6 +22,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_free(host: str, port: int) -> bool:
+    """Whether a broker could bind it (SO_REUSEADDR as libzmq sets it: TIME_WAIT is free)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def wait_until(pred: Callable[[], object], timeout: float, interval: float = 0.02,
                what: str = "condition") -> object:
     """Polls `pred` until it returns something truthy; TimeoutError after `timeout` seconds."""
