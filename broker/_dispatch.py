@@ -205,6 +205,7 @@ class Dispatcher:
         *,
         strategy: str = "least-outstanding",
         queue_limit: int = 1000,
+        queue_bytes: int = 32 * 1024 * 1024,
         service_grace: float = 1.0,
         default_timeout: float = 10.0,
         max_attempts: int = 3,
@@ -212,11 +213,14 @@ class Dispatcher:
         retry_tokens: float = 50.0,
         ewma_alpha: float = 0.2,
         recent_limit: int = 100_000,
+        max_inflight_per_client: int = 10_000,
     ) -> None:
         make_strategy(strategy)  # validate early
         self._clock = clock
         self._strategy_name = strategy
         self._queue_limit = queue_limit
+        self._queue_bytes_limit = queue_bytes
+        self._queued_bytes = 0  # bodies waiting in all queues: memory is bounded, not just count
         self._grace = service_grace
         self._default_budget = int(default_timeout * 1000)
         self._max_attempts = max_attempts
@@ -228,6 +232,8 @@ class Dispatcher:
         self._services: dict[str, ServiceState] = {}
         self._workers: dict[bytes, WorkerState] = {}
         self._calls: dict[tuple[bytes, int], Call] = {}
+        self._per_client: dict[bytes, int] = {}  # calls held per client
+        self._client_limit = max_inflight_per_client
         self._timers: list[tuple[float, int, Call]] = []
         self._seq = itertools.count()
         self._recent: OrderedDict[tuple[bytes, int], None] = OrderedDict()
@@ -262,7 +268,7 @@ class Dispatcher:
             _, _, call = heapq.heappop(timers)
             if call.state == PROBING:
                 call.state = DONE
-                self._calls.pop(call.key, None)
+                self._drop(call.key)
                 self.counters["timeouts"] += 1
                 out.append(self._answer(call, Status.TIMEOUT, "deadline passed while asking the "
                                         "workers whether this re-sent call already ran"))
@@ -271,8 +277,9 @@ class Dispatcher:
                 continue
             svc = self._services[call.service]
             svc.queued -= 1
+            self._queued_bytes -= len(call.body)
             call.state = DONE
-            self._calls.pop(call.key, None)
+            self._drop(call.key)
             if svc.workers or now >= call.deadline:
                 self.counters["timeouts"] += 1
                 out.append(self._answer(call, Status.TIMEOUT, "deadline passed while queued"))
@@ -344,7 +351,8 @@ class Dispatcher:
             for w in sorted(self._workers.values(), key=lambda w: w.name)
         ]
         return {"services": services, "workers": workers, "counters": dict(self.counters),
-                "lb": self._strategy_name, "inflight": len(self._calls)}
+                "lb": self._strategy_name, "inflight": len(self._calls),
+                "queued_bytes": self._queued_bytes}
 
     def services_map(self) -> dict[str, dict[str, bool]]:
         return {s.name: dict(s.methods) for s in self._services.values() if s.workers}
@@ -363,6 +371,10 @@ class Dispatcher:
         if key in self._calls:  # a client re-sent a call we still hold: one copy is enough
             self.counters["duplicates"] += 1
             return []
+        if self._per_client.get(client_id, 0) >= self._client_limit:
+            self.counters["overloaded"] += 1
+            return [ReplyToClient(client_id, req.request_id, Status.OVERLOADED, pack_error(
+                "Overloaded", f"this client already has {self._client_limit} calls in flight"))]
         self.counters["requests"] += 1
         self._retry_tokens = min(self._retry_max, self._retry_tokens + self._retry_ratio)
         budget = req.headers.get(H_BUDGET)
@@ -407,7 +419,7 @@ class Dispatcher:
         self.counters["probes"] += 1
         call.state = PROBING
         call.probes = {w.id for w in svc.workers}
-        self._calls[call.key] = call
+        self._hold(call)
         heapq.heappush(self._timers, (call.deadline, next(self._seq), call))
         now = self._clock()
         headers = dict(call.headers)
@@ -421,7 +433,7 @@ class Dispatcher:
         now = self._clock()
         if reply.status != Status.NOT_SEEN:  # it ran (or runs) there: that is the answer
             call.state = DONE
-            self._calls.pop(call.key, None)
+            self._drop(call.key)
             call.answered = True
             self._remember(call.key)
             self.counters["replies"] += 1
@@ -434,7 +446,7 @@ class Dispatcher:
     def _dispatch_probed(self, call: Call, now: float) -> list[Action]:
         """No worker has seen it: it never ran, so running it once is safe."""
         call.state = QUEUED
-        self._calls.pop(call.key, None)
+        self._drop(call.key)
         svc = self._services.get(call.service)
         if svc is not None and svc.workers:
             worker = self._pick(svc)
@@ -455,10 +467,15 @@ class Dispatcher:
             self.counters["overloaded"] += 1
             return [self._answer(call, Status.OVERLOADED,
                                  f"queue of {svc.name!r} is full ({self._queue_limit} calls)")]
+        if self._queued_bytes + len(call.body) > self._queue_bytes_limit and not front:
+            self.counters["overloaded"] += 1
+            return [self._answer(call, Status.OVERLOADED,
+                                 f"queued calls hold {self._queued_bytes} bytes, the limit")]
+        self._queued_bytes += len(call.body)
         call.state = QUEUED
         call.expires = expires
         call.worker = None
-        self._calls[call.key] = call
+        self._hold(call)
         if front:
             svc.queue.appendleft(call)
         else:
@@ -484,7 +501,7 @@ class Dispatcher:
         call.worker = worker
         call.sent_at = now
         key = call.key
-        self._calls[key] = call
+        self._hold(call)
         worker.calls[key] = call
         worker.outstanding += 1
         headers = dict(call.headers)
@@ -499,6 +516,20 @@ class Dispatcher:
         self._remember(call.key)
         return ReplyToClient(call.client_id, call.request_id, status,
                              pack_error(Status(status).name.title().replace("_", ""), message))
+
+    def _hold(self, call: Call) -> None:
+        key = call.key
+        if key not in self._calls:
+            self._per_client[call.client_id] = self._per_client.get(call.client_id, 0) + 1
+        self._calls[key] = call
+
+    def _drop(self, key: tuple[bytes, int]) -> None:
+        if self._calls.pop(key, None) is not None:
+            n = self._per_client[key[0]] - 1
+            if n:
+                self._per_client[key[0]] = n
+            else:
+                del self._per_client[key[0]]
 
     def _remember(self, key: tuple[bytes, int]) -> None:
         recent = self._recent
@@ -532,7 +563,7 @@ class Dispatcher:
                 if svc is not None:
                     svc.errors += 1
             if self._calls.get(key) is call:
-                del self._calls[key]
+                self._drop(key)
             call.state = DONE
             if not call.answered:
                 call.answered = True
@@ -574,10 +605,11 @@ class Dispatcher:
                 break
             call = best.queue.popleft()
             best.queued -= 1
+            self._queued_bytes -= len(call.body)
             if call.method not in best.methods:
                 self.counters["method_not_found"] += 1
                 call.state = DONE
-                self._calls.pop(call.key, None)
+                self._drop(call.key)
                 out.append(self._answer(call, Status.METHOD_NOT_FOUND,
                                         f"service {best.name!r} has no method {call.method!r}"))
                 continue
@@ -642,7 +674,7 @@ class Dispatcher:
         for held in [c for c in self._calls.values() if c.state == PROBING and worker_id in c.probes]:
             # the lost worker might be the one that ran it: its fate cannot be known
             held.state = DONE
-            self._calls.pop(held.key, None)
+            self._drop(held.key)
             self.counters["state_unknown"] += 1
             out.append(self._answer(held, Status.CALL_STATE_UNKNOWN,
                                     "a worker was lost before it said whether this call ran there"))
@@ -652,7 +684,7 @@ class Dispatcher:
         for call in calls:
             call.worker = None
             if call.answered:
-                self._calls.pop(call.key, None)
+                self._drop(call.key)
                 continue
             out.extend(self._retry(call, now))
         return out
@@ -662,7 +694,7 @@ class Dispatcher:
         key = call.key
         if not call.idempotent:
             self.counters["state_unknown"] += 1
-            self._calls.pop(key, None)
+            self._drop(key)
             call.state = DONE
             return [self._answer(call, Status.CALL_STATE_UNKNOWN,
                                  f"worker running {call.service}.{call.method} was lost; "
@@ -670,7 +702,7 @@ class Dispatcher:
         if call.attempt + 1 >= self._max_attempts or now >= call.deadline or self._retry_tokens < 1:
             why = ("deadline passed" if now >= call.deadline else
                    "retry budget exhausted" if self._retry_tokens < 1 else "too many attempts")
-            self._calls.pop(key, None)
+            self._drop(key)
             call.state = DONE
             self.counters["unavailable"] += 1
             return [self._answer(call, Status.SERVICE_UNAVAILABLE,

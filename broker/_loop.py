@@ -32,6 +32,7 @@ from zrpc._frames import (
 )
 from zrpc._serial import pack_error, pack_result
 from zrpc._service import RESERVED
+from zrpc._security import CurveKeys, ZapGuard, load_authorized, server_keys
 from zrpc._sockets import DEFAULT_MAX_MESSAGE, NOBLOCK, SocketOptions, make_socket, send_frames
 
 from ._bstar import Action as BStarAction
@@ -76,13 +77,37 @@ class BrokerConfig:
     monitor: str | None = None
     lb: str = "least-outstanding"
     queue_limit: int = 1000
+    queue_bytes: int = 32 * 1024 * 1024
     service_grace: float = 1.0
     heartbeat_interval: float = 0.25
     liveness: int = 3
     max_message: int = DEFAULT_MAX_MESSAGE
     send_tracebacks: bool = True
     metrics_port: int | None = None
+    curve_secret: str | None = None  # this broker's key pair (NAME.key_secret)
+    curve_authorized: str | None = None  # directory of the public keys admitted
+    max_inflight_per_client: int = 10_000
     thresholds: Thresholds = field(default_factory=Thresholds)
+
+
+def _libc_trim() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _libc_trim()
+
+
+def _release_memory() -> None:
+    """Hands freed memory back to the OS once a second: after a burst (a flood of large
+    messages) glibc would otherwise keep the broker's peak size for good. Costs well under a
+    millisecond; a no-op where glibc is not the allocator."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 class _Prefix(logging.LoggerAdapter):
@@ -108,7 +133,9 @@ class Broker:
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self.dispatcher = Dispatcher(clock, strategy=config.lb, queue_limit=config.queue_limit,
-                                     service_grace=config.service_grace)
+                                     queue_bytes=config.queue_bytes,
+                                     service_grace=config.service_grace,
+                                     max_inflight_per_client=config.max_inflight_per_client)
         self.liveness: LivenessTracker[bytes] = LivenessTracker(
             clock, config.heartbeat_interval, config.liveness)
         self.monitor = Monitor(clock, config.heartbeat_interval, config.thresholds)
@@ -118,6 +145,9 @@ class Broker:
         self._next_metrics = clock() + 1.0
         self.log = _Prefix(log, {"broker": self})
         self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._keys: CurveKeys | None = None
+        self._guard: ZapGuard | None = None
         self._front: zmq.Socket | None = None
         self._pub: zmq.Socket | None = None
         self._sub: zmq.Socket | None = None
@@ -133,8 +163,26 @@ class Broker:
         """Safe from a signal handler or another thread: the loop exits within 100 ms."""
         self._stop.set()
 
+    def _security(self) -> tuple[CurveKeys | None, ZapGuard | None]:
+        """CURVE on every socket when keys are given (DESIGN.md §6); ZAP admits only the public
+        keys in --curve-authorized (and this broker's own, which its peer uses)."""
+        cfg = self.config
+        if (cfg.curve_secret is None) != (cfg.curve_authorized is None):
+            raise ValueError("--curve-secret and --curve-authorized go together")
+        if cfg.curve_secret is None:
+            return None, None
+        keys = server_keys(cfg.curve_secret)
+        guard = ZapGuard(self._ctx, load_authorized(cfg.curve_authorized) | {keys.public})  # type: ignore[arg-type]
+        guard.start()
+        return keys, guard
+
+    def reload_keys(self) -> None:
+        """SIGHUP: read the authorized keys directory again."""
+        self._reload.set()
+
     def bind(self) -> None:
-        opts = SocketOptions(max_message=self.config.max_message)
+        self._keys, self._guard = self._security()
+        opts = SocketOptions(max_message=self.config.max_message, curve=self._keys)
         self._front = make_socket(self._ctx, zmq.ROUTER, options=opts)
         try:
             self._front.bind(self.config.frontend)
@@ -153,7 +201,8 @@ class Broker:
             # a restarted peer must be heard within a couple of intervals
             ivl = max(10, int(self.config.heartbeat_interval * 1000))
             self._sub = make_socket(self._ctx, zmq.SUB, options=SocketOptions(
-                max_message=self.config.max_message, reconnect_ivl_ms=ivl, reconnect_ivl_max_ms=2 * ivl))
+                max_message=self.config.max_message, reconnect_ivl_ms=ivl, reconnect_ivl_max_ms=2 * ivl,
+                curve=self._keys.as_client_of(self._keys.public) if self._keys else None))
             self._sub.setsockopt(zmq.SUBSCRIBE, b"")
             self._sub.connect(self.config.peer_state)  # type: ignore[arg-type]
         if self.config.monitor is not None:
@@ -211,6 +260,8 @@ class Broker:
             for sock in (self._pub, self._sub, self._mon):
                 if sock is not None:
                     sock.close(linger=0)
+            if self._guard is not None:
+                self._guard.stop()
             if self._own_ctx:
                 self._ctx.term()
             self.log.info("stopped")
@@ -308,7 +359,23 @@ class Broker:
             elif isinstance(a, PeerAlert):
                 self._monitor_outputs(self.monitor.peer(a))
 
+    def _security_events(self) -> None:
+        guard = self._guard
+        if guard is None:
+            return
+        if self._reload.is_set():
+            self._reload.clear()
+            try:
+                guard.allowed = load_authorized(self.config.curve_authorized) | {self._keys.public}  # type: ignore[arg-type,union-attr]
+                self.log.info("reloaded %d authorized keys", len(guard.allowed) - 1)
+            except ValueError as exc:
+                self.log.error("keeping the old authorized keys: %s", exc)
+        while guard.refused:
+            address, reason = guard.refused.popleft()
+            self._notice(Notice("unauthorized", address, {"reason": reason}))
+
     def _keep_alive(self) -> None:
+        self._security_events()
         if self.bstar is not None:
             self._bstar_actions(self.bstar.tick())
         now = self._clock()
@@ -326,6 +393,7 @@ class Broker:
             self._publish("metrics", metrics)
             if self.state == "active":
                 self._monitor_outputs(alerts)
+            _release_memory()
         for wid in self.liveness.expired():
             if self.dispatcher.has_worker(wid):
                 self._execute(self.dispatcher.handle(
@@ -403,7 +471,7 @@ class Broker:
             pending = more
 
     def _notice(self, n: Notice) -> None:
-        outputs = self.monitor.notice(n) if self.state == "active" else []
+        outputs = self.monitor.notice(n) if self.state == "active" or n.name == "unauthorized" else []
         if not outputs:
             self.log.debug("%s %s %s", n.name, n.subject, n.detail)
         self._monitor_outputs(outputs)

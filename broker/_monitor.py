@@ -40,6 +40,7 @@ CATALOGUE = {
     "dual_passive": ("warning", "both brokers were passive"),
     "peer_lost": ("warning", "the peer broker is silent"),
     "peer_back": ("info", "the peer broker is back"),
+    "unauthorized": ("warning", "a peer's CURVE key was refused (at most one alert per address a minute)"),
 }
 
 
@@ -133,6 +134,7 @@ class Monitor:
         self._windows: dict[str, deque[tuple[int, int, list[int]]]] = {}
         self._last_metrics: float | None = None
         self._since: dict[tuple[str, str], float] = {}  # (name, subject) -> condition began
+        self._refused_at: dict[str, float] = {}  # address -> last unauthorized alert
 
     # --- dedup ---------------------------------------------------------------------------
 
@@ -193,6 +195,11 @@ class Monitor:
                 out += self._resolve(name, n.subject, reason="worker lost")
         elif n.name == "worker_leaving":
             out += self._event("worker_leaving", n.subject, **n.detail)
+        elif n.name == "unauthorized":
+            now = self._clock()
+            if now - self._refused_at.get(n.subject, -math.inf) >= 60.0:  # rate-limited
+                self._refused_at[n.subject] = now
+                out += self._event("unauthorized", n.subject, **n.detail)
         return out
 
     def peer(self, a: PeerAlert) -> list[Output]:

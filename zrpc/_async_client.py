@@ -14,6 +14,7 @@ from ._config import resolve_brokers
 from ._errors import ProtocolError, ZrpcError
 from ._frames import decode_frames
 from ._proxy import ServiceProxy
+from ._security import client_keys
 from ._session import Completed, Expired, Output, Session, Transmit
 from ._sockets import SocketOptions, make_socket
 
@@ -32,6 +33,8 @@ class AsyncClient:
         heartbeat_interval: float = 0.25,
         liveness: int = 3,
         failover_timeout: float | None = None,
+        curve_server_key: str | None = None,
+        curve_secret: str | None = None,
         context: zmq.asyncio.Context | None = None,
         clock: Clock = monotonic,
         max_message: int | None = None,
@@ -44,7 +47,8 @@ class AsyncClient:
                                 liveness=liveness, failover_timeout=failover_timeout)
         self._ctx = context or zmq.asyncio.Context()
         self._own_ctx = context is None
-        opts = SocketOptions(max_message=max_message) if max_message else SocketOptions()
+        opts = SocketOptions(curve=client_keys(curve_server_key, curve_secret),
+                             **({"max_message": max_message} if max_message else {}))
         self._socks = [make_socket(self._ctx, zmq.DEALER, identity=self.identity, options=opts)
                        for _ in self.brokers]
         for s, ep in zip(self._socks, self.brokers):

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import click
 
-from ._config import ENV, LOCAL_PAIR, check_endpoint, resolve_brokers
+from ._config import ENV, LOCAL_PAIR, check_endpoint, is_loopback, resolve_brokers
 from ._errors import RemoteError, Timeout, ZrpcError
 from ._service import Service
 
@@ -31,6 +31,13 @@ def _brokers_option(f: Any) -> Any:
         "--brokers", envvar=ENV, show_envvar=True, metavar="EP[,EP]",
         help=f"Broker endpoints, comma-separated (default: the local pair {','.join(LOCAL_PAIR)}).",
     )(f)
+
+
+def _curve_client_options(f: Any) -> Any:
+    f = click.option("--curve-secret", type=click.Path(dir_okay=False), envvar="ZRPC_CURVE_SECRET",
+                     show_envvar=True, help="This process's key pair (NAME.key_secret from `zrpc keygen`).")(f)
+    return click.option("--curve-server-key", type=click.Path(dir_okay=False), envvar="ZRPC_CURVE_SERVER_KEY",
+                        show_envvar=True, help="The brokers' public key (their NAME.key).")(f)
 
 
 def _log_option(f: Any) -> Any:
@@ -98,6 +105,8 @@ def main() -> None:
               help="How calls are spread over workers.")
 @click.option("--queue-limit", type=click.IntRange(1, 10_000_000), default=1000, show_default=True,
               help="Calls that may wait per service when every worker is busy; beyond it, Overloaded.")
+@click.option("--queue-bytes", type=click.IntRange(1024, 2**40), default=32 * 1024 * 1024, show_default=True,
+              help="Bytes of call bodies that may wait in all queues; beyond, Overloaded.")
 @click.option("--service-grace", type=click.FloatRange(0, 3600), default=1.0, show_default=True,
               help="Seconds a call to a service with no worker waits for one to register.")
 @click.option("--heartbeat-interval", type=click.FloatRange(0.01, 60), default=0.25, show_default=True,
@@ -118,12 +127,19 @@ def main() -> None:
               help="Alert worker_suspect when phi-accrual suspicion reaches it.")
 @click.option("--backlog", type=click.IntRange(1, 10_000_000), default=100, show_default=True,
               help="Alert queue_backlog when this many calls wait.")
+@click.option("--max-inflight-per-client", type=click.IntRange(1, 10_000_000), default=10_000,
+              show_default=True, help="Calls one client may have queued or running; beyond, Overloaded.")
+@click.option("--curve-secret", type=click.Path(dir_okay=False),
+              help="This broker's key pair (NAME.key_secret): encrypts every socket.")
+@click.option("--curve-authorized", type=click.Path(file_okay=False),
+              help="Directory of public keys (*.key) admitted; reloaded on SIGHUP.")
 @_log_option
 def broker(role: str, frontend: str | None, state: str | None, peer_state: str | None,
-           monitor: str | None, lb: str, queue_limit: int, service_grace: float,
+           monitor: str | None, lb: str, queue_limit: int, queue_bytes: int, service_grace: float,
            heartbeat_interval: float, liveness: int, max_message_size: int, metrics_port: int | None,
            eject_outliers: bool, latency_slo: float, error_rate: float, phi_threshold: float,
-           backlog: int, log_level: str) -> None:
+           backlog: int, max_inflight_per_client: int, curve_secret: str | None,
+           curve_authorized: str | None, log_level: str) -> None:
     """Run a broker: routes calls from clients to workers until SIGTERM or Ctrl-C."""
     from broker import Broker, BrokerConfig
     from broker._monitor import Thresholds
@@ -132,25 +148,23 @@ def broker(role: str, frontend: str | None, state: str | None, peer_state: str |
     fport = ROLE_PORTS[role][0]
     config = BrokerConfig(
         frontend=frontend or f"tcp://127.0.0.1:{fport}", role=role, state=state,
-        peer_state=peer_state, monitor=monitor, lb=lb, queue_limit=queue_limit,
+        peer_state=peer_state, monitor=monitor, lb=lb, queue_limit=queue_limit, queue_bytes=queue_bytes,
         service_grace=service_grace, heartbeat_interval=heartbeat_interval, liveness=liveness,
         max_message=max_message_size, metrics_port=metrics_port,
         thresholds=Thresholds(phi=phi_threshold, latency_slo=latency_slo, error_rate=error_rate,
                               backlog=backlog, eject=eject_outliers),
+        curve_secret=curve_secret, curve_authorized=curve_authorized,
+        max_inflight_per_client=max_inflight_per_client,
     )
-    if not _is_loopback(config.frontend):
+    if not is_loopback(config.frontend) and curve_secret is None:
         click.echo(f"warning: {config.frontend} is reachable from other hosts and no CURVE keys "
                    "are set: anyone who can connect can call and serve.", err=True)
     b = Broker(config)
     b.bind()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: b.stop())
+    signal.signal(signal.SIGHUP, lambda *_: b.reload_keys())
     b.run()
-
-
-def _is_loopback(ep: str) -> bool:
-    host = ep.split("://", 1)[1].rsplit(":", 1)[0] if ep.startswith("tcp://") else "local"
-    return host in ("127.0.0.1", "localhost", "[::1]", "local") or host.startswith("127.")
 
 
 def _ports(value: str, default: tuple[int, int]) -> tuple[int, int]:
@@ -175,9 +189,14 @@ def _ports(value: str, default: tuple[int, int]) -> tuple[int, int]:
 @click.option("--heartbeat-interval", type=click.FloatRange(0.01, 60), default=0.25, show_default=True)
 @click.option("--restart/--no-restart", default=True, show_default=True,
               help="Restart a broker that dies (it comes back passive).")
+@click.option("--curve-secret", type=click.Path(dir_okay=False),
+              help="The brokers' key pair (both share it): encrypts every socket.")
+@click.option("--curve-authorized", type=click.Path(file_okay=False),
+              help="Directory of public keys admitted.")
 @_log_option
 def pair(host: str, frontend_ports: str, state_ports: str, monitor_ports: str, lb: str,
-         heartbeat_interval: float, restart: bool, log_level: str) -> None:
+         heartbeat_interval: float, restart: bool, curve_secret: str | None,
+         curve_authorized: str | None, log_level: str) -> None:
     """Run a primary and a backup broker on this machine (the local pair every command uses
     by default). Either can die: the other takes over when a client needs it."""
     from ._pair import DEFAULT_PORTS, PairPorts, run_pair
@@ -186,6 +205,11 @@ def pair(host: str, frontend_ports: str, state_ports: str, monitor_ports: str, l
                       _ports(state_ports, DEFAULT_PORTS["state"]),
                       _ports(monitor_ports, DEFAULT_PORTS["monitor"]))
     extra = ["--lb", lb, "--heartbeat-interval", str(heartbeat_interval), "--log-level", log_level]
+    if (curve_secret is None) != (curve_authorized is None):
+        raise click.UsageError("--curve-secret and --curve-authorized go together")
+    if curve_secret is not None:
+        extra += ["--curve-secret", os.path.abspath(curve_secret),
+                  "--curve-authorized", os.path.abspath(curve_authorized)]  # type: ignore[arg-type]
     sys.exit(run_pair(host, ports, extra, restart))
 
 
@@ -229,9 +253,13 @@ def load_services(specs: Sequence[str]) -> list[Service]:
               help="Seconds between heartbeats to each broker (a broker's own setting wins).")
 @click.option("--liveness", type=click.IntRange(1, 100), default=3, show_default=True,
               help="Silent intervals after which a broker is presumed dead and reconnected.")
+@click.option("--send-tracebacks/--no-send-tracebacks", default=None,
+              help="Send handlers' tracebacks to clients (default: only when every broker is on loopback).")
+@_curve_client_options
 @_log_option
 def worker(services: tuple[str, ...], brokers: str | None, concurrency: int, weight: float,
-           heartbeat_interval: float, liveness: int, log_level: str) -> None:
+           heartbeat_interval: float, liveness: int, send_tracebacks: bool | None,
+           curve_server_key: str | None, curve_secret: str | None, log_level: str) -> None:
     """Serve the services defined in MODULE (e.g. `zrpc worker examples.calc:calc`).
 
     SIGTERM or Ctrl-C finishes the calls in flight, then leaves; a second one stops at once.
@@ -240,7 +268,9 @@ def worker(services: tuple[str, ...], brokers: str | None, concurrency: int, wei
 
     _setup_logging(log_level)
     w = Worker(load_services(services), _brokers(brokers), concurrency=concurrency,
-               weight=weight, heartbeat_interval=heartbeat_interval, liveness=liveness)
+               weight=weight, heartbeat_interval=heartbeat_interval, liveness=liveness,
+               send_tracebacks=send_tracebacks, curve_server_key=curve_server_key,
+               curve_secret=curve_secret)
     w.run()
 
 
@@ -274,8 +304,9 @@ def _jsonable(value: Any) -> Any:
 @click.option("--timeout", type=click.FloatRange(0.001, 86400), default=5.0, show_default=True,
               help="Seconds to wait for the reply.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"result": ...} or {"error": {...}}.')
+@_curve_client_options
 def call(target: str, args: tuple[str, ...], kwargs: tuple[str, ...], brokers: str | None,
-         timeout: float, as_json: bool) -> None:
+         timeout: float, as_json: bool, curve_server_key: str | None, curve_secret: str | None) -> None:
     """Call SERVICE.METHOD with ARGS (JSON literals, else strings) and print the result as JSON.
 
     Example: zrpc call calc.add 1 2
@@ -293,7 +324,7 @@ def call(target: str, args: tuple[str, ...], kwargs: tuple[str, ...], brokers: s
             raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--kw")
         kw[key] = _parse_value(val)
     eps = _brokers(brokers)
-    with Client(eps, timeout=timeout) as client:
+    with Client(eps, timeout=timeout, curve_server_key=curve_server_key, curve_secret=curve_secret) as client:
         try:
             result = client.call(service, method, *[_parse_value(a) for a in args], **kw)
         except ZrpcError as exc:
@@ -314,14 +345,14 @@ def call(target: str, args: tuple[str, ...], kwargs: tuple[str, ...], brokers: s
 # --- status ------------------------------------------------------------------------------
 
 
-def fetch_status(endpoints: Sequence[str], timeout: float) -> dict[str, Any]:
+def fetch_status(endpoints: Sequence[str], timeout: float, **keys: Any) -> dict[str, Any]:
     """Asks each broker for zrpc.status; merges into the `zrpc status --json` shape."""
     from ._client import Client
 
     brokers: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     for ep in endpoints:
-        with Client([ep], timeout=timeout) as c:
+        with Client([ep], timeout=timeout, **keys) as c:
             try:
                 st = c.call("zrpc", "status")
             except ZrpcError as exc:
@@ -345,14 +376,17 @@ def fetch_status(endpoints: Sequence[str], timeout: float) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts.")
 @click.option("--watch", "watch_s", type=click.FloatRange(0.2, 3600), is_flag=False, flag_value=1.0,
               default=None, metavar="[SECONDS]", help="Refresh every SECONDS (default 1) until Ctrl-C.")
-def status(brokers: str | None, timeout: float, as_json: bool, watch_s: float | None) -> None:
+@_curve_client_options
+def status(brokers: str | None, timeout: float, as_json: bool, watch_s: float | None,
+           curve_server_key: str | None, curve_secret: str | None) -> None:
     """Show brokers (role, state, peer), services, workers (outstanding calls, latency,
     phi suspicion), queues and the alerts in force."""
     eps = _brokers(brokers)
+    keys = {"curve_server_key": curve_server_key, "curve_secret": curve_secret}
     if watch_s is not None and not as_json:
-        _watch_status(eps, timeout, watch_s)
+        _watch_status(eps, timeout, watch_s, keys)
         return
-    st = fetch_status(eps, timeout)
+    st = fetch_status(eps, timeout, **keys)
     if as_json:
         click.echo(json.dumps(st, indent=2))
     else:
@@ -365,16 +399,16 @@ def status(brokers: str | None, timeout: float, as_json: bool, watch_s: float | 
         sys.exit(1)
 
 
-def _watch_status(eps: list[str], timeout: float, every: float) -> None:
+def _watch_status(eps: list[str], timeout: float, every: float, keys: dict[str, Any]) -> None:
     import time
 
     from rich.live import Live
 
     try:
-        with Live(status_view(fetch_status(eps, timeout)), auto_refresh=False) as live:
+        with Live(status_view(fetch_status(eps, timeout, **keys)), auto_refresh=False) as live:
             while True:
                 time.sleep(every)  # noqa: sleep (the refresh period)
-                live.update(status_view(fetch_status(eps, timeout)), refresh=True)
+                live.update(status_view(fetch_status(eps, timeout, **keys)), refresh=True)
     except KeyboardInterrupt:
         pass
 
@@ -432,16 +466,21 @@ def status_view(st: dict[str, Any]) -> Any:
               help="Show the brokers' metrics snapshots (one a second each).")
 @click.option("--count", type=click.IntRange(1), help="Stop after this many alerts.")
 @click.option("--duration", type=click.FloatRange(0.1), help="Stop after this many seconds.")
+@_curve_client_options
 def monitor(monitors: str | None, as_json: bool, exec_cmd: str | None, webhook: str | None,
-            metrics: bool, count: int | None, duration: float | None) -> None:
+            metrics: bool, count: int | None, duration: float | None, curve_server_key: str | None,
+            curve_secret: str | None) -> None:
     """Show live alerts (worker lost, suspect, failover...) and metrics from both brokers."""
     from ._watch import LOCAL_MONITORS, watch
 
     eps = [check_endpoint_param(e, "--monitors") for e in (monitors.split(",") if monitors else LOCAL_MONITORS)]
     if webhook and not webhook.startswith(("http://", "https://")):
         raise click.BadParameter(f"{webhook!r}: expected an http:// or https:// URL", param_hint="--webhook")
+    from ._security import client_keys
+
+    keys = client_keys(curve_server_key, curve_secret)
     sys.exit(watch(eps, as_json=as_json, exec_cmd=exec_cmd, webhook=webhook, metrics=metrics,
-                   count=count, duration=duration))
+                   count=count, duration=duration, curve=keys))
 
 
 def check_endpoint_param(value: str, hint: str) -> str:
@@ -449,6 +488,23 @@ def check_endpoint_param(value: str, hint: str) -> str:
         return check_endpoint(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
+# --- keygen ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", default="zrpc", show_default=True, help="Base name of the two files.")
+def keygen(directory: str, name: str) -> None:
+    """Create a CURVE key pair in DIRECTORY: NAME.key (public) and NAME.key_secret (0600)."""
+    from ._security import keygen as make_keys
+
+    public, secret = make_keys(directory, name)
+    click.echo(f"wrote {public} (public: give it to peers) and {secret} (secret: keep it, mode 0600)")
+    click.echo("broker:          zrpc broker --curve-secret BROKER.key_secret --curve-authorized DIR_OF_CLIENT_KEYS")
+    click.echo("client, worker:  --curve-secret OWN.key_secret --curve-server-key BROKER.key "
+               "(and copy OWN.key into the broker's authorized directory)")
 
 
 # --- demo --------------------------------------------------------------------------------

@@ -17,11 +17,20 @@ import zmq
 
 from ._clock import Clock, monotonic, timeout_ms
 from ._config import resolve_brokers
-from ._errors import ProtocolError, Timeout, ZrpcError
+from ._errors import ProtocolError, Timeout, Unauthorized, ZrpcError
 from ._frames import decode_frames
 from ._proxy import ServiceProxy
-from ._session import Completed, Expired, Output, Session, Transmit
-from ._sockets import NOBLOCK, SocketOptions, Waker, make_socket, send_frames
+from ._security import client_keys
+from ._session import Completed, Expired, Output, Refused, Session, Transmit
+from ._sockets import (
+    HANDSHAKE_EVENTS,
+    NOBLOCK,
+    SocketOptions,
+    Waker,
+    handshake_outcome,
+    make_socket,
+    send_frames,
+)
 
 BATCH = 512
 
@@ -37,6 +46,8 @@ class Client:
         heartbeat_interval: float = 0.25,
         liveness: int = 3,
         failover_timeout: float | None = None,
+        curve_server_key: str | None = None,
+        curve_secret: str | None = None,
         context: zmq.Context | None = None,
         clock: Clock = monotonic,
         max_message: int | None = None,
@@ -49,12 +60,15 @@ class Client:
                                 liveness=liveness, failover_timeout=failover_timeout)
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
-        self._opts = SocketOptions(max_message=max_message) if max_message else SocketOptions()
+        self._opts = SocketOptions(curve=client_keys(curve_server_key, curve_secret),
+                                   **({"max_message": max_message} if max_message else {}))
         self._outbox: deque[PendingCall] = deque()
         self._closed = threading.Event()
         self._waker = Waker(self._ctx, "client-" + self.identity.hex())
         self._socks = [make_socket(self._ctx, zmq.DEALER, identity=self.identity, options=self._opts)
                        for _ in self.brokers]
+        # handshake outcomes tell a refused key (Unauthorized) from a silent broker (Timeout)
+        self._monitors = [s.get_monitor_socket(HANDSHAKE_EVENTS) for s in self._socks]
         for s, ep in zip(self._socks, self.brokers):
             s.connect(ep)
         self._thread = threading.Thread(target=self._loop, name="zrpc-client", daemon=True)
@@ -114,7 +128,8 @@ class Client:
     def _loop(self) -> None:
         poller = zmq.Poller()
         index = {s: i for i, s in enumerate(self._socks)}
-        for s in self._socks:
+        monitors = {m: i for i, m in enumerate(self._monitors)}
+        for s in [*self._socks, *self._monitors]:
             poller.register(s, zmq.POLLIN)
         poller.register(self._waker.socket, zmq.POLLIN)
         session = self._session
@@ -123,6 +138,11 @@ class Client:
                 now = self._clock()
                 for sock, _ in poller.poll(timeout_ms(session.next_deadline(), now, cap=0.25)):
                     if sock is self._waker.socket:
+                        continue
+                    if sock in monitors:
+                        outcome = handshake_outcome(sock)
+                        if outcome is not None:
+                            self._apply(session.handshake(monitors[sock], outcome[1]))
                         continue
                     b = index[sock]
                     for _ in range(BATCH):
@@ -143,7 +163,9 @@ class Client:
         finally:
             for call in [*session.close(), *self._outbox]:
                 call.fail(ZrpcError("client closed"))
-            for s in self._socks:
+            for s, m in zip(self._socks, self._monitors):
+                s.disable_monitor()
+                m.close(linger=0)
                 s.close(linger=0)
             self._waker.close()
 
@@ -159,3 +181,5 @@ class Client:
                 o.call.resolve(o.status, o.body)  # type: ignore[union-attr]
             elif t is Expired:
                 o.call.timed_out()  # type: ignore[union-attr]
+            elif t is Refused:
+                o.call.fail(Unauthorized(o.reason))  # type: ignore[union-attr]

@@ -36,3 +36,11 @@ def resolve_brokers(brokers: Sequence[str] | str | None = None) -> list[str]:
     if len(out) > 2:
         raise ValueError(f"at most two brokers (a primary/backup pair), got {len(out)}")
     return out
+
+
+def is_loopback(ep: str) -> bool:
+    """Whether an endpoint stays on this machine (tcp on 127.x/localhost/::1, ipc, inproc)."""
+    if not ep.startswith("tcp://"):
+        return True
+    host = ep[6:].rsplit(":", 1)[0]
+    return host in ("localhost", "[::1]") or host.startswith("127.")

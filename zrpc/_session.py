@@ -35,7 +35,15 @@ class Expired:
     call: PendingCall
 
 
-Output = Union[Transmit, Completed, Expired]
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The broker refused this client's credentials: the call fails with Unauthorized."""
+
+    call: PendingCall
+    reason: str
+
+
+Output = Union[Transmit, Completed, Expired, Refused]
 
 
 class Session:
@@ -63,6 +71,7 @@ class Session:
         self.alive = [False] * brokers
         self.lost = [False] * brokers  # silent for failover_timeout
         self.info: list[dict[str, Any]] = [{} for _ in range(brokers)]
+        self.refused: list[str | None] = [None] * brokers  # why a broker refused our keys
         self.switches = 0
         self._switched_at = clock()
         self._bounced: deque[tuple[float, PendingCall]] = deque()
@@ -72,8 +81,23 @@ class Session:
 
     def submit(self, call: PendingCall) -> list[Output]:
         """A new call: send it to the broker we believe active."""
+        if all(self.refused):
+            return [Refused(call, self.refused[self.active] or "")]
+        if self.refused[self.active] and self.brokers > 1:
+            self.active = 1 - self.active
         self.table.add(call)
         return [self._transmit(call, self.active)]
+
+    def handshake(self, broker: int, refused: str | None) -> list[Output]:
+        """The security handshake with a broker failed (`refused` says why) or succeeded."""
+        self.refused[broker] = refused
+        if refused is None:
+            return []
+        out: list[Output] = []
+        for c in [c for c in self.table if c.broker == broker]:
+            self.table.pop(c.request_id)
+            out.append(Refused(c, refused))
+        return out
 
     def received(self, broker: int, msg: Message) -> list[Output]:
         """Any traffic from a broker shows it is alive; replies complete calls."""

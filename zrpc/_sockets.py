@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import zmq
 
+from ._security import CurveKeys
+
 _MORE = int(zmq.SNDMORE)
 NOBLOCK = int(zmq.NOBLOCK)
 ZERO_COPY_MIN = 64 * 1024
@@ -24,6 +26,7 @@ class SocketOptions:
     reconnect_ivl_ms: int = 250
     reconnect_ivl_max_ms: int = 8000
     linger_ms: int = 0
+    curve: "CurveKeys | None" = None
 
 
 def make_socket(
@@ -47,6 +50,8 @@ def make_socket(
         sock.setsockopt(zmq.ROUTING_ID, identity)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if o.curve is not None:
+        o.curve.apply(sock)
     return sock
 
 
@@ -99,3 +104,26 @@ class Waker:
         with self._lock:
             self._tx.close(linger=0)
         self.socket.close(linger=0)
+
+
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+
+
+def handshake_outcome(monitor: zmq.Socket) -> tuple[bool, str | None] | None:
+    """Reads one event from a socket monitor: (True, None) for a completed handshake,
+    (True, reason) for a refused one, None for anything else."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    try:
+        ev = recv_monitor_message(monitor, zmq.NOBLOCK)
+    except zmq.Again:
+        return None
+    kind = ev["event"]
+    if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        return True, None
+    if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return True, f"the broker refused this key (ZAP status {ev['value']})"
+    if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return True, "security handshake failed (CURVE keys on one side only, or the wrong server key)"
+    return None

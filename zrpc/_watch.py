@@ -17,7 +17,8 @@ import click
 import msgpack
 import zmq
 
-from ._sockets import make_socket
+from ._security import CurveKeys
+from ._sockets import SocketOptions, make_socket
 
 LOCAL_MONITORS = ("tcp://127.0.0.1:5575", "tcp://127.0.0.1:5576")
 
@@ -26,12 +27,12 @@ class EventFeed:
     """Subscribes to monitor endpoints in a background thread and keeps every event with its
     arrival time (for `zrpc demo` and tests)."""
 
-    def __init__(self, *endpoints: str) -> None:
+    def __init__(self, *endpoints: str, curve: CurveKeys | None = None) -> None:
         self.events: list[tuple[float, str, dict[str, Any]]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ctx = zmq.Context()
-        self._sub = make_socket(self._ctx, zmq.SUB)
+        self._sub = make_socket(self._ctx, zmq.SUB, options=SocketOptions(curve=curve))
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         for ep in endpoints:
             self._sub.connect(ep)
@@ -122,12 +123,12 @@ def _line(topic: str, ev: dict[str, Any]) -> tuple[str, str]:
 
 
 def watch(endpoints: Sequence[str], *, as_json: bool, exec_cmd: str | None, webhook: str | None,
-          metrics: bool, count: int | None, duration: float | None) -> int:
+          metrics: bool, count: int | None, duration: float | None, curve: CurveKeys | None = None) -> int:
     from rich.console import Console
 
     console = Console(highlight=False)
     ctx = zmq.Context()
-    sub = make_socket(ctx, zmq.SUB)
+    sub = make_socket(ctx, zmq.SUB, options=SocketOptions(curve=curve))
     sub.setsockopt(zmq.SUBSCRIBE, b"alert.")
     if metrics:
         sub.setsockopt(zmq.SUBSCRIBE, b"metrics")

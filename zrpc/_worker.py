@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import zmq
 
 from ._clock import Clock, monotonic, timeout_ms
-from ._config import resolve_brokers
+from ._config import is_loopback, resolve_brokers
 from ._errors import ProtocolError
 from ._frames import (
     H_BUDGET,
@@ -38,6 +38,7 @@ from ._frames import (
 )
 from ._serial import pack_error, pack_result, unpack_call
 from ._service import Method, Service
+from ._security import client_keys
 from ._liveness import Backoff, LivenessTracker
 from ._reply_cache import DONE, NEW, RUNNING, ReplyCache
 from ._sockets import NOBLOCK, SocketOptions, Waker, make_socket, send_frames
@@ -74,8 +75,10 @@ class Worker:
         weight: float = 1.0,
         heartbeat_interval: float = 0.25,
         liveness: int = 3,
-        send_tracebacks: bool = True,
+        send_tracebacks: bool | None = None,
         drain_timeout: float = 30.0,
+        curve_server_key: str | None = None,
+        curve_secret: str | None = None,
         context: zmq.Context | None = None,
         clock: Clock = monotonic,
         max_message: int | None = None,
@@ -95,14 +98,17 @@ class Worker:
         self.concurrency = concurrency
         self.weight = weight
         self.heartbeat_interval = heartbeat_interval
-        self.send_tracebacks = send_tracebacks
+        # tracebacks show code and paths: by default only to clients on this machine
+        self.send_tracebacks = (all(is_loopback(ep) for ep in self.brokers)
+                                if send_tracebacks is None else send_tracebacks)
         self.drain_timeout = drain_timeout
         self.identity = uuid.uuid4().bytes
         self.name = f"{socket.gethostname()}:{os.getpid()}:{self.identity.hex()[:6]}"
         self._clock = clock
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
-        self._opts = SocketOptions(max_message=max_message) if max_message else SocketOptions()
+        self._opts = SocketOptions(curve=client_keys(curve_server_key, curve_secret),
+                                   **({"max_message": max_message} if max_message else {}))
         self._stop = threading.Event()
         self._hard_stop = threading.Event()
         self._results: deque[tuple[int, bytes, int, int, bytes]] = deque()

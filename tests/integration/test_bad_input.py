@@ -1,15 +1,15 @@
 """A broker and a worker survive garbage on their sockets and keep serving."""
 
-import os
 import random
 
 import msgpack
+import pytest
 import zmq
 
 import zrpc
 from tests.conftest import broker_status
 from zrpc._frames import CLIENT, WORKER
-from zrpc.testing import free_port, wait_until
+from zrpc.testing import free_port, hostile_message, wait_until
 
 
 def rss_kb(pid: int) -> int:
@@ -18,30 +18,6 @@ def rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS")
-
-
-def garbage(rng: random.Random, i: int) -> list[bytes]:
-    kind = i % 10
-    pk = lambda o: msgpack.packb(o, use_bin_type=True)  # noqa: E731
-    if kind == 0:
-        return [rng.randbytes(rng.randrange(0, 64)) for _ in range(rng.randrange(1, 5))]
-    if kind == 1:
-        return [pk([CLIENT, 1, i, "calc", "add", {"budget_ms": "x"}]), b""]
-    if kind == 2:
-        return [pk([CLIENT, 1, i, "calc", "add", {}])[:-1], b""]  # truncated head
-    if kind == 3:
-        return [pk([WORKER, 3, "evil", {"calc": {"add": True}}, 10**9]), b""]  # absurd capacity
-    if kind == 4:
-        return [pk([WORKER, 2, os.urandom(16), i, 0]), b"res"]  # reply from an unknown worker
-    if kind == 5:
-        return [pk(["ZRPC1C", 42]), b""]
-    if kind == 6:
-        return [pk([CLIENT, 1, i, "calc", "add", {"budget_ms": 1000}]), rng.randbytes(20)]  # bad body
-    if kind == 7:
-        return [pk([CLIENT, 1, i, "calc", "add", {"budget_ms": 0}]), pk([[1, 2], {}])]
-    if kind == 8:
-        return [pk([CLIENT, 2, i, 0]), b""]  # a reply sent to a broker
-    return [pk([CLIENT, 1, i, "x" * 1000, "add", {}]), b""]
 
 
 def test_broker_survives_thousands_of_malformed_messages(cluster, client_factory):
@@ -57,10 +33,10 @@ def test_broker_survives_thousands_of_malformed_messages(cluster, client_factory
             s.linger = 0
             s.connect(ep)
             for i in range(3000):
-                s.send_multipart(garbage(rng, i))
-            # about 7 in 10 are malformed; the socket stays open until they are all delivered
+                s.send_multipart(hostile_message(rng, i))
+            # most are malformed; the socket stays open until they are all delivered
             wait_until(lambda: (broker_status(ep) or {}).get("counters", {}).get("malformed", 0)
-                       >= 2000 * (round_ + 1), 15, what="malformed messages counted")
+                       >= 1500 * (round_ + 1), 15, what="malformed messages counted")
             assert s.poll(1000)  # answerable ones got an error reply
             s.close()
             if rss0 is None:
@@ -129,3 +105,20 @@ def test_worker_survives_garbage_from_a_broker(cluster, client_factory):
         assert w.poll() is None
     finally:
         ctx.destroy(linger=0)
+
+
+@pytest.mark.slow
+def test_fuzz_script_bounded_run():
+    """benchmarks/fuzz_broker.py, smaller: broker and worker survive, serve, and stay lean."""
+    import json
+    import subprocess
+    import sys
+
+    from zrpc._procs import REPO
+
+    p = subprocess.run([sys.executable, "benchmarks/fuzz_broker.py", "--messages", "20000", "--json"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 0, p.stdout + p.stderr
+    report = json.loads(p.stdout)
+    assert report["call_after"] and all(report["alive"].values())
+    assert report["broker_counters"]["malformed"] > 5000

@@ -327,3 +327,27 @@ def test_non_idempotent_duplicate_of_an_answered_call_is_not_rerun():
     request(d, 8)
     reply(d, b"w1", 8)
     assert sends(request(d, 8))
+
+
+def test_one_client_cannot_hold_more_than_its_share():
+    d, _ = make(max_inflight_per_client=3)
+    ready(d, b"w1", capacity=1)
+    for i in range(3):
+        assert replies(request(d, i)) == []  # one running, two queued
+    (r,) = replies(request(d, 3))
+    assert r.status == Status.OVERLOADED
+    assert replies(request(d, 4, client=b"other")) == []  # another client is not starved
+    reply(d, b"w1", 0)
+    assert replies(request(d, 5)) == []  # a slot freed up
+
+
+def test_queues_are_bounded_in_bytes_too():
+    d, _ = make(queue_bytes=10)
+    ready(d, b"w1", capacity=1)
+    request(d, 1)  # runs
+    assert request(d, 2) == []  # 4 bytes of body queued
+    assert request(d, 3) == []  # 8
+    (r,) = replies(request(d, 4))  # 12 > 10
+    assert r.status == Status.OVERLOADED
+    reply(d, b"w1", 1)  # call 2 leaves the queue: room again
+    assert replies(request(d, 5)) == []
