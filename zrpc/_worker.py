@@ -41,7 +41,15 @@ from ._service import Method, Service
 from ._security import client_keys
 from ._liveness import Backoff, LivenessTracker
 from ._reply_cache import DONE, NEW, RUNNING, ReplyCache
-from ._sockets import NOBLOCK, SocketOptions, Waker, make_socket, send_frames
+from ._sockets import (
+    HANDSHAKE_EVENTS,
+    NOBLOCK,
+    SocketOptions,
+    Waker,
+    handshake_outcome,
+    make_socket,
+    send_frames,
+)
 
 log = logging.getLogger("zrpc.worker")
 
@@ -55,6 +63,8 @@ class _Link:
         self.index = index
         self.endpoint = endpoint
         self.sock: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None  # handshake events: a refused key is not silence
+        self.refused = False
         self.last_sent = 0.0
         self.last_beat = 0.0
         self.acked = False  # our DISCONNECT was acknowledged
@@ -192,6 +202,9 @@ class Worker:
                     if sock is self._waker.socket:
                         continue
                     link = self._by_sock[sock]
+                    if sock is link.monitor:
+                        self._handshake(link)
+                        continue
                     self._tracker.seen(link.index)
                     link.backoff.reset()
                     for _ in range(BATCH):
@@ -209,19 +222,35 @@ class Worker:
 
     def _connect(self, link: _Link) -> None:
         link.sock = make_socket(self._ctx, zmq.DEALER, identity=self.identity, options=self._opts)
+        link.monitor = link.sock.get_monitor_socket(HANDSHAKE_EVENTS)
         link.sock.connect(link.endpoint)
         self._poller.register(link.sock, zmq.POLLIN)
+        self._poller.register(link.monitor, zmq.POLLIN)
         self._by_sock[link.sock] = link
+        self._by_sock[link.monitor] = link
         link.reconnect_at = None
         self._tracker.seen(link.index)  # a full liveness period to hear from it
         self._send(link, self._ready_frames)
 
     def _disconnect(self, link: _Link) -> None:
         if link.sock is not None:
-            self._poller.unregister(link.sock)
-            del self._by_sock[link.sock]
+            for s in (link.sock, link.monitor):
+                self._poller.unregister(s)
+                del self._by_sock[s]
+            link.sock.disable_monitor()
+            link.monitor.close(linger=0)  # type: ignore[union-attr]
             link.sock.close(linger=0)
-            link.sock = None
+            link.sock = link.monitor = None
+
+    def _handshake(self, link: _Link) -> None:
+        outcome = handshake_outcome(link.monitor)  # type: ignore[arg-type]
+        if outcome is None:
+            return
+        if outcome[1] is not None and not link.refused:
+            log.error("broker %s refused this worker: %s", link.endpoint, outcome[1])
+        elif outcome[1] is None and link.refused:
+            log.info("broker %s accepted this worker's key", link.endpoint)
+        link.refused = outcome[1] is not None
 
     def _next_deadline(self) -> float:
         nxt = self._tracker.next_deadline()
@@ -410,6 +439,8 @@ class Worker:
         linger = 0 if self._hard_stop.is_set() else 2000  # let the last replies leave
         for link in self._links:
             if link.sock is not None:
+                link.sock.disable_monitor()
+                link.monitor.close(linger=0)  # type: ignore[union-attr]
                 link.sock.close(linger=linger)
         self._waker.close()
         for _ in self._threads:

@@ -124,3 +124,13 @@ def test_curve_pair_settles_over_an_encrypted_state_link(cluster, keys, monkeypa
     c = client_factory(pair.endpoints, timeout=5, **client_kw(keys, "client"))
     assert c.proxy("calc").add(1, 2) == 3
     wait_until(lambda: pair.states() == ["active", "passive"], 5)
+
+
+def test_refused_worker_says_why_in_its_log(cluster, keys, monkeypatch, tmp_path):
+    monkeypatch.setattr("tests.conftest.broker_status", _status_with(keys))
+    ep = curve_broker(cluster, keys)
+    cluster.worker(ep, "--curve-server-key", str(keys["broker"][0]), "--curve-secret",
+                   str(keys["stranger"][1]), wait=False, name="refused-worker")
+    log = cluster.procs.log_dir / "refused-worker.log"
+    wait_until(lambda: log.exists() and "refused this worker" in log.read_text(), 10,
+               what="the refusal in the worker's log")
