@@ -373,11 +373,13 @@ class Worker:
         tb = traceback.format_exc() if self.send_tracebacks else None
         return Status.ERROR, pack_error(type(exc).__name__, str(exc), tb)
 
-    def _decode_args(self, req: WorkerRequest) -> tuple[list[Any], dict[str, Any]] | tuple[int, bytes]:
+    def _arguments(self, idx: int, req: WorkerRequest) -> tuple[list[Any], dict[str, Any]] | None:
+        """The call's arguments; an undecodable body is answered here (None)."""
         try:
             return unpack_call(req.body)
         except ProtocolError as exc:
-            return Status.PROTOCOL_ERROR, pack_error("ProtocolError", str(exc))
+            self._done(idx, req, Status.PROTOCOL_ERROR, pack_error("ProtocolError", str(exc)))
+            return None
 
     def _pack(self, value: Any) -> tuple[int, bytes]:
         try:
@@ -394,27 +396,23 @@ class Worker:
             self._run_sync(*job)
 
     def _run_sync(self, idx: int, req: WorkerRequest, method: Method) -> None:
-        decoded = self._decode_args(req)
-        if isinstance(decoded[0], int):
-            status, body = decoded  # type: ignore[misc]
-        else:
-            args, kwargs = decoded
-            try:
-                status, body = self._pack(method.func(*args, **kwargs))  # type: ignore[arg-type]
-            except BaseException as exc:  # a handler must never take the worker down
-                status, body = self._error(exc)
+        call = self._arguments(idx, req)
+        if call is None:
+            return
+        try:
+            status, body = self._pack(method.func(*call[0], **call[1]))
+        except BaseException as exc:  # a handler must never take the worker down
+            status, body = self._error(exc)
         self._done(idx, req, status, body)
 
     async def _run_async(self, idx: int, req: WorkerRequest, method: Method) -> None:
-        decoded = self._decode_args(req)
-        if isinstance(decoded[0], int):
-            status, body = decoded  # type: ignore[misc]
-        else:
-            args, kwargs = decoded
-            try:
-                status, body = self._pack(await method.func(*args, **kwargs))  # type: ignore[arg-type]
-            except BaseException as exc:
-                status, body = self._error(exc)
+        call = self._arguments(idx, req)
+        if call is None:
+            return
+        try:
+            status, body = self._pack(await method.func(*call[0], **call[1]))
+        except BaseException as exc:
+            status, body = self._error(exc)
         self._done(idx, req, status, body)
 
     def _done(self, idx: int, req: WorkerRequest, status: int, body: bytes) -> None:
