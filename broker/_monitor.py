@@ -198,6 +198,8 @@ class Monitor:
         elif n.name == "unauthorized":
             now = self._clock()
             if now - self._refused_at.get(n.subject, -math.inf) >= 60.0:  # rate-limited
+                if len(self._refused_at) >= 10_000:  # many addresses: forget the old ones
+                    self._refused_at = {a: t for a, t in self._refused_at.items() if now - t < 60.0}
                 self._refused_at[n.subject] = now
                 out += self._event("unauthorized", n.subject, **n.detail)
         return out

@@ -11,11 +11,11 @@ import zmq.asyncio
 
 from ._clock import Clock, monotonic, timeout_ms
 from ._config import resolve_brokers
-from ._errors import ProtocolError, ZrpcError
+from ._errors import ProtocolError, Unauthorized, ZrpcError
 from ._frames import decode_frames
 from ._proxy import ServiceProxy
 from ._security import client_keys
-from ._session import Completed, Expired, Output, Session, Transmit
+from ._session import Completed, Expired, Output, Refused, Session, Transmit
 from ._sockets import SocketOptions, make_socket
 
 TICK = 0.05
@@ -144,3 +144,5 @@ class AsyncClient:
                 o.call.resolve(o.status, o.body)  # type: ignore[union-attr]
             elif t is Expired:
                 o.call.timed_out()  # type: ignore[union-attr]
+            elif t is Refused:
+                o.call.fail(Unauthorized(o.reason))  # type: ignore[union-attr]
