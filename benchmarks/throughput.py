@@ -85,6 +85,15 @@ class RawClient:
         head, body = self.s.recv_multipart()
         return msgpack.unpackb(body)
 
+    def ready(self) -> bool:
+        """One probe call; False if the forwarder had no worker yet (it drops the call)."""
+        self.rid += 1
+        self.s.send_multipart([msgpack.packb(self.rid), msgpack.packb([[1, 2], {}])])
+        if not self.s.poll(200):
+            return False
+        self.s.recv_multipart()
+        return True
+
     def pipelined(self, n: int, window: int, *args: object) -> None:
         sent = done = 0
         body = msgpack.packb([list(args), {}])
@@ -163,7 +172,7 @@ def main() -> int:
         procs.spawn([sys.executable, __file__, "--role", "forwarder", "--ep", front, back])
         procs.spawn([sys.executable, __file__, "--role", "worker", "--ep", back])
         raw = RawClient(front)
-        wait_until(lambda: raw.s.poll(0) or (raw.call(1, 2) == 3), 10, what="raw path up")
+        wait_until(raw.ready, 10, what="raw path up")
         print("measuring raw pyzmq ...", file=sys.stderr)
         r = sequential(lambda: raw.call(1, 2), a.seconds)
         r["pipelined_s"] = rate(lambda n: raw.pipelined(n, 256, 1, 2), a.calls)

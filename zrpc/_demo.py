@@ -306,6 +306,9 @@ class Demo:
 
 
 def run_demo(plain: bool = False) -> int:
+    import sys
+
+    plain = plain or not sys.stdout.isatty()  # a live view needs a terminal; logs get lines
     demo = Demo(plain)
     summary: dict[str, Any] = {}
     try:

@@ -22,6 +22,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt("terminated")
+
+
 def port_free(host: str, port: int) -> bool:
     """Whether a broker could bind it (SO_REUSEADDR as libzmq sets it: TIME_WAIT is free)."""
     with socket.socket() as s:
@@ -109,6 +113,13 @@ class Processes:
         self.procs.clear()
 
     def __enter__(self) -> "Processes":
+        # SIGTERM would end this process without unwinding, leaving the children (in their
+        # own sessions) running: turn it into an exception so close() runs
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, _terminated)
         return self
 
     def __exit__(self, *exc: object) -> None:
