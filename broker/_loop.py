@@ -82,7 +82,6 @@ class BrokerConfig:
     heartbeat_interval: float = 0.25
     liveness: int = 3
     max_message: int = DEFAULT_MAX_MESSAGE
-    send_tracebacks: bool = True
     metrics_port: int | None = None
     curve_secret: str | None = None  # this broker's key pair (NAME.key_secret)
     curve_authorized: str | None = None  # directory of the public keys admitted
@@ -309,7 +308,8 @@ class Broker:
                 self._send(peer, encode(Heartbeat(CLIENT, self._hello())))
         elif t is Disconnect:
             self._execute(d.handle(WorkerLeaving(peer)))
-            self._worker_seen(peer)
+            if d.has_worker(peer):  # still finishing calls: still watched
+                self.liveness.seen(peer)
         else:
             self._malformed(peer, f"{t.__name__} is not sent to a broker")
 
