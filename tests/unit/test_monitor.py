@@ -214,3 +214,21 @@ def test_every_alert_name_is_in_the_catalogue():
                  "service_unavailable", "redundancy_lost", "queue_backlog", "latency_slo", "error_rate",
                  "failover", "split_brain", "peer_lost", "peer_back"):
         assert name in CATALOGUE
+
+
+def test_worker_leaving_is_an_event_and_dual_passive_raises_and_resolves():
+    m = Monitor(FakeClock(), 0.25)
+    assert names(m.notice(Notice("worker_leaving", "w1", {"outstanding": 2}))) == [("worker_leaving", "event")]
+    assert names(m.peer(PeerAlert("dual_passive", "warning"))) == [("dual_passive", "raised")]
+    assert names(m.peer(PeerAlert("dual_passive", "warning", resolved=True))) == [("dual_passive", "resolved")]
+
+
+def test_unauthorized_is_rate_limited_per_address():
+    clock = FakeClock()
+    m = Monitor(clock, 0.25)
+    n = Notice("unauthorized", "10.0.0.9", {"reason": "Unknown key"})
+    assert names(m.notice(n)) == [("unauthorized", "event")]
+    assert names(m.notice(n)) == []
+    assert names(m.notice(Notice("unauthorized", "10.0.0.8", {}))) == [("unauthorized", "event")]
+    clock.advance(61)
+    assert names(m.notice(n)) == [("unauthorized", "event")]
