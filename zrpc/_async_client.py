@@ -11,11 +11,11 @@ import zmq.asyncio
 
 from ._clock import Clock, monotonic, timeout_ms
 from ._config import resolve_brokers
-from ._errors import ProtocolError, Unauthorized, ZrpcError
+from ._errors import ProtocolError, ZrpcError
 from ._frames import decode_frames
 from ._proxy import ServiceProxy
 from ._security import client_keys
-from ._session import Completed, Expired, Output, Refused, Session, Transmit
+from ._session import Output, Session, Transmit, settle
 from ._sockets import SocketOptions, make_socket
 
 TICK = 0.05
@@ -134,15 +134,10 @@ class AsyncClient:
 
     def _apply(self, outputs: list[Output]) -> None:
         for o in outputs:
-            t = type(o)
-            if t is Transmit:
+            if type(o) is Transmit:
                 try:
                     self._socks[o.broker].send_multipart(o.frames, zmq.NOBLOCK)  # type: ignore[union-attr]
                 except zmq.Again:
                     pass
-            elif t is Completed:
-                o.call.resolve(o.status, o.body)  # type: ignore[union-attr]
-            elif t is Expired:
-                o.call.timed_out()  # type: ignore[union-attr]
-            elif t is Refused:
-                o.call.fail(Unauthorized(o.reason))  # type: ignore[union-attr]
+            else:
+                settle(o)

@@ -15,13 +15,14 @@ from typing import Any, Sequence
 
 import zmq
 
+from ._calls import PendingCall
 from ._clock import Clock, monotonic, timeout_ms
 from ._config import resolve_brokers
-from ._errors import ProtocolError, Timeout, Unauthorized, ZrpcError
+from ._errors import ProtocolError, Timeout, ZrpcError
 from ._frames import decode_frames
 from ._proxy import ServiceProxy
 from ._security import client_keys
-from ._session import Completed, Expired, Output, Refused, Session, Transmit
+from ._session import Output, Session, Transmit, settle
 from ._sockets import (
     HANDSHAKE_EVENTS,
     NOBLOCK,
@@ -171,15 +172,10 @@ class Client:
 
     def _apply(self, outputs: list[Output]) -> None:
         for o in outputs:
-            t = type(o)
-            if t is Transmit:
+            if type(o) is Transmit:
                 try:
                     send_frames(self._socks[o.broker], o.frames, NOBLOCK)  # type: ignore[union-attr]
                 except zmq.Again:
                     pass  # that broker cannot take more now: its calls keep their deadlines
-            elif t is Completed:
-                o.call.resolve(o.status, o.body)  # type: ignore[union-attr]
-            elif t is Expired:
-                o.call.timed_out()  # type: ignore[union-attr]
-            elif t is Refused:
-                o.call.fail(Unauthorized(o.reason))  # type: ignore[union-attr]
+            else:
+                settle(o)

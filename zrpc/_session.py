@@ -13,6 +13,7 @@ from typing import Any, Union
 
 from ._calls import CallTable, PendingCall
 from ._clock import Clock
+from ._errors import Unauthorized
 from ._frames import CLIENT, H_RESENT, ClientReply, Heartbeat, Message, Status, encode
 from ._liveness import LivenessTracker
 
@@ -44,6 +45,17 @@ class Refused:
 
 
 Output = Union[Transmit, Completed, Expired, Refused]
+
+
+def settle(o: Output) -> None:
+    """Completes a call's future for every output but Transmit (which needs the loop's socket)."""
+    t = type(o)
+    if t is Completed:
+        o.call.resolve(o.status, o.body)  # type: ignore[union-attr]
+    elif t is Expired:
+        o.call.timed_out()  # type: ignore[union-attr]
+    elif t is Refused:
+        o.call.fail(Unauthorized(o.reason))  # type: ignore[union-attr]
 
 
 class Session:

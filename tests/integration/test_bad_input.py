@@ -6,7 +6,6 @@ import msgpack
 import pytest
 import zmq
 
-import zrpc
 from tests.conftest import broker_status
 from zrpc._frames import CLIENT, WORKER
 from zrpc.testing import free_port, hostile_message, wait_until
