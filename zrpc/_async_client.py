@@ -16,7 +16,7 @@ from ._frames import decode_frames
 from ._proxy import ServiceProxy
 from ._security import client_keys
 from ._session import Output, Session, Transmit, settle
-from ._sockets import SocketOptions, make_socket
+from ._sockets import HANDSHAKE_EVENTS, SocketOptions, make_socket, parse_handshake
 
 TICK = 0.05
 """Longest wait between deadline checks: a new call's deadline is honoured to within this."""
@@ -51,6 +51,7 @@ class AsyncClient:
                              **({"max_message": max_message} if max_message else {}))
         self._socks = [make_socket(self._ctx, zmq.DEALER, identity=self.identity, options=opts)
                        for _ in self.brokers]
+        self._monitors = [s.get_monitor_socket(HANDSHAKE_EVENTS) for s in self._socks]
         for s, ep in zip(self._socks, self.brokers):
             s.connect(ep)
         self._reader: asyncio.Task | None = None
@@ -77,7 +78,9 @@ class AsyncClient:
                 pass
         for call in self._session.close():
             call.fail(ZrpcError("client closed"))
-        for s in self._socks:
+        for s, m in zip(self._socks, self._monitors):
+            s.disable_monitor()
+            m.close(linger=0)
             s.close(linger=0)
         if self._own_ctx:
             self._ctx.term()
@@ -113,12 +116,18 @@ class AsyncClient:
     async def _read(self) -> None:
         poller = zmq.asyncio.Poller()
         index = {s: i for i, s in enumerate(self._socks)}
-        for s in self._socks:
+        monitors = {m: i for i, m in enumerate(self._monitors)}
+        for s in [*self._socks, *self._monitors]:
             poller.register(s, zmq.POLLIN)
         session = self._session
         while True:
             now = self._clock()
             for sock, _ in await poller.poll(timeout_ms(session.next_deadline(), now, cap=TICK)):
+                if sock in monitors:
+                    outcome = parse_handshake(await sock.recv_multipart())
+                    if outcome is not None:
+                        self._apply(session.handshake(monitors[sock], outcome[1]))
+                    continue
                 b = index[sock]
                 while True:
                     try:

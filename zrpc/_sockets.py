@@ -113,11 +113,20 @@ HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_A
 def handshake_outcome(monitor: zmq.Socket) -> tuple[bool, str | None] | None:
     """Reads one event from a socket monitor: (True, None) for a completed handshake,
     (True, reason) for a refused one, None for anything else."""
-    from zmq.utils.monitor import recv_monitor_message
+    try:
+        frames = monitor.recv_multipart(zmq.NOBLOCK)
+    except zmq.Again:
+        return None
+    return parse_handshake(frames)
+
+
+def parse_handshake(frames: list[bytes]) -> tuple[bool, str | None] | None:
+    """The same, from an event already received (asyncio sockets receive it themselves)."""
+    from zmq.utils.monitor import parse_monitor_message
 
     try:
-        ev = recv_monitor_message(monitor, zmq.NOBLOCK)
-    except zmq.Again:
+        ev = parse_monitor_message(frames)
+    except Exception:
         return None
     kind = ev["event"]
     if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:

@@ -134,3 +134,20 @@ def test_refused_worker_says_why_in_its_log(cluster, keys, monkeypatch, tmp_path
     log = cluster.procs.log_dir / "refused-worker.log"
     wait_until(lambda: log.exists() and "refused this worker" in log.read_text(), 10,
                what="the refusal in the worker's log")
+
+
+def test_async_client_with_an_unknown_key_gets_unauthorized(cluster, keys, monkeypatch):
+    import asyncio
+
+    monkeypatch.setattr("tests.conftest.broker_status", _status_with(keys))
+    ep = curve_broker(cluster, keys)
+
+    async def main():
+        async with zrpc.AsyncClient([ep], timeout=5, **client_kw(keys, "stranger")) as c:
+            with pytest.raises(zrpc.Unauthorized):
+                await c.proxy("calc").add(1, 1)
+        async with zrpc.AsyncClient([ep], timeout=5, **client_kw(keys, "client")) as c:
+            with pytest.raises(zrpc.ServiceUnavailable):  # let in: no worker, but an answer
+                await c.proxy("calc").add(1, 1)
+
+    asyncio.run(main())
