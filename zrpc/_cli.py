@@ -69,8 +69,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except (ZrpcError, OSError, ValueError, TypeError) as exc:
-            if isinstance(exc, click.ClickException):
-                raise
+            if isinstance(exc, click.ClickException) or os.environ.get("ZRPC_DEBUG"):
+                raise  # ZRPC_DEBUG=1 shows the traceback behind a one-line error
             click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
 
@@ -82,7 +82,8 @@ def main() -> None:
 
     A broker (or a primary/backup pair) dispatches calls to workers; clients call services
     through it. Every command finds the brokers with --brokers or $ZRPC_BROKERS, else uses
-    the local pair (tcp://127.0.0.1:5555 and :5556).
+    the local pair (tcp://127.0.0.1:5555 and :5556). Errors are one line; set ZRPC_DEBUG=1
+    to see the traceback behind one.
     """
 
 
