@@ -38,11 +38,16 @@ def test_broker_survives_thousands_of_malformed_messages(cluster, client_factory
                        >= 1500 * (round_ + 1), 15, what="malformed messages counted")
             assert s.poll(1000)  # answerable ones got an error reply
             s.close()
+            # the queued calls (bounded in bytes) expire: the broker holds nothing any more
+            wait_until(lambda: (lambda st: st and st["queued_bytes"] == 0 and st["inflight"] == 0)(
+                broker_status(ep)), 15, what="the flood's calls gone")
             if rss0 is None:
                 rss0 = rss_kb(pid)
         c = client_factory([ep], timeout=5)
         assert c.proxy("calc").add(2, 2) == 4
-        assert rss_kb(pid) - rss0 < 20_000  # a second flood does not grow memory
+        # a second flood leaves memory where the first did (the broker hands freed memory
+        # back once a second); the bound is generous for a shared, noisy machine
+        wait_until(lambda: rss_kb(pid) - rss0 < 50_000, 5, what="RSS back within 50 MB of the first flood")
     finally:
         ctx.destroy(linger=0)
 
