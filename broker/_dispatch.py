@@ -13,7 +13,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from zrpc._clock import Clock, budget_ms
+from zrpc._clock import Clock, budget_ms, deadline_from_budget
 from zrpc._frames import (
     H_ATTEMPT,
     H_BUDGET,
@@ -159,7 +159,6 @@ class WorkerState:
         self.ewma = 0.0
         self.calls: dict[tuple[bytes, int], Call] = {}
         self.leaving = False
-        self.joined = now
         self.served = 0
         self.errors = 0
         self.ejected = False  # an outlier kept out of dispatch for a while
@@ -301,15 +300,16 @@ class Dispatcher:
     def workers(self) -> dict[bytes, WorkerState]:
         return dict(self._workers)
 
-    @property
-    def inflight(self) -> int:
-        return len(self._calls)
-
     def set_ejected(self, worker_id: bytes, ejected: bool) -> None:
         """Outlier ejection: an ejected worker gets calls only when no other worker can."""
         w = self._workers.get(worker_id)
         if w is not None:
             w.ejected = ejected
+
+    @property
+    def inflight(self) -> int:
+        """Calls the broker holds (queued, probing or running)."""
+        return len(self._calls)
 
     def worker_ids(self) -> list[bytes]:
         return list(self._workers)
@@ -388,7 +388,7 @@ class Dispatcher:
         idem = req.headers.get(H_IDEMPOTENT)
         if idem is None:
             idem = svc.methods.get(req.method, False) if svc else False
-        call = Call(client_id, req, now + budget / 1000.0, idem, now)
+        call = Call(client_id, req, deadline_from_budget(budget, now), idem, now)
         if svc is None or not svc.workers:
             if not self._in_grace(svc, now):
                 self.counters["unavailable"] += 1

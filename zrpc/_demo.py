@@ -201,12 +201,6 @@ class Demo:
     def n_workers(self, ep: str) -> int:
         return len((_status(ep) or {}).get("workers", []))
 
-    def active_ep(self) -> str | None:
-        for ep in self.eps:
-            if (_status(ep, 0.3) or {}).get("broker", {}).get("state") == "active":
-                return ep
-        return None
-
     def wait_alert(self, name: str, state: str = "raised", timeout: float = 6.0, since: int = 0) -> bool:
         assert self.feed is not None
         try:

@@ -33,9 +33,6 @@ class LivenessTracker(Generic[P]):
     def seen(self, peer: P) -> None:
         self._last[peer] = self._clock()
 
-    def forget(self, peer: P) -> None:
-        self._last.pop(peer, None)
-
     def __contains__(self, peer: object) -> bool:
         return peer in self._last
 

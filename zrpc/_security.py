@@ -33,7 +33,7 @@ class CurveKeys:
     def apply(self, sock: zmq.Socket) -> None:
         sock.curve_publickey = self.public
         sock.curve_secretkey = self.secret
-        if self.server_key is None:
+        if self.is_server:
             sock.curve_server = True
             sock.zap_domain = b"zrpc"
         else:

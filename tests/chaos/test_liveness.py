@@ -27,6 +27,12 @@ def busy_pids(ep: str, at_least: int = 1) -> list[int]:
     return [w["pid"] for w in st.get("workers", []) if w["outstanding"] >= at_least]
 
 
+def busy_worker(ep: str, workers: list) -> tuple[int, object]:
+    """The pid and process of a worker with at least 4 calls in flight."""
+    pid = wait_until(lambda: busy_pids(ep, 4), 10, interval=0.01, what="a busy worker")[0]
+    return pid, next(p for p in workers if p.pid == pid)
+
+
 def time_until_gone(ep: str, pid: int, t0: float, timeout: float = 5.0) -> float:
     wait_until(lambda: pid not in worker_pids(ep), timeout, interval=0.01, what=f"worker {pid} removed")
     return time.monotonic() - t0
@@ -37,8 +43,7 @@ def test_kill9_worker_with_200_idempotent_calls_in_flight(cluster, client_factor
     workers = [cluster.worker(ep) for _ in range(3)]
     c = client_factory([ep], timeout=30)
     futures = [c.proxy("calc").slow_add.future(i, 1000, 0.05) for i in range(200)]
-    victim_pid = wait_until(lambda: busy_pids(ep, 4), 10, interval=0.01, what="a busy worker")[0]
-    victim = next(p for p in workers if p.pid == victim_pid)
+    victim_pid, victim = busy_worker(ep, workers)
     t0 = time.monotonic()
     procs.signal(victim, signal.SIGKILL)
     detected = time_until_gone(ep, victim_pid, t0)
@@ -55,8 +60,8 @@ def test_kill9_worker_non_idempotent_never_runs_twice(cluster, client_factory, p
     workers = [cluster.worker(ep, env={"ZRPC_LEDGER": str(ledger)}) for _ in range(3)]
     c = client_factory([ep], timeout=30)
     futures = {f"acct-{i}": c.proxy("calc").charge.future(f"acct-{i}", i, 0.05) for i in range(200)}
-    victim_pid = wait_until(lambda: busy_pids(ep, 4), 10, interval=0.01, what="a busy worker")[0]
-    procs.signal(next(p for p in workers if p.pid == victim_pid), signal.SIGKILL)
+    _, victim = busy_worker(ep, workers)
+    procs.signal(victim, signal.SIGKILL)
     outcomes = collections.Counter()
     for acct, f in futures.items():
         try:
@@ -77,8 +82,7 @@ def test_sigstop_worker_reroutes_then_sigcont_rejoins(cluster, client_factory, p
     workers = [cluster.worker(ep) for _ in range(2)]
     c = client_factory([ep], timeout=20)
     futures = [c.proxy("calc").slow_add.future(i, 1, 0.2) for i in range(30)]
-    victim_pid = wait_until(lambda: busy_pids(ep, 4), 10, interval=0.01, what="a busy worker")[0]
-    victim = next(p for p in workers if p.pid == victim_pid)
+    victim_pid, victim = busy_worker(ep, workers)
     t0 = time.monotonic()
     procs.signal(victim, signal.SIGSTOP)
     try:
@@ -94,10 +98,9 @@ def test_sigstop_worker_reroutes_then_sigcont_rejoins(cluster, client_factory, p
     t1 = time.monotonic()
     wait_until(lambda: victim_pid in worker_pids(ep), 10, interval=0.02, what="stopped worker rejoins")
     print(f"SIGCONT: rejoined in {(time.monotonic() - t1) * 1000:.0f} ms")
-    # its late replies for retried calls did not reach the client twice (the client would
-    # have dropped them anyway); the broker counted them as late
-    st = broker_status(ep)
-    assert st["counters"]["late_replies"] + st["counters"]["orphan_replies"] >= 0
+    # whatever it finishes after SIGCONT is for calls already answered elsewhere: the broker
+    # knows them (recent answers) and forwards none of them to the client a second time
+    assert broker_status(ep)["counters"]["orphan_replies"] == 0
 
 
 @pytest.mark.parametrize("method", ["sleep", "burn"])
