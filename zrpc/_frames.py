@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 from ._errors import ProtocolError
 
@@ -23,6 +23,16 @@ MAX_HEAD = 64 * 1024
 
 MAX_ID = 255
 """ZeroMQ routing ids are at most 255 bytes."""
+
+MAX_BUDGET_MS = 86_400_000
+"""A day: no call waits longer, and a larger budget is a client's bug (or an attack on the
+queues' deadlines)."""
+
+MAX_SERVICES = 100
+"""Services one READY may announce: each costs the broker a queue and a strategy."""
+
+MAX_METHODS = 1000
+"""Methods one READY may announce per service."""
 
 
 class Command(enum.IntEnum):
@@ -52,6 +62,7 @@ class Status(enum.IntEnum):
 
 
 _STATUSES = frozenset(int(s) for s in Status)
+_REQUEST_FIELDS = 6  # [protocol, REQUEST, request_id, service, method, headers]
 
 # Header keys (docs/protocol.md §4). Unknown keys are carried along untouched.
 H_BUDGET = "budget_ms"
@@ -121,11 +132,14 @@ class Disconnect:
     From the broker: acknowledged, nothing more will be sent."""
 
 
-Message = Union[ClientRequest, ClientReply, WorkerRequest, WorkerReply, Ready, Heartbeat, Disconnect]
+Message = Union[  # noqa: UP007
+    ClientRequest, ClientReply, WorkerRequest, WorkerReply, Ready, Heartbeat, Disconnect]
+
 
 def pack(obj: Any) -> bytes:
     """msgpack with bin and str kept apart (packb: a shared Packer is not thread-safe)."""
-    return msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
 
 
 # --- encoding -------------------------------------------------------------------------------
@@ -133,21 +147,20 @@ def pack(obj: Any) -> bytes:
 
 def encode(msg: Message) -> list[bytes]:
     """Returns the two frames [head, body] for one message."""
-    t = type(msg)
-    if t is ClientRequest:
+    if type(msg) is ClientRequest:
         head = [CLIENT, _REQUEST, msg.request_id, msg.service, msg.method, msg.headers]
-    elif t is ClientReply:
+    elif type(msg) is ClientReply:
         head = [CLIENT, _REPLY, msg.request_id, msg.status]
-    elif t is WorkerRequest:
+    elif type(msg) is WorkerRequest:
         head = [WORKER, _REQUEST, msg.client_id, msg.request_id, msg.service, msg.method, msg.headers]
-    elif t is WorkerReply:
+    elif type(msg) is WorkerReply:
         head = [WORKER, _REPLY, msg.client_id, msg.request_id, msg.status]
-    elif t is Ready:
+    elif type(msg) is Ready:
         head = [WORKER, _READY, msg.worker_id, msg.services, msg.capacity, msg.weight, msg.info]
         return [pack(head), b""]
-    elif t is Heartbeat:
+    elif type(msg) is Heartbeat:
         return [pack([msg.sender, _HEARTBEAT, msg.info]), b""]
-    elif t is Disconnect:
+    elif type(msg) is Disconnect:
         return [pack([WORKER, _DISCONNECT]), b""]
     else:
         raise TypeError(f"not a ZRPC/1 message: {msg!r}")
@@ -161,12 +174,35 @@ def _unpack_head(head: bytes) -> list[Any]:
     if len(head) > MAX_HEAD:
         raise ProtocolError(f"head of {len(head)} bytes exceeds {MAX_HEAD}")
     try:
-        fields = msgpack.unpackb(head, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise ProtocolError(f"head is not valid msgpack: {type(exc).__name__}") from None
+        # Any map key is read: an int key in an ignored trailing field must not sink the
+        # message, and fields that need string keys check them (headers). msgpack's guard
+        # against hash floods is not needed: str and bin hash with a seed, and its 64-bit
+        # numbers, nil and booleans cannot be chosen to share hashes in bulk.
+        fields = msgpack.unpackb(head, raw=False, strict_map_key=False)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"head is not valid msgpack: {type(exc).__name__}",
+                            reply_to=_readable_request_id(head)) from None
     if not isinstance(fields, list) or len(fields) < 2:
         raise ProtocolError("head must be an array [protocol, command, ...]")
     return fields
+
+
+def _readable_request_id(head: bytes) -> int | None:
+    """The request id of a client REQUEST whose head did not unpack as a whole (a header map
+    with an int key, trailing bytes, a truncated head...): read one element at a time, up to
+    the id, so such a request is answered PROTOCOL_ERROR rather than dropped. Only on the
+    error path."""
+    try:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=MAX_HEAD)
+        unpacker.feed(head)
+        if unpacker.read_array_header() < 3:
+            return None
+        tag, cmd, rid = unpacker.unpack(), unpacker.unpack(), unpacker.unpack()
+    except Exception:  # noqa: BLE001 - garbage before the id: nothing to answer
+        return None
+    if tag == CLIENT and type(cmd) is int and cmd == _REQUEST and type(rid) is int and 0 <= rid < 2**64:
+        return rid
+    return None
 
 
 def _int(v: Any, what: str, lo: int = 0, hi: int = 2**64 - 1) -> int:
@@ -190,9 +226,12 @@ def _id(v: Any, what: str) -> bytes:
 def _headers(v: Any) -> dict[str, Any]:
     if type(v) is not dict:
         raise ProtocolError("headers must be a map")
+    for k in v:
+        if type(k) is not str:
+            raise ProtocolError("header keys must be strings")
     b = v.get(H_BUDGET)
-    if b is not None and (type(b) is not int or not 0 <= b <= 2**40):
-        raise ProtocolError(f"header {H_BUDGET} must be a non-negative integer")
+    if b is not None and (type(b) is not int or not 0 <= b <= MAX_BUDGET_MS):
+        raise ProtocolError(f"header {H_BUDGET} must be an integer in [0, {MAX_BUDGET_MS}] (ms)")
     i = v.get(H_IDEMPOTENT)
     if i is not None and type(i) is not bool:
         raise ProtocolError(f"header {H_IDEMPOTENT} must be a boolean")
@@ -212,13 +251,22 @@ def _status(v: Any) -> int:
     return v
 
 
+def _any_status(v: Any) -> int:
+    """A worker's status byte: one the broker does not know is still a reply it must answer
+    its client for (with PROTOCOL_ERROR), not a message to drop."""
+    if type(v) is not int or not 0 <= v <= 255:
+        raise ProtocolError(f"status must be an integer in [0, 255], got {v!r}")
+    return v
+
+
 def _services(v: Any) -> dict[str, dict[str, bool]]:
-    if type(v) is not dict or not v or len(v) > 1000:
-        raise ProtocolError("services must be a non-empty map of at most 1000 services")
+    if type(v) is not dict or not v or len(v) > MAX_SERVICES:
+        raise ProtocolError(f"services must be a non-empty map of at most {MAX_SERVICES} services")
     for name, methods in v.items():
         _str(name, "service name")
-        if type(methods) is not dict or len(methods) > 10000:
-            raise ProtocolError(f"methods of {name!r} must be a map method -> idempotent")
+        if type(methods) is not dict or len(methods) > MAX_METHODS:
+            raise ProtocolError(f"methods of {name!r} must be a map method -> idempotent of at "
+                                f"most {MAX_METHODS} methods")
         for m, idem in methods.items():
             _str(m, "method name")
             if type(idem) is not bool:
@@ -244,11 +292,14 @@ def decode(head: bytes, body: bytes = b"") -> Message:
     """Parses one message; raises ProtocolError (with `reply_to` when answerable)."""
     fields = _unpack_head(head)
     tag, cmd = fields[0], fields[1]
+    if type(cmd) is not int:  # msgpack true is not command 1
+        raise ProtocolError(f"command must be an integer, got {cmd!r}")
     if tag == CLIENT:
         if cmd == _REQUEST:
-            _need(fields, 6, "client REQUEST")
+            _need(fields, 3, "client REQUEST")
             rid = _int(fields[2], "request_id")
-            try:
+            try:  # the id is readable: every later error can be answered
+                _need(fields, _REQUEST_FIELDS, "client REQUEST")
                 return ClientRequest(
                     rid, _str(fields[3], "service"), _str(fields[4], "method"), _headers(fields[5]), body
                 )
@@ -273,7 +324,7 @@ def decode(head: bytes, body: bytes = b"") -> Message:
         if cmd == _REPLY:
             _need(fields, 5, "worker REPLY")
             return WorkerReply(
-                _id(fields[2], "client_id"), _int(fields[3], "request_id"), _status(fields[4]), body
+                _id(fields[2], "client_id"), _int(fields[3], "request_id"), _any_status(fields[4]), body
             )
         if cmd == _READY:
             _need(fields, 5, "READY")
