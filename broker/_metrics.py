@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Iterator
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -48,7 +49,7 @@ class BrokerCollector:
             for upper, count in zip(LATENCY_BUCKETS, s["latency_buckets"]):
                 cum += count
                 buckets.append(("+Inf" if upper == float("inf") else repr(upper), cum))
-            hist.add_metric(n, buckets, sum_value=0.0)
+            hist.add_metric(n, buckets, sum_value=_non_negative(s.get("latency_sum", 0.0)))
         yield from (calls, errors, queued, workers, outstanding, hist)
         w_out = GaugeMetricFamily("zrpc_worker_outstanding", "Calls in flight per worker", labels=["worker"])
         w_ewma = GaugeMetricFamily("zrpc_worker_latency_ewma_seconds", "Latency EWMA per worker",
@@ -58,7 +59,7 @@ class BrokerCollector:
             n = [w["name"]]
             w_out.add_metric(n, w["outstanding"])
             w_ewma.add_metric(n, w["ewma_ms"] / 1000)
-            w_phi.add_metric(n, w["phi"])
+            w_phi.add_metric(n, _non_negative(w.get("phi", 0.0)))
         yield from (w_out, w_ewma, w_phi)
         alerts = GaugeMetricFamily("zrpc_alerts_active", "Alerts raised and not resolved", labels=["name"])
         counts: dict[str, int] = {}
@@ -69,9 +70,19 @@ class BrokerCollector:
         yield alerts
 
 
+def _non_negative(v: Any) -> float:
+    """A gauge or sum that cannot be below zero, as Prometheus should read it: never -0.0
+    (which a rounding of a tiny negative gives), never NaN or infinite."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return 0.0
+    return f if f > 0.0 and math.isfinite(f) else 0.0
+
+
 def serve_prometheus(broker: "Broker", port: int, addr: str = "127.0.0.1") -> None:
     registry = CollectorRegistry()
-    registry.register(BrokerCollector(broker))  # type: ignore[arg-type]
+    registry.register(BrokerCollector(broker))
     try:
         start_http_server(port, addr=addr, registry=registry)
     except OSError as exc:
