@@ -1,24 +1,55 @@
 """BinaryStar: the primary/backup failover machine (zguide "Binary Star"), sans-IO.
 
 Every rule that changes a broker's state lives in this file, in TRANSITIONS below. Inputs
-are the peer's published state and client requests; time comes from the injected clock.
+are the peer's published state, client requests, our own stalls and what workers report of
+the other broker; time comes from the injected clock.
 
 The rule that prevents split brain when only the peer link breaks: a PASSIVE broker becomes
 ACTIVE only when its peer has been silent for `peer_timeout` (2 intervals) AND a client
 request arrives (a client that can no longer reach the active broker votes with its call).
 Epochs settle the cases the zguide calls fatal: each takeover increments the epoch carried in
 state messages; of two ACTIVE brokers the lower epoch (the backup on a tie) steps down.
+
+Three more rules close the holes a state link alone leaves open:
+
+- Our own stall (SIGSTOP, a long pause of the loop) is no evidence against the peer, and the
+  peer may have taken over while we were silent. After a `Stalled` event an ACTIVE broker
+  that was silent for a whole peer timeout stops accepting clients until it hears its peer
+  (then the table decides) or one more peer timeout passes without a word (then nobody else
+  can have taken over through the link, and it serves on). Any broker gives its peer one
+  more peer timeout before it counts it silent. Both allowances are made once per sighting of
+  the peer: a loop that stalls over and over still finds a dead peer, and still serves.
+- A one-way state link: the ACTIVE broker that cannot hear its peer learns from workers,
+  which hear both. `HigherEpochSeen` (a worker saw a broker announce ACTIVE with a higher
+  epoch than ours) makes an ACTIVE broker step down, as a split brain seen on the link does.
+- Misconfiguration: the state message carries the sender's role. Two primaries or two
+  backups raise `role_conflict` (critical) for as long as it lasts, and refuse to be
+  confused: two backups never serve (a backup needs its primary first); two primaries never
+  serve while they hear each other (a vote needs a silent peer); of two ACTIVE ones with equal
+  epochs each yields when it sees the other (so at most one stays), and two PASSIVE brokers
+  with one role stay passive (the "primary takes over" rule has no primary to pick). A backup that has never heard its
+  primary raises `peer_unreachable` after UNREACHABLE_TIMEOUTS peer timeouts, and still
+  never serves alone.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from zrpc._clock import Clock
 from zrpc._errors import ProtocolError
 from zrpc._frames import PEER, _int, _unpack_head, pack
+
+ROLES = ("primary", "backup")
+
+MAX_EPOCH = 2**53
+"""Epochs count takeovers; a larger one on the wire is garbage (and must stay packable + 1)."""
+
+UNREACHABLE_TIMEOUTS = 10
+"""Peer timeouts a backup waits for its primary before it says it has never heard it."""
 
 
 class BStar(enum.Enum):
@@ -35,6 +66,7 @@ class BStar(enum.Enum):
 class PeerStateSeen:
     state: BStar
     epoch: int = 0
+    role: str | None = None  # the sender's configured role (None: not known)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +74,22 @@ class ClientVoted:
     """A client request arrived (never a `zrpc.*` request)."""
 
 
-Event = Union[PeerStateSeen, ClientVoted]
+@dataclass(frozen=True, slots=True)
+class Stalled:
+    """Our own loop did not run for `seconds`: we neither heard nor spoke meanwhile."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class HigherEpochSeen:
+    """A worker reports a broker announcing itself ACTIVE with this epoch (its view of the
+    pair, which holds when our state link only works one way)."""
+
+    epoch: int
+
+
+Event = PeerStateSeen | ClientVoted | Stalled | HigherEpochSeen
 
 # --- actions --------------------------------------------------------------------------------
 
@@ -55,6 +102,15 @@ class StateChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class ServingChanged:
+    """Whether client requests are accepted changed (entering or leaving ACTIVE, or an
+    ACTIVE broker in doubt after its own stall): the loop (de)activates its dispatcher."""
+
+    serving: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class PublishState:
     state: BStar
     epoch: int
@@ -62,7 +118,8 @@ class PublishState:
 
 @dataclass(frozen=True, slots=True)
 class PeerAlert:
-    """failover, split_brain, dual_passive, peer_lost, peer_back (resolved=True ends one)."""
+    """failover, split_brain, dual_passive, peer_lost, peer_back, role_conflict,
+    peer_unreachable (resolved=True ends one)."""
 
     name: str
     severity: str
@@ -70,13 +127,14 @@ class PeerAlert:
     resolved: bool = False
 
 
-Action = Union[StateChanged, PublishState, PeerAlert]
+Action = StateChanged | ServingChanged | PublishState | PeerAlert
 
 # --- the table ------------------------------------------------------------------------------
 
 CLIENT = "client_request"
 # (state, event) -> (next state or a rule name, reason). A pair missing from the table leaves
-# the state as it is. Rule names are decided by _rule_* methods, with the clock and epochs.
+# the state as it is. Rule names are decided by the functions in RULES, with the clock and
+# epochs.
 TRANSITIONS: dict[tuple[BStar, BStar | str], tuple[BStar | str, str]] = {
     (BStar.PRIMARY, BStar.BACKUP): (BStar.ACTIVE, "peer is a waiting backup: primary serves"),
     (BStar.PRIMARY, BStar.ACTIVE): (BStar.PASSIVE, "peer is active: primary stands by"),
@@ -96,7 +154,7 @@ class BinaryStar:
     """One broker's side of the pair: its state, its epoch and what it knows of its peer."""
 
     def __init__(self, role: str, clock: Clock, interval: float = 0.25, peer_intervals: int = 2) -> None:
-        if role not in ("primary", "backup"):
+        if role not in ROLES:
             raise ValueError(f"role must be primary or backup, not {role!r}")
         self.role = role
         self._clock = clock
@@ -106,43 +164,95 @@ class BinaryStar:
         self.epoch = 0
         self.peer_state: BStar | None = None
         self.peer_epoch = 0
+        self.peer_role: str | None = None
         now = clock()
+        self._started = now
+        self._known_epoch = 0  # the highest epoch heard of, from the peer or from workers
         self._peer_seen: float | None = None
         self._peer_expiry = now + self.peer_timeout  # a restarted broker first hears its peer
         self._next_publish = now
+        self._published_at = now
         self._peer_lost = False
         self._split = False
+        self._conflict = False  # the peer has our role
+        self._unreachable = False  # a backup that has never heard its primary said so
+        self._doubt_until: float | None = None  # ACTIVE but stalled: not serving until then
+        self._reason = ""  # why serving changed, when no state change says it
+        self._forgiven = False  # a stall of ours was allowed for since the peer was last heard
 
     @property
     def accepts_clients(self) -> bool:
-        return self.state is BStar.ACTIVE
+        return self.state is BStar.ACTIVE and self._doubt_until is None
 
     @property
     def peer_alive(self) -> bool:
-        return self._peer_seen is not None and self._clock() < self._peer_expiry
+        return self._peer_seen is not None and not self._peer_lost and self._clock() < self._peer_expiry
 
     # --- verbs ---------------------------------------------------------------------------
 
     def handle(self, event: Event) -> list[Action]:
+        serving = self.accepts_clients
+        out = self._handle(event)
+        return self._serving(serving, out)
+
+    def tick(self) -> list[Action]:
+        """Publishes our state every interval; notices a silent peer, a backup alone too
+        long, and the end of a doubt after a stall."""
+        serving = self.accepts_clients
+        now = self._clock()
+        out: list[Action] = []
+        if self._peer_seen is not None and not self._peer_lost and now >= self._peer_expiry:
+            self._peer_lost = True
+            out.append(PeerAlert("peer_lost", "warning", {"silent_s": round(now - self._peer_seen, 3),
+                                                          "peer_state": _v(self.peer_state)}))
+        if (self.state is BStar.BACKUP and self._peer_seen is None and not self._unreachable
+                and now >= self._unreachable_at):
+            self._unreachable = True
+            out.append(PeerAlert("peer_unreachable", "warning", {
+                "silent_s": round(now - self._started, 3),
+                "detail": "this backup has never heard its primary; a backup never serves alone "
+                          "(Binary Star), so nothing is served until the primary is up"}))
+        if self._doubt_until is not None and now >= self._doubt_until:
+            self._doubt_until = None
+            self._reason = (f"peer not heard for {self.peer_timeout:.2f}s after our stall: "
+                            "nobody took over, serving on")
+        if now >= self._next_publish:
+            out.append(self._publish(now))
+        return self._serving(serving, out)
+
+    def next_deadline(self) -> float:
+        nxt = self._next_publish
+        if self._peer_seen is not None and not self._peer_lost:
+            nxt = min(nxt, self._peer_expiry)
+        if self.state is BStar.BACKUP and self._peer_seen is None and not self._unreachable:
+            nxt = min(nxt, self._unreachable_at)
+        if self._doubt_until is not None:
+            nxt = min(nxt, self._doubt_until)
+        return nxt
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"role": self.role, "state": self.state.value, "epoch": self.epoch,
+                "peer_state": _v(self.peer_state) if self.peer_alive else None,
+                "peer_epoch": self.peer_epoch, "peer_role": self.peer_role,
+                "serving": self.accepts_clients}
+
+    # --- events --------------------------------------------------------------------------
+
+    @property
+    def _unreachable_at(self) -> float:
+        return self._started + UNREACHABLE_TIMEOUTS * self.peer_timeout
+
+    def _handle(self, event: Event) -> list[Action]:
         out: list[Action] = []
         if isinstance(event, PeerStateSeen):
-            now = self._clock()
-            if self._peer_lost:
-                self._peer_lost = False
-                out.append(PeerAlert("peer_lost", "warning", {"peer_state": event.state.value},
-                                     resolved=True))
-                out.append(PeerAlert("peer_back", "info", {"peer_state": event.state.value}))
-            self._peer_seen = now
-            self._peer_expiry = now + self.peer_timeout
-            self.peer_state = event.state
-            self.peer_epoch = event.epoch
-            if self._split and event.state is not BStar.ACTIVE:
-                self._split = False
-                out.append(PeerAlert("split_brain", "critical", {"state": self.state.value},
-                                     resolved=True))
+            out.extend(self._peer_heard(event))
             key: BStar | str = event.state
         elif isinstance(event, ClientVoted):
             key = CLIENT
+        elif isinstance(event, Stalled):
+            return self._stalled(event.seconds)
+        elif isinstance(event, HigherEpochSeen):
+            return self._higher_epoch(event.epoch)
         else:
             raise TypeError(f"unknown event {event!r}")
         rule = TRANSITIONS.get((self.state, key))
@@ -152,47 +262,109 @@ class BinaryStar:
         if isinstance(target, BStar):
             out.extend(self._go(target, reason))
         else:
-            out.extend(getattr(self, "_rule_" + target)(reason))
+            out.extend(RULES[target](self, reason))
         return out
 
-    def tick(self) -> list[Action]:
-        """Publishes our state every interval; notices a silent peer."""
+    def _peer_heard(self, event: PeerStateSeen) -> list[Action]:
         now = self._clock()
         out: list[Action] = []
-        if self._peer_seen is not None and not self._peer_lost and now >= self._peer_expiry:
-            self._peer_lost = True
-            out.append(PeerAlert("peer_lost", "warning", {"silent_s": round(now - self._peer_seen, 3),
-                                                          "peer_state": _v(self.peer_state)}))
-        if now >= self._next_publish:
-            self._next_publish = now + self.interval
-            out.append(PublishState(self.state, self.epoch))
+        if self._peer_lost:
+            self._peer_lost = False
+            out.append(PeerAlert("peer_lost", "warning", {"peer_state": event.state.value},
+                                 resolved=True))
+            out.append(PeerAlert("peer_back", "info", {"peer_state": event.state.value}))
+        if self._unreachable:
+            self._unreachable = False
+            out.append(PeerAlert("peer_unreachable", "warning", {"peer_state": event.state.value},
+                                 resolved=True))
+        self._peer_seen = now
+        self._peer_expiry = now + self.peer_timeout
+        self._forgiven = False
+        self.peer_state = event.state
+        self.peer_epoch = event.epoch
+        self._known_epoch = max(self._known_epoch, event.epoch)
+        if event.role is not None:
+            self.peer_role = event.role
+            if event.role == self.role and not self._conflict:
+                self._conflict = True
+                out.append(PeerAlert("role_conflict", "critical", {
+                    "role": self.role, "peer_role": event.role,
+                    "detail": f"both brokers of the pair are configured as {self.role}: "
+                              f"neither takes over from the other; restart one with "
+                              f"--role {'backup' if self.role == 'primary' else 'primary'}"}))
+            elif event.role != self.role and self._conflict:
+                self._conflict = False
+                out.append(PeerAlert("role_conflict", "critical", {"role": self.role,
+                                                                   "peer_role": event.role},
+                                     resolved=True))
+        if self._doubt_until is not None:
+            self._doubt_until = None  # the table below decides with the peer's news
+            self._reason = f"peer heard after our stall: it is {event.state.value}"
+        if self._split and event.state is not BStar.ACTIVE:
+            self._split = False
+            out.append(PeerAlert("split_brain", "critical", {"state": self.state.value},
+                                 resolved=True))
         return out
 
-    def next_deadline(self) -> float:
-        nxt = self._next_publish
-        if self._peer_seen is not None and not self._peer_lost:
-            nxt = min(nxt, self._peer_expiry)
-        return nxt
+    def _stalled(self, seconds: float) -> list[Action]:
+        if not seconds > 0 or self._forgiven:  # also NaN; once per sighting of the peer, so
+            return []  # that a loop stalling over and over still finds a dead peer, and serves
+        self._forgiven = True
+        now = self._clock()
+        # our silence is no evidence against the peer: shift its timer, at most to one full
+        # peer timeout from now (its news may still be on its way to us)
+        self._peer_expiry = max(self._peer_expiry, min(self._peer_expiry + seconds, now + self.peer_timeout))
+        if self.state is BStar.ACTIVE and now - self._published_at >= self.peer_timeout:
+            # the peer heard nothing from us for as long as it takes to give up on us: it
+            # may be ACTIVE now; serve nothing new until we hear it or a peer timeout passes
+            self._doubt_until = now + self.peer_timeout
+            self._reason = (f"stalled {seconds:.2f}s, silent for a peer timeout: the peer may "
+                            "have taken over; waiting to hear it")
+        return []
 
-    def snapshot(self) -> dict[str, Any]:
-        return {"role": self.role, "state": self.state.value, "epoch": self.epoch,
-                "peer_state": _v(self.peer_state) if self.peer_alive else None,
-                "peer_epoch": self.peer_epoch}
+    def _higher_epoch(self, epoch: int) -> list[Action]:
+        if not 0 <= epoch <= MAX_EPOCH:
+            return []
+        self._known_epoch = max(self._known_epoch, epoch)
+        if self.state is not BStar.ACTIVE or epoch <= self.epoch:
+            return []
+        mine = self.epoch
+        out: list[Action] = []
+        if not self._split:
+            out.append(PeerAlert("split_brain", "critical", {"epoch": mine, "active_epoch": epoch,
+                                                             "seen_by": "worker"}))
+        out.extend(self._go(BStar.PASSIVE, f"a worker sees an active broker with epoch {epoch} > "
+                                           f"ours {mine}: step down"))
+        self._split = False
+        out.append(PeerAlert("split_brain", "critical", {"state": self.state.value}, resolved=True))
+        return out
 
     # --- rules that need more than the table ----------------------------------------------
+
+    def _publish(self, now: float) -> PublishState:
+        self._next_publish = now + self.interval
+        self._published_at = now
+        return PublishState(self.state, self.epoch)
+
+    def _serving(self, before: bool, out: list[Action]) -> list[Action]:
+        after = self.accepts_clients
+        if after != before:
+            reason = next((a.reason for a in reversed(out) if isinstance(a, StateChanged)), None)
+            out.append(ServingChanged(after, reason or self._reason))
+        return out
 
     def _go(self, new: BStar, reason: str) -> list[Action]:
         old = self.state
         if new is old:
             return []
         self.state = new
+        self._doubt_until = None
         out: list[Action] = [StateChanged(old, new, reason)]
         if new is BStar.ACTIVE:
-            self.epoch = max(self.epoch, self.peer_epoch) + 1
+            self.epoch = max(self.epoch, self.peer_epoch, self._known_epoch) + 1
         else:
-            self.epoch = max(self.epoch, self.peer_epoch)
-        out.append(PublishState(self.state, self.epoch))  # tell the peer at once
-        self._next_publish = self._clock() + self.interval
+            self.epoch = max(self.epoch, self.peer_epoch, self._known_epoch)
+        out.append(self._publish(self._clock()))  # tell the peer at once
         return out
 
     def _rule_accept(self, reason: str) -> list[Action]:
@@ -219,20 +391,34 @@ class BinaryStar:
         if not self._split:
             self._split = True
             out.append(PeerAlert("split_brain", "critical", {"epoch": mine, "peer_epoch": theirs}))
-        if mine < theirs or (mine == theirs and self.role == "backup"):
+        tie_yields = self.role == "backup" or self._conflict  # same role: both yield
+        if mine < theirs or (mine == theirs and tie_yields):
             out.extend(self._go(BStar.PASSIVE, f"{reason}: lower epoch {mine} < {theirs} steps down"
-                                if mine < theirs else f"{reason}: equal epochs, backup steps down"))
+                                if mine < theirs else f"{reason}: equal epochs, {self.role} steps down"))
             self._split = False
             out.append(PeerAlert("split_brain", "critical", {"state": self.state.value}, resolved=True))
         return out
 
     def _rule_dual_passive(self, reason: str) -> list[Action]:
-        if self.role != "primary":
-            return []  # the primary takes over; we stay passive
+        if self.role != "primary" or self._conflict:
+            return []  # the primary takes over; we stay passive (and two primaries both do)
         out: list[Action] = [PeerAlert("dual_passive", "warning", {})]
         out.extend(self._go(BStar.ACTIVE, f"{reason}: primary takes over"))
         out.append(PeerAlert("dual_passive", "warning", {}, resolved=True))
         return out
+
+
+RULES: dict[str, Callable[[BinaryStar, str], list[Action]]] = {
+    "accept": BinaryStar._rule_accept,
+    "reject": BinaryStar._rule_reject,
+    "lone_primary": BinaryStar._rule_lone_primary,
+    "failover": BinaryStar._rule_failover,
+    "split_brain": BinaryStar._rule_split_brain,
+    "dual_passive": BinaryStar._rule_dual_passive,
+}
+"""The rules TRANSITIONS names, by name."""
+
+assert {t for t, _ in TRANSITIONS.values() if isinstance(t, str)} <= set(RULES)
 
 
 def _v(state: BStar | None) -> str | None:
@@ -246,14 +432,27 @@ def encode_state(state: BStar, epoch: int, role: str) -> list[bytes]:
     return [pack([PEER, state.value, epoch, role])]
 
 
-def decode_state(frames: list[bytes]) -> tuple[BStar, int]:
+def decode_state(frames: list[bytes]) -> tuple[BStar, int, str]:
+    """(state, epoch, role) from a state message; ProtocolError, and nothing else, for any
+    other input."""
     if len(frames) != 1:
         raise ProtocolError(f"state message has {len(frames)} frames, expected 1")
     fields = _unpack_head(frames[0])
-    if fields[0] != PEER or len(fields) < 3:
-        raise ProtocolError("not a ZRPC1S state message")
+    if len(fields) < 4 or type(fields[0]) is not str or fields[0] != PEER:
+        raise ProtocolError("not a ZRPC1S state message [ZRPC1S, state, epoch, role]")
+    state = next((s for s in BStar if type(fields[1]) is str and s.value == fields[1]), None)
+    if state is None:
+        raise ProtocolError(f"unknown broker state {_short(fields[1])}")
+    epoch = _int(fields[2], "epoch", 0, MAX_EPOCH)
+    role = fields[3]
+    if type(role) is not str or role not in ROLES:
+        raise ProtocolError(f"role must be primary or backup, not {_short(role)}")
+    return state, epoch, role
+
+
+def _short(v: Any) -> str:
     try:
-        state = BStar(fields[1])
-    except ValueError:
-        raise ProtocolError(f"unknown broker state {fields[1]!r}") from None
-    return state, _int(fields[2], "epoch")
+        text = repr(v)
+    except Exception:  # noqa: BLE001 - a repr of decoded data should not fail; never let it
+        text = type(v).__name__
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -3,6 +3,7 @@ and core actions to frames, and owns nothing the cores could own."""
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import os
@@ -16,7 +17,6 @@ import zmq
 
 from zrpc._clock import Clock, monotonic, timeout_ms
 from zrpc._errors import ProtocolError
-from zrpc._liveness import LivenessTracker
 from zrpc._frames import (
     CLIENT,
     WORKER,
@@ -30,27 +30,40 @@ from zrpc._frames import (
     decode,
     encode,
 )
+from zrpc._internal import InternalErrors
+from zrpc._liveness import LivenessTracker
+from zrpc._security import CurveKeys, ZapGuard, load_authorized, server_keys
 from zrpc._serial import pack_error, pack_result
 from zrpc._service import RESERVED
-from zrpc._security import CurveKeys, ZapGuard, load_authorized, server_keys
-from zrpc._sockets import DEFAULT_MAX_MESSAGE, NOBLOCK, SocketOptions, make_socket, send_frames
+from zrpc._sockets import (
+    DEFAULT_MAX_MESSAGE,
+    NOBLOCK,
+    SocketOptions,
+    make_socket,
+    send_frames,
+)
 
-from ._bstar import Action as BStarAction
 from ._bstar import (
+    MAX_EPOCH,
     BinaryStar,
+    BStar,
     ClientVoted,
+    HigherEpochSeen,
     PeerAlert,
     PeerStateSeen,
     PublishState,
+    ServingChanged,
+    Stalled,
     StateChanged,
     decode_state,
     encode_state,
 )
-from ._monitor import Eject, Monitor, Thresholds
-from ._monitor import Output as MonitorOutput
+from ._bstar import Action as BStarAction
 from ._dispatch import (
     AckLeave,
     Action,
+    Activated,
+    Deactivated,
     Dispatcher,
     Notice,
     ReplyArrived,
@@ -61,9 +74,27 @@ from ._dispatch import (
     WorkerLost,
     WorkerReady,
 )
+from ._monitor import Eject, Monitor, Thresholds
+from ._monitor import Output as MonitorOutput
 
 BATCH = 512
 """Messages drained per wake-up: batching is measured to pay (DESIGN.md §2)."""
+
+DRAIN_TIMEOUTS = 10
+"""After a stall of our own, liveness is judged once the frontend is drained, or after this
+many liveness timeouts of draining (a flood that never drains must not hide a dead worker)."""
+
+ALWAYS_NOTICED = frozenset({"unauthorized", "internal_error", "broker_restarted"})
+"""Notices a passive broker reports too: they are about this broker, not about the calls the
+active one serves."""
+
+
+class Sent(enum.Enum):
+    """What became of a message given to the frontend."""
+
+    OK = "sent"
+    GONE = "unroutable"  # the peer is gone (ROUTER_MANDATORY)
+    FULL = "full"  # its pipe is full: the message did not go out
 
 log = logging.getLogger("zrpc.broker")
 
@@ -87,6 +118,7 @@ class BrokerConfig:
     curve_authorized: str | None = None  # directory of the public keys admitted
     max_inflight_per_client: int = 10_000
     thresholds: Thresholds = field(default_factory=Thresholds)
+    restarts: int = 0  # how many times a supervisor (zrpc pair) restarted this broker
 
 
 def _libc_trim() -> Any:
@@ -109,18 +141,22 @@ def _release_memory() -> None:
         _TRIM(0)
 
 
-class _Prefix(logging.LoggerAdapter):
-    """Every log line names the broker's role and state."""
+class _Prefix(logging.LoggerAdapter[logging.Logger]):
+    """Every log line names the broker's role and state (the loop logs through nothing else)."""
+
+    def __init__(self, logger: logging.Logger, broker: Broker) -> None:
+        super().__init__(logger, {})
+        self.broker = broker
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        b = self.extra["broker"]  # type: ignore[index]
+        b = self.broker
         return f"broker[{b.role}/{b.state}] {msg}", kwargs
 
 
 class Broker:
     """One broker process: a ROUTER frontend shared by clients and workers."""
 
-    def __init__(self, config: BrokerConfig, *, context: zmq.Context | None = None,
+    def __init__(self, config: BrokerConfig, *, context: zmq.Context | None = None,  # type: ignore[type-arg]
                  clock: Clock = monotonic) -> None:
         self.config = config
         self.role = config.role
@@ -142,16 +178,30 @@ class Broker:
         self.last_status: dict[str, Any] = {}  # refreshed every second, read by Prometheus
         self._next_eval = clock()
         self._next_metrics = clock() + 1.0
-        self.log = _Prefix(log, {"broker": self})
+        self.log = _Prefix(log, self)
+        self._errors = InternalErrors(self.log, "broker")
+        self._errors_reported = 0
+        self._worker_errors: dict[bytes, int] = {}  # internal errors each worker last reported
+        # what the dispatcher was last told: a lone broker serves from the start, a pair
+        # member once Binary Star says so
+        self._serving = self.bstar is None
+        # a stall of our own (see _checkpoint): liveness waits for the backlog to be read
+        self._mark = clock()
+        self._stall_min = config.heartbeat_interval
+        self._drained = True
+        self._drain_until: float | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._keys: CurveKeys | None = None
         self._guard: ZapGuard | None = None
-        self._front: zmq.Socket | None = None
-        self._pub: zmq.Socket | None = None
-        self._sub: zmq.Socket | None = None
-        self._mon: zmq.Socket | None = None
+        self._front: zmq.Socket | None = None  # type: ignore[type-arg]
+        self._pub: zmq.Socket | None = None  # type: ignore[type-arg]
+        self._sub: zmq.Socket | None = None  # type: ignore[type-arg]
+        self._mon: zmq.Socket | None = None  # type: ignore[type-arg]
         self._started_wall = time.time()
+        # names this run of the broker in heartbeats: a client that sees it change knows the
+        # broker restarted (faster than it could notice) and re-sends the calls it had there
+        self._boot = os.urandom(4).hex()
         self.counters: dict[str, int] = dict.fromkeys(
             ("received", "sent", "malformed", "unroutable", "send_full", "not_active"), 0)
         self.ready = threading.Event()  # set once the frontend is bound
@@ -227,33 +277,47 @@ class Broker:
         assert front is not None
         self.log.info("serving on %s (lb=%s, queue_limit=%d)", self.config.frontend,
                       self.config.lb, self.config.queue_limit)
+        with self._errors.contain("the start"):
+            self._start()
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
         if self._sub is not None:
             poller.register(self._sub, zmq.POLLIN)
         recv = front.recv_multipart
+        on_frames = self._on_frames
+        contain = self._errors.contain
+        self._mark = self._clock()
         try:
             while not self._stop.is_set():
-                now = self._clock()
-                nxt = self.liveness.next_deadline()
-                dd = self.dispatcher.next_deadline()
-                if dd is not None:
-                    nxt = min(nxt, dd)
-                if self.bstar is not None:
-                    nxt = min(nxt, self.bstar.next_deadline())
-                nxt = min(nxt, self._next_eval, self._next_metrics)
-                if poller.poll(timeout_ms(nxt, now, cap=0.1)):
+                ms = self._poll_timeout()
+                events = poller.poll(ms)
+                with contain("a stall of the loop"):
+                    self._checkpoint(ms / 1000)
+                if events:
                     # the peer's state first: a broker resumed after SIGSTOP must learn that
                     # its peer took over before it serves anything from its backlog
-                    self._read_peer()
+                    with contain("the peer's state"):
+                        self._read_peer()
                     for _ in range(BATCH):
                         try:
                             frames = recv(zmq.NOBLOCK)
                         except zmq.Again:
+                            self._drained = True
                             break
-                        self._on_frames(frames)
-                self._execute(self.dispatcher.tick())
+                        # a bug costs this one message, never the broker (a plain try: it
+                        # costs nothing on this path until something raises)
+                        try:
+                            on_frames(frames)
+                        except Exception as exc:  # noqa: BLE001 - that is the point
+                            self._frontend_failed(exc, frames)
+                else:
+                    self._drained = True
+                with contain("a stall of the loop"):
+                    self._checkpoint()
+                with contain("the dispatcher's timers"):
+                    self._execute(self.dispatcher.tick())
                 self._keep_alive()
+                self._report_errors()
         finally:
             front.close(linger=0)
             for sock in (self._pub, self._sub, self._mon):
@@ -264,6 +328,58 @@ class Broker:
             if self._own_ctx:
                 self._ctx.term()
             self.log.info("stopped")
+
+    def _start(self) -> None:
+        """A lone broker dispatches at once, a pair member only once it is ACTIVE; a broker a
+        supervisor had to restart says so (the crash before it must not go unseen)."""
+        self._activate(self._serving)
+        n = self.config.restarts
+        if n > 0:
+            self.log.warning("started again after %d restart(s) by its supervisor: the previous "
+                             "run died (see its log)", n)
+            self._notice(Notice("broker_restarted", self._errors.where, {"restarts": n}))
+
+    def _poll_timeout(self) -> int:
+        """Milliseconds until the earliest deadline of any core, 100 at most."""
+        now = self._clock()
+        try:
+            nxt = min(self.liveness.next_deadline(), self._next_eval, self._next_metrics)
+            dd = self.dispatcher.next_deadline()
+            if dd is not None:
+                nxt = min(nxt, dd)
+            if self.bstar is not None:
+                nxt = min(nxt, self.bstar.next_deadline())
+        except Exception as exc:  # noqa: BLE001 - a core's bug must not end the loop
+            self._errors.record(exc, "the next deadline")
+            nxt = now + 0.01
+        ms = timeout_ms(nxt, now, cap=0.1)
+        return 100 if ms is None else ms
+
+    def _checkpoint(self, allowed: float = 0.0) -> None:
+        """Notices a stall of our own: more time went by since the last checkpoint than the
+        poll was allowed to wait, by more than a heartbeat interval (SIGSTOP, a starved
+        machine, a step that took too long)."""
+        now = self._clock()
+        gap = now - self._mark - allowed
+        self._mark = now
+        if gap > self._stall_min:
+            self._stalled(gap)
+
+    def _stalled(self, seconds: float) -> None:
+        """Our silence is no evidence against anyone: liveness moves every peer's last-seen
+        on by the stall and judges nobody before the frontend's backlog (their heartbeats
+        may be in it) has been read; Binary Star learns of it before any client request is
+        served, so that a resumed broker does not serve its backlog before it knows what its
+        peer did meanwhile."""
+        level = logging.WARNING if seconds >= self.liveness.timeout else logging.DEBUG
+        self.log.log(level, "the loop stalled for %.2fs (stopped, or starved of CPU): peers are "
+                     "given that time back", seconds)
+        self.liveness.pause(seconds)
+        self._drained = False
+        if self._drain_until is None:  # not moved by the next stall: a dead worker is found
+            self._drain_until = self._clock() + DRAIN_TIMEOUTS * self.liveness.timeout
+        if self.bstar is not None:
+            self._bstar_actions(self.bstar.handle(Stalled(seconds)))
 
     # --- input ---------------------------------------------------------------------------
 
@@ -291,10 +407,10 @@ class Broker:
             else:
                 self.counters["not_active"] += 1
                 self._send(peer, encode(ClientReply(msg.request_id, Status.NOT_ACTIVE,  # type: ignore[union-attr]
-                                                    pack_error("NotActive", f"broker is {self.state}"))))
+                                                    pack_error("NotActive", self._not_active()))))
         elif t is WorkerReply:
-            self._execute(d.handle(ReplyArrived(peer, msg)))  # type: ignore[arg-type]
             self._worker_seen(peer)
+            self._worker_event(peer, ReplyArrived(peer, msg))  # type: ignore[arg-type]
         elif t is Ready:
             self._execute(d.handle(WorkerReady(peer, msg)))  # type: ignore[arg-type]
             self.liveness.seen(peer)
@@ -304,26 +420,80 @@ class Broker:
                 self._worker_seen(peer)
                 if d.has_worker(peer):
                     self.monitor.worker_heartbeat(peer)
+                    if msg.info:  # type: ignore[union-attr]
+                        self._worker_info(peer, msg.info)  # type: ignore[union-attr]
             else:
                 self._send(peer, encode(Heartbeat(CLIENT, self._hello())))
         elif t is Disconnect:
-            self._execute(d.handle(WorkerLeaving(peer)))
+            self._worker_event(peer, WorkerLeaving(peer))
             if d.has_worker(peer):  # still finishing calls: still watched
                 self.liveness.seen(peer)
         else:
             self._malformed(peer, f"{t.__name__} is not sent to a broker")
 
+    def _frontend_failed(self, exc: Exception, frames: list[bytes]) -> None:
+        """A message this broker failed on (its own bug): counted and logged by
+        InternalErrors, and a client request is answered rather than left to time out."""
+        self._errors.record(exc, "a frontend message")
+        try:
+            if len(frames) != 3:
+                return
+            msg = decode(frames[1], frames[2])
+            if type(msg) is ClientRequest:
+                self._send(frames[0], encode(ClientReply(msg.request_id, Status.ERROR, pack_error(
+                    "InternalError", "the broker failed while handling this request (an internal "
+                    "error, logged there); it may have been dispatched"))))
+        except Exception as again:  # noqa: BLE001 - nothing more to do for this message
+            self._errors.record(again, "the answer to a failed message")
+
+    def _worker_event(self, peer: bytes, event: ReplyArrived | WorkerLeaving) -> None:
+        """A worker's message for the dispatcher; a worker it removed (its last reply after
+        DISCONNECT) is forgotten everywhere else too."""
+        d = self.dispatcher
+        known = d.has_worker(peer)
+        self._execute(d.handle(event))
+        if known and not d.has_worker(peer):
+            self._forget(peer)
+
     def _worker_seen(self, peer: bytes) -> None:
         """Any traffic from a worker is a heartbeat; an unknown one is asked to register
-        (this broker restarted, or declared it dead while it was only stopped)."""
-        if self.dispatcher.has_worker(peer):
+        (this broker restarted, or declared it dead while it was only stopped), unless it
+        is one that left cleanly: it is gone on purpose."""
+        d = self.dispatcher
+        if d.has_worker(peer):
             self.liveness.seen(peer)
-        else:
+        elif d.wants_register(peer):
             self._ask_register(peer)
+
+    def _worker_info(self, peer: bytes, info: dict[str, Any]) -> None:
+        """A registered worker's heartbeat `info`: its own internal errors, and the newest
+        epoch it sees a broker announce as ACTIVE (fencing when our state link fails one
+        way)."""
+        n = info.get("internal_errors")
+        if type(n) is int and n >= 0:
+            before = self._worker_errors.get(peer, 0)
+            if n != before:
+                self._worker_errors[peer] = n
+            if n > before:
+                w = self.dispatcher.workers.get(peer)
+                name = w.name if w is not None else peer.hex()
+                self._notice(Notice("internal_error", name, {
+                    "error": f"the worker reports {n - before} new internal error(s); see its log",
+                    "count": n, "worker": peer.hex()}))
+        epoch = info.get("active_epoch")
+        bstar = self.bstar
+        if (bstar is not None and type(epoch) is int and bstar.state is BStar.ACTIVE
+                and bstar.epoch < epoch <= MAX_EPOCH):
+            self._bstar_actions(bstar.handle(HigherEpochSeen(epoch)))
 
     @property
     def state(self) -> str:
         return "active" if self.bstar is None else self.bstar.state.value
+
+    def _not_active(self) -> str:
+        if self.bstar is not None and self.bstar.state is BStar.ACTIVE:
+            return "broker is active but stalled: it waits to hear its peer before it serves"
+        return f"broker is {self.state}"
 
     def _vote(self) -> bool:
         """A client request to a broker that is not active: a vote for takeover."""
@@ -335,29 +505,49 @@ class Broker:
         sub, bstar = self._sub, self.bstar
         if sub is None or bstar is None:
             return
-        while True:
+        actions: list[BStarAction] = []
+        for _ in range(BATCH):
             try:
                 frames = sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
-            try:
-                state, epoch = decode_state(frames)
-            except ProtocolError as exc:
-                self._malformed(b"peer", f"state message: {exc}")
-                continue
-            self._bstar_actions(bstar.handle(PeerStateSeen(state, epoch)))
+                break
+            with self._errors.contain("a state message from the peer"):
+                try:
+                    state, epoch, role = decode_state(frames)
+                except ProtocolError as exc:
+                    self._malformed(b"peer", f"state message: {exc}")
+                    continue
+                actions.extend(bstar.handle(PeerStateSeen(state, epoch, role)))
+        self._bstar_actions(actions)  # all of the backlog's news at once: serving flips once
 
     def _bstar_actions(self, actions: list[BStarAction]) -> None:
+        serving: bool | None = None
         for a in actions:
             if isinstance(a, PublishState):
-                try:
-                    send_frames(self._pub, encode_state(a.state, a.epoch, self.role), NOBLOCK)  # type: ignore[arg-type]
-                except zmq.Again:
-                    pass
+                if self._pub is not None:
+                    try:
+                        send_frames(self._pub, encode_state(a.state, a.epoch, self.role), NOBLOCK)
+                    except zmq.Again:
+                        pass
             elif isinstance(a, StateChanged):
                 self.log.info("%s -> %s: %s", a.old.value, a.new.value, a.reason)
+                if a.new is BStar.ACTIVE:
+                    self._monitor_outputs(self.monitor.became_active())
+            elif isinstance(a, ServingChanged):
+                serving = a.serving
+                self.log.info("%s clients: %s", "serving" if a.serving else "not serving", a.reason)
             elif isinstance(a, PeerAlert):
+                if a.name == "role_conflict" and not a.resolved:
+                    self.log.error("role conflict: %s", a.detail.get("detail", a.detail))
                 self._monitor_outputs(self.monitor.peer(a))
+        if serving is not None and serving != self._serving:
+            # leaving ACTIVE (or doubting it): nothing new goes to workers from here, and the
+            # queue is answered NOT_ACTIVE, so that no call runs on both brokers
+            self._serving = serving
+            self._activate(serving)
+
+    def _activate(self, serving: bool) -> None:
+        self._execute(self.dispatcher.handle(Activated() if serving else Deactivated()))
 
     def _security_events(self) -> None:
         guard = self._guard
@@ -371,42 +561,87 @@ class Broker:
             except ValueError as exc:
                 self.log.error("keeping the old authorized keys: %s", exc)
         while guard.refused:
-            address, reason = guard.refused.popleft()
-            self._notice(Notice("unauthorized", address, {"reason": reason}))
+            address, key, reason = guard.refused.popleft()
+            self._notice(Notice("unauthorized", address, {"reason": reason, "key": key}))
 
     def _keep_alive(self) -> None:
-        self._security_events()
+        """Every timer step, each contained on its own: one failing never skips the others."""
+        contain = self._errors.contain
+        with contain("a stall of the loop"):
+            self._checkpoint()  # before any timer acts on a clock that jumped under it
+        with contain("security events"):
+            self._security_events()
         if self.bstar is not None:
-            self._bstar_actions(self.bstar.tick())
+            with contain("the Binary Star timers"):
+                self._bstar_actions(self.bstar.tick())
         now = self._clock()
         if now >= self._next_eval:
             self._next_eval = now + min(0.1, self.config.heartbeat_interval / 2)
             if self.state == "active":  # the passive broker's view would only repeat it
-                self._monitor_outputs(self.monitor.evaluate(self.dispatcher.snapshot()))
+                with contain("the monitor's evaluation"):
+                    self._monitor_outputs(self.monitor.evaluate(self.dispatcher.snapshot()))
         if now >= self._next_metrics:
             self._next_metrics = now + 1.0
-            snap = self.dispatcher.snapshot()
-            metrics, alerts = self.monitor.metrics(snap)
-            metrics.update(self._identity(), counters={**snap["counters"], **self.counters})
-            self.metrics = metrics
-            self.last_status = self.status()
-            self._publish("metrics", metrics)
-            if self.state == "active":
-                self._monitor_outputs(alerts)
-            _release_memory()
+            with contain("the metrics snapshot"):
+                self._metrics_step()
+        with contain("a stall of the loop"):
+            self._checkpoint()  # a slow step above is a stall too: before anyone is judged
+        self._judge_liveness()
+        with contain("heartbeats to workers"):
+            if self.liveness.beat():
+                frames = encode(Heartbeat(WORKER, self._hello()))
+                for wid in self.dispatcher.worker_ids():
+                    self._send(wid, frames)
+
+    def _judge_liveness(self) -> None:
+        if self._drain_until is not None:
+            if not self._drained and self._clock() < self._drain_until:
+                return  # after our own stall: their heartbeats may still be in the backlog
+            self._drain_until = None
         for wid in self.liveness.expired():
-            if self.dispatcher.has_worker(wid):
-                self._execute(self.dispatcher.handle(
-                    WorkerLost(wid, f"silent for {self.liveness.timeout:.2f}s")))
-        if self.liveness.beat():
-            frames = encode(Heartbeat(WORKER, self._hello()))
-            for wid in self.dispatcher.worker_ids():
-                self._send(wid, frames)
+            with self._errors.contain("a silent worker"):
+                if self.dispatcher.has_worker(wid):
+                    self._execute(self._lose(wid, f"silent for {self.liveness.timeout:.2f}s"))
+
+    def _lose(self, wid: bytes, reason: str) -> list[Action]:
+        """The dispatcher's answer to a lost worker; the worker is forgotten everywhere."""
+        out = self.dispatcher.handle(WorkerLost(wid, reason))
+        self._forget(wid)
+        return out
+
+    def _forget(self, wid: bytes) -> None:
+        self.monitor.forget(wid)
+        self.liveness.forget(wid)
+        self._worker_errors.pop(wid, None)
+
+    def _metrics_step(self) -> None:
+        snap = self.dispatcher.snapshot()
+        metrics, alerts = self.monitor.metrics(snap)
+        metrics.update(self._identity(), counters={**snap["counters"], **self.counters,
+                                                   "internal_errors": self._errors.count})
+        self.metrics = metrics
+        self.last_status = self.status()
+        self._publish("metrics", metrics)
+        if self.state == "active":
+            self._monitor_outputs(alerts)
+        d = self.dispatcher
+        for wid in [w for w in self._worker_errors if not d.has_worker(w)]:
+            del self._worker_errors[wid]  # bounded by the workers we know, whatever path removed one
+        _release_memory()
+
+    def _report_errors(self) -> None:
+        """Our own internal errors since the last iteration become one `internal_error` alert."""
+        errors = self._errors
+        if errors.count == self._errors_reported:
+            return
+        self._errors_reported = errors.count
+        self._notice(Notice("internal_error", errors.where, {"error": errors.last, "count": errors.count}))
+        self._errors_reported = errors.count  # an alert that failed too is not alerted again
 
     def _hello(self) -> dict[str, Any]:
         return {"interval_ms": int(self.config.heartbeat_interval * 1000),
                 "liveness": self.config.liveness, "role": self.role, "state": self.state,
-                "epoch": self.bstar.epoch if self.bstar is not None else 0}
+                "epoch": self.bstar.epoch if self.bstar is not None else 0, "boot": self._boot}
 
     def _ask_register(self, peer: bytes) -> None:
         info = self._hello()
@@ -438,13 +673,16 @@ class Broker:
             "endpoint": self.config.frontend,
             "role": self.role,
             "state": self.state,
+            "serving": self._serving,
             "peer_state": pair.get("peer_state"),
             "epoch": pair.get("epoch"),
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "uptime_s": round(time.time() - self._started_wall, 3),
+            "restarts": self.config.restarts,
         }
         snap["counters"].update(self.counters)
+        snap["counters"]["internal_errors"] = self._errors.count
         snap["alerts"] = [{"name": a.name, "severity": a.severity, "subject": a.subject,
                            "detail": a.detail} for a in self.monitor.active]
         for w in snap["workers"]:
@@ -455,13 +693,21 @@ class Broker:
 
     def _execute(self, actions: list[Action]) -> None:
         pending = actions
+        d = self.dispatcher
         while pending:
             more: list[Action] = []
             for a in pending:
                 t = type(a)
                 if t is SendToWorker:
-                    if not self._send(a.worker_id, encode(a.message)):  # type: ignore[union-attr]
-                        more.extend(self.dispatcher.handle(WorkerLost(a.worker_id, "unreachable")))  # type: ignore[union-attr]
+                    wid = a.worker_id  # type: ignore[union-attr]
+                    if not d.has_worker(wid):
+                        continue  # lost earlier in this batch: its calls were dealt with then
+                    sent = self._send(wid, encode(a.message))  # type: ignore[union-attr]
+                    if sent is not Sent.OK:
+                        # it did not go out: the worker is unreachable, and its calls are
+                        # retried or answered by the dispatcher's rules for a lost worker
+                        more.extend(self._lose(wid, "unreachable" if sent is Sent.GONE else
+                                               "its queue is full (the call did not go out)"))
                 elif t is ReplyToClient:
                     self._send(a.client_id, encode(ClientReply(a.request_id, a.status, a.body)))  # type: ignore[union-attr]
                 elif t is AckLeave:
@@ -471,10 +717,14 @@ class Broker:
             pending = more
 
     def _notice(self, n: Notice) -> None:
-        outputs = self.monitor.notice(n) if self.state == "active" or n.name == "unauthorized" else []
-        if not outputs:
-            self.log.debug("%s %s %s", n.name, n.subject, n.detail)
-        self._monitor_outputs(outputs)
+        try:
+            outputs = (self.monitor.notice(n) if self.state == "active" or n.name in ALWAYS_NOTICED
+                       else [])
+            if not outputs:
+                self.log.debug("%s %s %s", n.name, n.subject, n.detail)
+            self._monitor_outputs(outputs)
+        except Exception as exc:  # noqa: BLE001 - an alert's bug must not cost the calls around it
+            self._errors.record(exc, f"the {n.name} notice")
 
     def _monitor_outputs(self, outputs: list[MonitorOutput]) -> None:
         for o in outputs:
@@ -502,17 +752,18 @@ class Broker:
         except zmq.ZMQError:
             pass  # a monitor must never slow the broker down
 
-    def _send(self, peer: bytes, frames: list[bytes]) -> bool:
-        """False when the peer is gone (ROUTER_MANDATORY); a full pipe is counted, not fatal."""
+    def _send(self, peer: bytes, frames: list[bytes]) -> Sent:
+        """GONE when the peer is gone (ROUTER_MANDATORY), FULL when its pipe is full: either
+        way nothing went out. Counted; what it means is the caller's to decide."""
         try:
             send_frames(self._front, [peer, *frames], NOBLOCK)  # type: ignore[arg-type]
         except zmq.ZMQError as exc:
             if exc.errno == errno.EHOSTUNREACH:
                 self.counters["unroutable"] += 1
-                return False
+                return Sent.GONE
             if exc.errno == errno.EAGAIN:
                 self.counters["send_full"] += 1
-                return True
+                return Sent.FULL
             raise
         self.counters["sent"] += 1
-        return True
+        return Sent.OK

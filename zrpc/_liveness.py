@@ -20,6 +20,7 @@ class LivenessTracker(Generic[P]):
     def __init__(self, clock: Clock, interval: float = 0.25, liveness: int = 3) -> None:
         self._clock = clock
         self._last: dict[P, float] = {}
+        self._shifted: dict[P, float] = {}  # peers a pause moved on, not heard since
         self._next_beat = clock()
         self.configure(interval, liveness)
 
@@ -32,6 +33,29 @@ class LivenessTracker(Generic[P]):
 
     def seen(self, peer: P) -> None:
         self._last[peer] = self._clock()
+        if self._shifted:  # empty but for a moment after a stall of our own
+            self._shifted.pop(peer, None)
+
+    def forget(self, peer: P) -> None:
+        """The peer left (or was declared lost elsewhere): stop watching it."""
+        self._last.pop(peer, None)
+        self._shifted.pop(peer, None)
+
+    def pause(self, seconds: float) -> None:
+        """Our own loop did not run for `seconds` (stopped, or stuck in a long step): our
+        silence is no evidence against peers, so every peer's last-seen moves on by as much
+        (never past now). Messages they sent meanwhile may still be waiting to be read.
+
+        Once per sighting: a peer not heard since an earlier pause is not moved again, so a
+        loop that stalls over and over still finds a peer that really died."""
+        if not seconds > 0:  # also NaN
+            return
+        now = self._clock()
+        last, shifted = self._last, self._shifted
+        for p, t in last.items():
+            if p in shifted:
+                continue  # moved on already, and not heard since
+            last[p] = shifted[p] = min(t + seconds, now)
 
     def __contains__(self, peer: object) -> bool:
         return peer in self._last
@@ -47,6 +71,7 @@ class LivenessTracker(Generic[P]):
         dead = [p for p, t in self._last.items() if t <= limit]
         for p in dead:
             del self._last[p]
+            self._shifted.pop(p, None)
         return dead
 
     def beat(self) -> bool:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.auth
+import zmq.utils.z85
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class CurveKeys:
     def as_client_of(self, server_key: bytes) -> "CurveKeys":
         return CurveKeys(self.public, self.secret, server_key)
 
-    def apply(self, sock: zmq.Socket) -> None:
+    def apply(self, sock: zmq.Socket[Any]) -> None:
         sock.curve_publickey = self.public
         sock.curve_secretkey = self.secret
         if self.is_server:
@@ -90,6 +92,13 @@ def load_authorized(directory: str | os.PathLike[str]) -> set[bytes]:
     return keys
 
 
+def key_text(key: bytes) -> str:
+    """A CURVE public key as the Z85 text a NAME.key file holds ("?" if it is not one)."""
+    if len(key) != 32:
+        return "?"
+    return zmq.utils.z85.encode(key).decode("ascii")
+
+
 def keygen(directory: str | os.PathLike[str], name: str = "zrpc") -> tuple[Path, Path]:
     """Writes NAME.key and NAME.key_secret in DIR (created if needed); the secret is 0600."""
     if not name or "/" in name or name.startswith("."):
@@ -111,11 +120,12 @@ def keygen(directory: str | os.PathLike[str], name: str = "zrpc") -> tuple[Path,
 
 class ZapGuard:
     """ZAP for a broker's sockets (zmq.auth.thread.ThreadAuthenticator underneath): admits the
-    CURVE keys in `allowed`, and remembers who was refused so the broker can raise an alert."""
+    CURVE keys in `allowed`, and remembers who was refused, with which key, so the broker can
+    raise an alert an operator can act on (which key to add, or which peer to stop)."""
 
     DOMAIN = "zrpc"
 
-    def __init__(self, ctx: zmq.Context, allowed: set[bytes]) -> None:
+    def __init__(self, ctx: zmq.Context[Any], allowed: set[bytes]) -> None:
         from collections import deque
 
         from zmq.auth.thread import ThreadAuthenticator
@@ -125,17 +135,21 @@ class ZapGuard:
         class _Authenticator(ThreadAuthenticator):
             async def handle_zap_message(self, msg: list[bytes]) -> None:
                 guard._address = msg[3].decode(errors="replace") if len(msg) > 3 else "?"
+                guard._key = key_text(msg[6]) if len(msg) > 6 and msg[5] == b"CURVE" else "?"
                 await super().handle_zap_message(msg)
 
             def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
                                 user_id: str = "anonymous") -> None:
                 if status_code != b"200":
-                    guard.refused.append((guard._address, status_text.decode(errors="replace")))
+                    guard.refused.append((guard._address, guard._key,
+                                          status_text.decode(errors="replace")))
                 super()._send_zap_reply(request_id, status_code, status_text, user_id)
 
         self.allowed = allowed
-        self.refused: deque[tuple[str, str]] = deque(maxlen=1000)  # (peer address, reason)
+        # (peer address, its public key in Z85, reason), bounded
+        self.refused: deque[tuple[str, str, str]] = deque(maxlen=1000)
         self._address = "?"
+        self._key = "?"
         self._auth = _Authenticator(ctx)
 
     def callback(self, domain: str, key: bytes) -> bool:
