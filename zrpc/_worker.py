@@ -2,6 +2,12 @@
 
 Sync handlers run in a thread pool of `concurrency` threads, async ones on an event loop
 thread, so a busy handler never stops the loop from reading, replying and heartbeating.
+The loop sleeps until its next deadline (a heartbeat due, a broker's expiry, a reconnect, the
+end of a drain) or until a handler rings the waker: an idle worker costs nothing.
+
+Nothing a handler does can take a slot away: every call is answered, even when its error or
+its result cannot be encoded, and a bug of ours costs one message (counted as an internal
+error and reported in every heartbeat), never the loop or a handler thread.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import traceback
 import uuid
 from collections import deque
 import queue
-from typing import Any, Iterable, Sequence
+from typing import Any, Coroutine, Iterable, Sequence
 
 import zmq
 
@@ -25,6 +31,7 @@ from ._config import is_loopback, resolve_brokers
 from ._errors import ProtocolError
 from ._frames import (
     H_BUDGET,
+    H_IDEMPOTENT,
     H_PROBE,
     WORKER,
     Disconnect,
@@ -39,8 +46,9 @@ from ._frames import (
 from ._serial import pack_error, pack_result, unpack_call
 from ._service import Method, Service
 from ._security import client_keys
+from ._internal import InternalErrors
 from ._liveness import Backoff, LivenessTracker
-from ._reply_cache import DONE, NEW, RUNNING, ReplyCache
+from ._reply_cache import DONE, NEW, RUNNING, UNKNOWN, ReplyCache
 from ._sockets import (
     HANDSHAKE_EVENTS,
     NOBLOCK,
@@ -54,6 +62,33 @@ from ._sockets import (
 log = logging.getLogger("zrpc.worker")
 
 BATCH = 256
+MAX_TEXT = 64 * 1024
+"""An error's message and traceback are cut to this many characters: they are for people,
+and a huge one must not make the reply larger than a message may be."""
+
+_UNKNOWN_BODY = pack_error("CallStateUnknown",
+                           "this call ran here already; its reply is no longer held")
+_INTERNAL_BODY = pack_error("InternalError", "the worker failed to run or answer this call")
+
+
+def _printable(text: str) -> str:
+    """`text` as valid UTF-8 (lone surrogates escaped), so msgpack can always pack it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _cut(text: str, keep_end: bool = False) -> str:
+    if len(text) <= MAX_TEXT:
+        return text
+    more = f"[... {len(text) - MAX_TEXT} more characters]"
+    return more + text[-MAX_TEXT:] if keep_end else text[:MAX_TEXT] + more
+
+
+def _describe(exc: BaseException) -> str:
+    """str(exc), or a stand-in when its __str__ raises."""
+    try:
+        return str(exc)
+    except BaseException:  # noqa: BLE001 - any __str__ may fail in any way
+        return f"<unprintable {type(exc).__name__} object>"
 
 
 class _Link:
@@ -62,14 +97,15 @@ class _Link:
     def __init__(self, index: int, endpoint: str) -> None:
         self.index = index
         self.endpoint = endpoint
-        self.sock: zmq.Socket | None = None
-        self.monitor: zmq.Socket | None = None  # handshake events: a refused key is not silence
+        self.sock: zmq.Socket[Any] | None = None
+        self.monitor: zmq.Socket[Any] | None = None  # handshake events: a refused key is not silence
         self.refused = False
         self.last_sent = 0.0
         self.last_beat = 0.0
         self.acked = False  # our DISCONNECT was acknowledged
         self.backoff = Backoff()
         self.reconnect_at: float | None = None
+        self.epoch: int | None = None  # its epoch while its latest heartbeat says "active"
 
 
 class Worker:
@@ -89,7 +125,7 @@ class Worker:
         drain_timeout: float = 30.0,
         curve_server_key: str | None = None,
         curve_secret: str | None = None,
-        context: zmq.Context | None = None,
+        context: zmq.Context[Any] | None = None,
         clock: Clock = monotonic,
         max_message: int | None = None,
     ) -> None:
@@ -126,22 +162,37 @@ class Worker:
         self._jobs: queue.SimpleQueue[tuple[int, WorkerRequest, Method] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._aloop: asyncio.AbstractEventLoop | None = None
-        self.counters: dict[str, int] = dict.fromkeys(("calls", "errors", "malformed"), 0)
+        self._counters: dict[str, int] = dict.fromkeys(("calls", "errors", "malformed",
+                                                        "internal_errors"), 0)
+        self._errors = InternalErrors(log, "worker")
+        # handler threads and the event loop hand their own failures to the loop, which
+        # alone counts and logs them
+        self._thread_errors: deque[tuple[BaseException, str]] = deque()
+        self._waker: Waker | None = None
+        self._leaving_since: float | None = None
         self._tracker: LivenessTracker[int] = LivenessTracker(clock, heartbeat_interval, liveness)
         self._cache = ReplyCache(clock)
         self._links = [_Link(i, ep) for i, ep in enumerate(self.brokers)]
-        self._by_sock: dict[zmq.Socket, _Link] = {}
+        self._by_sock: dict[zmq.Socket[Any], _Link] = {}
         self._poller = zmq.Poller()
-        self._heartbeat = encode(Heartbeat(WORKER, {}))
         self.ready = threading.Event()  # set once READY went out to every broker
 
     # --- public --------------------------------------------------------------------------
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """calls, errors, malformed, internal_errors (and send_dropped, replies_lost)."""
+        self._counters["internal_errors"] = self._errors.count
+        return self._counters
 
     def stop(self, *, drain: bool = True) -> None:
         """Graceful by default: stop taking calls, finish in-flight ones, then leave."""
         if self._stop.is_set() or not drain:
             self._hard_stop.set()
         self._stop.set()
+        waker = self._waker
+        if waker is not None:  # the loop may be asleep until its next heartbeat
+            waker.wake()
 
     def run(self) -> None:
         restore = self._install_signals()
@@ -156,7 +207,7 @@ class Worker:
     def _install_signals(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
             return {}
-        old = {}
+        old: dict[int, Any] = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             old[sig] = signal.signal(sig, lambda *_: self.stop())
         return old
@@ -169,6 +220,7 @@ class Worker:
     def _run(self) -> None:
         ctx = self._ctx
         self._waker = Waker(ctx, "worker-" + self.identity.hex())
+        self._poller.register(self._waker.socket, zmq.POLLIN)
         self._threads = [threading.Thread(target=self._handler_thread, name=f"zrpc-handler-{i}", daemon=True)
                          for i in range(self.concurrency)]
         for t in self._threads:
@@ -182,41 +234,78 @@ class Worker:
         self.ready.set()
         log.info("worker %s serving %s on %s (concurrency %d)", self.name,
                  ", ".join(sorted(self.services)), ", ".join(self.brokers), self.concurrency)
-        leaving_since: float | None = None
+        if self._stop.is_set():  # stopped before the loop began
+            self._waker.wake()
         try:
             while not self._hard_stop.is_set():
-                now = self._clock()
-                if self._stop.is_set() and leaving_since is None:
-                    leaving_since = now
-                    log.info("draining %d in-flight call(s), then leaving", self._inflight)
-                    for link in self._links:
-                        self._send(link, encode(Disconnect()))
-                if leaving_since is not None:
-                    acked = all(link.acked or link.sock is None for link in self._links)
-                    if self._inflight == 0 and (acked or now - leaving_since > max(1.0, 4 * self._tracker.interval)):
+                with self._errors.contain("the drain step"):
+                    if self._drained():
                         break
-                    if now - leaving_since > self.drain_timeout:
-                        log.warning("drain timeout: leaving with %d call(s) unfinished", self._inflight)
-                        break
-                for sock, _ in self._poller.poll(timeout_ms(self._next_deadline(), now, cap=0.1)):
+                timeout: int | None = 100  # should working out the deadline ever fail
+                with self._errors.contain("the poll timeout"):
+                    timeout = self._poll_timeout()
+                for sock, _ in self._poller.poll(timeout):
                     if sock is self._waker.socket:
+                        continue  # results are flushed below, on every wake-up
+                    owner = self._by_sock.get(sock)
+                    if owner is None:  # closed while handling this batch
                         continue
-                    link = self._by_sock[sock]
-                    if sock is link.monitor:
-                        self._handshake(link)
-                        continue
-                    self._tracker.seen(link.index)
-                    link.backoff.reset()
-                    for _ in range(BATCH):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._on_frames(link, frames)
+                    with self._errors.contain("messages from a broker"):
+                        self._read(owner, sock)
                 self._flush_results()
                 self._keep_alive()
         finally:
             self._shutdown()
+
+    def _read(self, link: _Link, sock: zmq.Socket[Any]) -> None:
+        if sock is link.monitor:
+            self._handshake(link)
+            return
+        self._tracker.seen(link.index)
+        link.backoff.reset()
+        for _ in range(BATCH):
+            if link.sock is not sock:  # a message made us close it
+                return
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            with self._errors.contain("a message from a broker"):
+                self._on_frames(link, frames)
+
+    @property
+    def _leaving(self) -> bool:
+        return self._stop.is_set()
+
+    def _drain_grace(self) -> float:
+        """How long a drained worker waits for the brokers' acknowledgements."""
+        return max(1.0, 4 * self._tracker.interval)
+
+    def _drained(self) -> bool:
+        """Once stopped: say DISCONNECT, then True when it is time to leave."""
+        if not self._leaving:
+            return False
+        now = self._clock()
+        if self._leaving_since is None:
+            self._leaving_since = now
+            log.info("draining %d in-flight call(s), then leaving", self._inflight)
+            for link in self._links:
+                self._send(link, encode(Disconnect()))
+        acked = all(link.acked or link.sock is None for link in self._links)
+        if self._inflight == 0 and (acked or now >= self._leaving_since + self._drain_grace()):
+            return True
+        if now >= self._leaving_since + self.drain_timeout:
+            log.warning("drain timeout: leaving with %d call(s) unfinished", self._inflight)
+            return True
+        return False
+
+    def _poll_timeout(self) -> int | None:
+        """Milliseconds until the next deadline, never 0: a loop that polls without waiting
+        burns a core (None: nothing is due, only a message or the waker can wake us)."""
+        nxt = self._next_deadline()
+        if nxt == float("inf"):
+            return None
+        return max(1, timeout_ms(nxt, self._clock()) or 0)
 
     # --- links to brokers: heartbeats and reconnects --------------------------------------
 
@@ -229,18 +318,26 @@ class Worker:
         self._by_sock[link.sock] = link
         self._by_sock[link.monitor] = link
         link.reconnect_at = None
+        link.acked = False
+        link.last_beat = self._clock()  # READY (or DISCONNECT) counts as this interval's beat
         self._tracker.seen(link.index)  # a full liveness period to hear from it
-        self._send(link, self._ready_frames)
+        # a leaving worker that reconnects (its broker restarted) says it is leaving: it
+        # must not register again and be handed new calls
+        self._send(link, encode(Disconnect()) if self._leaving else self._ready_frames)
 
     def _disconnect(self, link: _Link) -> None:
-        if link.sock is not None:
-            for s in (link.sock, link.monitor):
+        link.epoch = None  # what it announced no longer holds
+        sock, monitor = link.sock, link.monitor
+        link.sock = link.monitor = None  # closed, whatever fails below
+        for s in (sock, monitor):
+            if s is not None:
+                self._by_sock.pop(s, None)
                 self._poller.unregister(s)
-                del self._by_sock[s]
-            link.sock.disable_monitor()
-            link.monitor.close(linger=0)  # type: ignore[union-attr]
-            link.sock.close(linger=0)
-            link.sock = link.monitor = None
+        if sock is not None:
+            sock.disable_monitor()
+            sock.close(linger=0)
+        if monitor is not None:
+            monitor.close(linger=0)
 
     def _handshake(self, link: _Link) -> None:
         outcome = handshake_outcome(link.monitor)  # type: ignore[arg-type]
@@ -253,41 +350,70 @@ class Worker:
         link.refused = outcome[1] is not None
 
     def _next_deadline(self) -> float:
-        nxt = self._tracker.next_deadline()
+        """The earliest of: a heartbeat due, a broker's expiry, a reconnect, a drain's end."""
+        now = self._clock()
+        tracker = self._tracker
+        nxt = float("inf")
         for link in self._links:
-            if link.reconnect_at is not None:
-                nxt = min(nxt, link.reconnect_at)
-            elif link.sock is not None:
-                nxt = min(nxt, link.last_beat + self._tracker.interval)
+            if link.sock is None:
+                if link.reconnect_at is not None:
+                    nxt = min(nxt, link.reconnect_at)
+                continue
+            nxt = min(nxt, link.last_beat + tracker.interval)
+            silence = tracker.silence(link.index)
+            if silence != float("inf"):
+                nxt = min(nxt, now - silence + tracker.timeout)
+        if self._leaving_since is not None:
+            nxt = min(nxt, self._leaving_since + self.drain_timeout)
+            if self._inflight == 0:  # else the end of the grace changes nothing: no spin
+                nxt = min(nxt, self._leaving_since + self._drain_grace())
         return nxt
 
     def _keep_alive(self) -> None:
         """Heartbeats to every broker, and the Paranoid Pirate reconnect of silent ones."""
         now = self._clock()
         for index in self._tracker.expired():
-            link = self._links[index]
-            delay = link.backoff.next_delay()
-            log.warning("broker %s silent for %.2fs: reconnecting in %.2fs", link.endpoint,
-                        self._tracker.timeout, delay)
-            self._disconnect(link)
-            link.reconnect_at = now + delay
+            with self._errors.contain("a silent broker"):
+                self._silent(self._links[index], now)
         interval = self._tracker.interval
         for link in self._links:
-            if link.sock is None:
-                if link.reconnect_at is not None and now >= link.reconnect_at:
-                    log.info("reconnecting to broker %s", link.endpoint)
-                    self._connect(link)
-            elif now - link.last_beat >= interval:
-                # every interval, busy or not: the broker's phi-accrual detector reads their rhythm
-                link.last_beat = now
-                self._send(link, self._heartbeat)
+            with self._errors.contain("a heartbeat or reconnect"):
+                if link.sock is None:
+                    if link.reconnect_at is not None and now >= link.reconnect_at:
+                        log.info("reconnecting to broker %s", link.endpoint)
+                        link.reconnect_at = now + link.backoff.next_delay()  # if this fails
+                        self._connect(link)
+                elif now - link.last_beat >= interval:
+                    # every interval, busy or not: the broker's phi-accrual detector reads
+                    # their rhythm
+                    link.last_beat = now
+                    self._send(link, encode(Heartbeat(WORKER, self._info())))
+
+    def _silent(self, link: _Link, now: float) -> None:
+        if self._leaving and link.acked:
+            # it let us go and has nothing more for us: leaving means staying gone
+            log.info("broker %s has let this worker go: not reconnecting", link.endpoint)
+            self._disconnect(link)
+            link.reconnect_at = None
+            return
+        delay = link.backoff.next_delay()
+        log.warning("broker %s silent for %.2fs: reconnecting in %.2fs", link.endpoint,
+                    self._tracker.timeout, delay)
+        self._disconnect(link)
+        link.reconnect_at = now + delay
+
+    def _info(self) -> dict[str, Any]:
+        """What every heartbeat tells the brokers: our own bugs, and the newest epoch any
+        broker now says it is active with (an active broker with a lower one steps down)."""
+        epochs = [link.epoch for link in self._links if link.epoch is not None]
+        return {"internal_errors": self._errors.count, "active_epoch": max(epochs, default=0)}
 
     def _on_frames(self, link: _Link, frames: list[bytes]) -> None:
         try:
             msg = decode_frames(frames)
         except ProtocolError as exc:
-            self.counters["malformed"] += 1
-            if self.counters["malformed"] <= 10:
+            self._counters["malformed"] += 1
+            if self._counters["malformed"] <= 10:
                 log.warning("dropped malformed message from broker %s: %s", link.endpoint, exc)
             return
         t = type(msg)
@@ -296,13 +422,16 @@ class Worker:
         elif t is Heartbeat:
             info = msg.info  # type: ignore[union-attr]
             self._follow(info)
-            if info.get("register") and not self._stop.is_set():  # a leaving worker stays gone
+            state, epoch = info.get("state"), info.get("epoch")
+            link.epoch = epoch if state == "active" and type(epoch) is int and epoch >= 0 else None
+            if info.get("register") is True and not self._leaving:  # a leaving worker stays gone
                 log.info("broker %s asks this worker to register", link.endpoint)
                 self._send(link, self._ready_frames)
         elif t is Disconnect:
-            link.acked = True
+            if self._leaving:  # only an answer to ours means anything
+                link.acked = True
         else:
-            self.counters["malformed"] += 1
+            self._counters["malformed"] += 1
 
     def _follow(self, info: dict[str, Any]) -> None:
         """Adopts the broker's heartbeat settings, so a mismatch cannot make it declare us dead."""
@@ -313,12 +442,15 @@ class Worker:
                 log.info("following the broker's heartbeat: %d ms x %d", ms, liveness)
 
     def _start(self, idx: int, req: WorkerRequest) -> None:
-        if req.headers.get(H_PROBE):
-            state, entry = self._cache.probe((req.client_id, req.request_id), idx)
+        key = (req.client_id, req.request_id)
+        if req.headers.get(H_PROBE) is True:
+            state, entry = self._cache.probe(key, idx)
             if state == NEW:
                 self._reply(idx, req, Status.NOT_SEEN, b"")
             elif state == DONE:
                 self._reply(idx, req, entry.status, entry.body)  # type: ignore[union-attr,arg-type]
+            elif state == UNKNOWN:  # it ran here, the reply is gone: never "not seen"
+                self._reply(idx, req, Status.CALL_STATE_UNKNOWN, _UNKNOWN_BODY)
             return  # RUNNING: the reply will come to this broker too
         svc = self.services.get(req.service)
         method = svc.get(req.method) if svc is not None else None
@@ -329,18 +461,34 @@ class Worker:
         if req.headers.get(H_BUDGET, 1) <= 0:
             self._reply(idx, req, Status.TIMEOUT, pack_error("Timeout", "deadline passed"))
             return
-        state, entry = self._cache.begin((req.client_id, req.request_id), idx)
+        # the broker says whether it may retry the call; a method declared non-idempotent
+        # stays so whatever a header says
+        idempotent = req.headers.get(H_IDEMPOTENT) is True and method.idempotent
+        state, entry = self._cache.begin(key, idx, idempotent)
         if state == DONE:  # a retried call that already ran here: answer, never re-run
             self._reply(idx, req, entry.status, entry.body)  # type: ignore[union-attr,arg-type]
+            return
+        if state == UNKNOWN:
+            self._reply(idx, req, Status.CALL_STATE_UNKNOWN, _UNKNOWN_BODY)
             return
         if state == RUNNING:  # its reply will go to this broker too
             return
         self._inflight += 1
-        self.counters["calls"] += 1
-        if method.is_async and self._aloop is not None:
-            asyncio.run_coroutine_threadsafe(self._run_async(idx, req, method), self._aloop)
-        else:
-            self._jobs.put((idx, req, method))
+        self._counters["calls"] += 1
+        try:
+            if method.is_async and self._aloop is not None:
+                coro = self._run_async(idx, req, method)
+                try:
+                    fut = asyncio.run_coroutine_threadsafe(coro, self._aloop)
+                except BaseException:
+                    coro.close()
+                    raise
+                fut.add_done_callback(self._async_finished)
+            else:
+                self._jobs.put((idx, req, method))
+        except Exception as exc:  # noqa: BLE001 - the call is answered, the slot kept
+            self._errors.record(exc, "starting a call")
+            self._done(idx, req, Status.ERROR, _INTERNAL_BODY)
 
     def _reply(self, idx: int, req: WorkerRequest, status: int, body: bytes) -> None:
         self._send_reply(idx, encode(WorkerReply(req.client_id, req.request_id, status, body)))
@@ -352,7 +500,7 @@ class Worker:
         for link in [first, *(x for x in self._links if x is not first)]:
             if link.sock is not None and self._send(link, frames):
                 return
-        self.counters["replies_lost"] = self.counters.get("replies_lost", 0) + 1
+        self._counters["replies_lost"] = self._counters.get("replies_lost", 0) + 1
 
     def _send(self, link: _Link, frames: list[bytes]) -> bool:
         """Never blocks the loop: a broker that cannot take more (gone, or its queue full)
@@ -362,7 +510,7 @@ class Worker:
         try:
             send_frames(link.sock, frames, NOBLOCK)
         except zmq.Again:
-            self.counters["send_dropped"] = self.counters.get("send_dropped", 0) + 1
+            self._counters["send_dropped"] = self._counters.get("send_dropped", 0) + 1
             return False
         link.last_sent = self._clock()
         return True
@@ -370,68 +518,110 @@ class Worker:
     # --- handler side (other threads) -----------------------------------------------------
 
     def _error(self, exc: BaseException) -> tuple[int, bytes]:
-        tb = traceback.format_exc() if self.send_tracebacks else None
-        return Status.ERROR, pack_error(type(exc).__name__, str(exc), tb)
-
-    def _arguments(self, idx: int, req: WorkerRequest) -> tuple[list[Any], dict[str, Any]] | None:
-        """The call's arguments; an undecodable body is answered here (None)."""
+        """The ERROR reply for a handler's exception; never raises, whatever the exception
+        holds (lone surrogates, a __str__ that raises, megabytes of text)."""
+        kind = "Exception"
         try:
-            return unpack_call(req.body)
-        except ProtocolError as exc:
-            self._done(idx, req, Status.PROTOCOL_ERROR, pack_error("ProtocolError", str(exc)))
-            return None
+            kind = _printable(type(exc).__name__)[:256]
+            tb = None
+            if self.send_tracebacks:
+                tb = _cut(_printable("".join(traceback.format_exception(exc))), keep_end=True)
+            return Status.ERROR, pack_error(kind, _cut(_printable(_describe(exc))), tb)
+        except Exception as bug:  # noqa: BLE001 - a gap in the above: still answer the call
+            self._thread_error(bug, "encoding a handler's error")
+            return Status.ERROR, pack_error(kind, f"<unprintable {kind} object>")
 
     def _pack(self, value: Any) -> tuple[int, bytes]:
         try:
             return Status.OK, pack_result(value)
-        except Exception as exc:
-            return Status.ERROR, pack_error("TypeError", f"result cannot be sent with msgpack: {exc}")
+        except Exception as exc:  # noqa: BLE001 - whatever msgpack raises for it
+            text = _cut(_printable(f"result cannot be sent with msgpack: {_describe(exc)}"))
+            return Status.ERROR, pack_error("TypeError", text)
 
     def _handler_thread(self) -> None:
+        """Runs calls until told to stop; nothing a handler does ends it."""
         jobs = self._jobs
         while True:
             job = jobs.get()
             if job is None:
                 return
-            self._run_sync(*job)
+            idx, req, method = job
+            try:
+                status, body = self._call_sync(req, method)
+            except BaseException as exc:  # noqa: BLE001 - our bug: count it, answer the call
+                self._thread_error(exc, "a call in a handler thread")
+                status, body = Status.ERROR, _INTERNAL_BODY
+            self._done(idx, req, status, body)
 
-    def _run_sync(self, idx: int, req: WorkerRequest, method: Method) -> None:
-        call = self._arguments(idx, req)
-        if call is None:
-            return
+    def _call_sync(self, req: WorkerRequest, method: Method) -> tuple[int, bytes]:
         try:
-            status, body = self._pack(method.func(*call[0], **call[1]))
-        except BaseException as exc:  # a handler must never take the worker down
-            status, body = self._error(exc)
-        self._done(idx, req, status, body)
+            args, kwargs = unpack_call(req.body)
+        except ProtocolError as exc:
+            return Status.PROTOCOL_ERROR, pack_error("ProtocolError", str(exc))
+        try:
+            value = method.func(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - a handler must never take the worker down
+            return self._error(exc)
+        return self._pack(value)
 
     async def _run_async(self, idx: int, req: WorkerRequest, method: Method) -> None:
-        call = self._arguments(idx, req)
-        if call is None:
-            return
         try:
-            status, body = self._pack(await method.func(*call[0], **call[1]))
-        except BaseException as exc:
-            status, body = self._error(exc)
+            status, body = await self._call_async(req, method)
+        except BaseException as exc:  # noqa: BLE001 - our bug: count it, answer the call
+            self._thread_error(exc, "an async call")
+            status, body = Status.ERROR, _INTERNAL_BODY
         self._done(idx, req, status, body)
+
+    async def _call_async(self, req: WorkerRequest, method: Method) -> tuple[int, bytes]:
+        try:
+            args, kwargs = unpack_call(req.body)
+        except ProtocolError as exc:
+            return Status.PROTOCOL_ERROR, pack_error("ProtocolError", str(exc))
+        try:
+            coro: Coroutine[Any, Any, Any] = method.func(*args, **kwargs)
+            value = await coro
+        except BaseException as exc:  # noqa: BLE001 - cancellation too: the call is answered
+            return self._error(exc)
+        return self._pack(value)
+
+    def _async_finished(self, fut: Any) -> None:
+        """The future of an async call: _run_async lets nothing out, so anything here is a bug
+        that must be seen, not left in a discarded future."""
+        if not fut.cancelled() and fut.exception() is not None:
+            self._thread_error(fut.exception(), "an async call")
+
+    def _thread_error(self, exc: BaseException, what: str) -> None:
+        """From any thread: the loop counts and logs it (it alone touches the counters)."""
+        self._thread_errors.append((exc, what))
+        waker = self._waker
+        if waker is not None:
+            waker.wake()
 
     def _done(self, idx: int, req: WorkerRequest, status: int, body: bytes) -> None:
         self._results.append((idx, req.client_id, req.request_id, status, body))
-        self._waker.wake()
+        waker = self._waker
+        if waker is not None:
+            waker.wake()
 
     # --- back on the loop ------------------------------------------------------------------
 
     def _flush_results(self) -> None:
-        self._waker.clear()
+        with self._errors.contain("the waker"):
+            self._waker.clear()  # type: ignore[union-attr]
+        errors = self._thread_errors
+        while errors:
+            exc, what = errors.popleft()
+            self._errors.record(exc, what)
         results = self._results
         while results:
             idx, cid, rid, status, body = results.popleft()
             self._inflight -= 1
-            if status != Status.OK:
-                self.counters["errors"] += 1
-            frames = encode(WorkerReply(cid, rid, status, body))
-            for dest in self._cache.finish((cid, rid), status, body) or [idx]:
-                self._send_reply(dest, frames)  # type: ignore[arg-type]
+            with self._errors.contain("a handler's reply"):
+                if status != Status.OK:
+                    self._counters["errors"] += 1
+                frames = encode(WorkerReply(cid, rid, status, body))
+                for dest in self._cache.finish((cid, rid), status, body) or [idx]:
+                    self._send_reply(dest, frames)  # type: ignore[arg-type]
 
     def _shutdown(self) -> None:
         linger = 0 if self._hard_stop.is_set() else 2000  # let the last replies leave
@@ -440,7 +630,9 @@ class Worker:
                 link.sock.disable_monitor()
                 link.monitor.close(linger=0)  # type: ignore[union-attr]
                 link.sock.close(linger=linger)
-        self._waker.close()
+        waker, self._waker = self._waker, None  # a signal now must not wait on its lock
+        if waker is not None:
+            waker.close()
         for _ in self._threads:
             self._jobs.put(None)
         if self._aloop is not None:
