@@ -1,18 +1,26 @@
-"""AsyncClient: the Client's surface, awaitable, on zmq.asyncio (no threads)."""
+"""AsyncClient: the Client's surface, awaitable, on zmq.asyncio (no threads).
+
+Done-callbacks of asyncio futures are scheduled by the event loop, never run inline by the
+reader task, so a callback may call the client again.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Any, Sequence
 
 import zmq
 import zmq.asyncio
 
+from ._calls import PendingCall
+from ._client import _quietly
 from ._clock import Clock, monotonic, timeout_ms
 from ._config import resolve_brokers
 from ._errors import ProtocolError, ZrpcError
 from ._frames import decode_frames
+from ._internal import InternalErrors
 from ._proxy import ServiceProxy
 from ._security import client_keys
 from ._session import Output, Session, Transmit, settle
@@ -20,6 +28,8 @@ from ._sockets import HANDSHAKE_EVENTS, SocketOptions, make_socket, parse_handsh
 
 TICK = 0.05
 """Longest wait between deadline checks: a new call's deadline is honoured to within this."""
+
+log = logging.getLogger("zrpc.client")
 
 
 class AsyncClient:
@@ -54,8 +64,11 @@ class AsyncClient:
         self._monitors = [s.get_monitor_socket(HANDSHAKE_EVENTS) for s in self._socks]
         for s, ep in zip(self._socks, self.brokers):
             s.connect(ep)
-        self._reader: asyncio.Task | None = None
-        self._closed = False
+        self._reader: asyncio.Task[None] | None = None
+        self._closed = False  # no new calls: close() was called, or the reader died
+        self._released = False  # sockets and context released (close() ran)
+        self._dead: str | None = None  # why the reader task died, when it did
+        self._errors = InternalErrors(log, "async client")
 
     def proxy(self, service: str) -> ServiceProxy:
         return ServiceProxy(self, service)
@@ -63,25 +76,35 @@ class AsyncClient:
     async def call(self, service: str, method: str, *args: Any, **kwargs: Any) -> Any:
         return await self._invoke(service, method, args, kwargs)
 
-    def future(self, service: str, method: str, *args: Any, **kwargs: Any) -> asyncio.Future:
+    def future(self, service: str, method: str, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         return self._submit(service, method, args, kwargs)
 
+    @property
+    def internal_errors(self) -> int:
+        """Unexpected exceptions the reader task contained (each cost at most one message)."""
+        return self._errors.count
+
+    @property
+    def malformed(self) -> int:
+        """Messages from brokers that could not be decoded (or made no sense), dropped."""
+        return self._session.malformed
+
     async def close(self) -> None:
-        if self._closed:
+        """Fails the calls still pending and releases the sockets and the context. Idempotent;
+        also after the reader task died."""
+        if self._released:
             return
+        self._released = True
         self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, Exception):
-                pass
-        for call in self._session.close():
-            call.fail(ZrpcError("client closed"))
+        reader = self._reader
+        if reader is not None and not reader.done() and reader is not asyncio.current_task():
+            reader.cancel()
+            await asyncio.wait([reader])  # our own cancellation still reaches us
+        self._fail_pending(self._dead or "client closed")
         for s, m in zip(self._socks, self._monitors):
-            s.disable_monitor()
-            m.close(linger=0)
-            s.close(linger=0)
+            _quietly(s.disable_monitor)
+            _quietly(m.close, 0)
+            _quietly(s.close, 0)
         if self._own_ctx:
             self._ctx.term()
 
@@ -99,34 +122,72 @@ class AsyncClient:
 
     def _submit(self, service: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                 timeout: float | None = None, idempotent: bool | None = None,
-                trace_id: str | None = None) -> asyncio.Future:
+                trace_id: str | None = None) -> asyncio.Future[Any]:
         if self._closed:
-            raise ZrpcError("client is closed")
+            raise ZrpcError(self._dead or "client is closed")
         loop = asyncio.get_running_loop()
         if self._reader is None:
             self._reader = loop.create_task(self._read())
         fut = loop.create_future()
         call = self._session.table.prepare(service, method, args, kwargs, fut, timeout, idempotent,
                                            trace_id)
-        self._apply(self._session.submit(call))
+        with self._errors.contain("a new call"):
+            self._send_new(call)
         return fut
+
+    def _send_new(self, call: PendingCall) -> None:
+        try:
+            self._apply(self._session.submit(call))
+        except Exception:
+            self._session.table.pop(call.request_id)
+            call.fail(ZrpcError(f"{call.service}.{call.method}: internal error, the call was not sent"))
+            raise
+
+    def _fail_pending(self, reason: str) -> None:
+        for call in self._session.close():
+            call.fail(ZrpcError(reason))
 
     # --- the reader task -----------------------------------------------------------------
 
     async def _read(self) -> None:
+        try:
+            await self._run()
+        except (asyncio.CancelledError, GeneratorExit):
+            if not self._released:  # not our close(): the event loop is going away
+                self._die("the event loop cancelled it")
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the client must learn its reader is gone
+            self._errors.record(exc, "the async client's reader task, which stopped")
+            try:
+                why = f"{type(exc).__name__}: {exc}"
+            except Exception:  # noqa: BLE001 - an exception whose __str__ raises
+                why = type(exc).__name__
+            self._die(why)
+
+    def _die(self, why: str) -> None:
+        """No reader, no replies: every pending call fails now, and later ones at once."""
+        self._closed = True
+        self._dead = f"client I/O task died: {why}"[:500]
+        self._fail_pending(self._dead)
+
+    async def _run(self) -> None:
+        """Each message and timer step is contained: a bug costs that one, counted in
+        `internal_errors` and logged, and the reader goes on."""
         poller = zmq.asyncio.Poller()
         index = {s: i for i, s in enumerate(self._socks)}
         monitors = {m: i for i, m in enumerate(self._monitors)}
         for s in [*self._socks, *self._monitors]:
             poller.register(s, zmq.POLLIN)
         session = self._session
+        contain = self._errors.contain
         while True:
             now = self._clock()
             for sock, _ in await poller.poll(timeout_ms(session.next_deadline(), now, cap=TICK)):
                 if sock in monitors:
-                    outcome = parse_handshake(await sock.recv_multipart())
-                    if outcome is not None:
-                        self._apply(session.handshake(monitors[sock], outcome[1]))
+                    with contain("a security handshake event"):
+                        outcome = parse_handshake(await sock.recv_multipart())
+                        if outcome is not None:
+                            self._apply(session.handshake(monitors[sock], outcome[1]))
                     continue
                 b = index[sock]
                 while True:
@@ -134,18 +195,24 @@ class AsyncClient:
                         frames = await sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    try:
-                        msg = decode_frames(frames)
-                    except ProtocolError:
-                        continue
-                    self._apply(session.received(b, msg))
-            self._apply(session.tick())
+                    with contain("a message from a broker"):
+                        self._received(b, frames)
+            with contain("a timer step"):
+                self._apply(session.tick())
+
+    def _received(self, broker: int, frames: list[bytes]) -> None:
+        try:
+            msg = decode_frames(frames)
+        except ProtocolError:
+            self._session.undecodable(broker)  # matches no call; that call keeps its deadline
+            return
+        self._apply(self._session.received(broker, msg))
 
     def _apply(self, outputs: list[Output]) -> None:
         for o in outputs:
             if type(o) is Transmit:
                 try:
-                    self._socks[o.broker].send_multipart(o.frames, zmq.NOBLOCK)  # type: ignore[union-attr]
+                    self._socks[o.broker].send_multipart(o.frames, zmq.NOBLOCK)
                 except zmq.Again:
                     pass
             else:

@@ -9,9 +9,15 @@ import os
 from typing import Any
 
 from ._clock import Clock, budget_ms
-from ._frames import H_ATTEMPT, H_BUDGET, H_IDEMPOTENT, H_TRACE, ClientRequest, encode
-from ._errors import Timeout, ZrpcError
+from ._frames import H_ATTEMPT, H_BUDGET, H_IDEMPOTENT, H_TRACE, MAX_BUDGET_MS, ClientRequest, encode
+from ._errors import ProtocolError, Timeout, ZrpcError
 from ._serial import outcome, pack_call
+
+COMPACT_FACTOR = 4
+COMPACT_MIN = 256
+"""The deadline heap keeps an entry per answered call until its deadline; it is rebuilt when
+dead entries outnumber live ones COMPACT_FACTOR to one (and there are more than COMPACT_MIN),
+so its size follows the calls in flight, not rate x timeout. Amortised O(1) per call."""
 
 
 class PendingCall:
@@ -46,6 +52,9 @@ class PendingCall:
         except ZrpcError as exc:
             self.fail(exc)
             return
+        except Exception as exc:  # noqa: BLE001 - any body a broker sends settles the call
+            self.fail(ProtocolError(f"undecodable reply body: {type(exc).__name__}"))
+            return
         f = self.future
         if not f.done():
             try:
@@ -58,7 +67,7 @@ class PendingCall:
 
     def encode(self, now: float) -> list[bytes]:
         """Frames for (re)sending, carrying the budget left at `now` (DESIGN.md §3)."""
-        self.headers[H_BUDGET] = budget_ms(self.deadline, now)
+        self.headers[H_BUDGET] = min(budget_ms(self.deadline, now), MAX_BUDGET_MS)  # a day at most
         return encode(ClientRequest(self.request_id, self.service, self.method, self.headers, self.body))
 
 
@@ -97,7 +106,16 @@ class CallTable:
 
     def pop(self, request_id: int) -> PendingCall | None:
         """The call a reply answers; None for a late or duplicate reply (dropped)."""
-        return self.pending.pop(request_id, None)
+        call = self.pending.pop(request_id, None)
+        if call is not None and len(self._deadlines) > COMPACT_MIN + COMPACT_FACTOR * len(self.pending):
+            self._compact()
+        return call
+
+    def _compact(self) -> None:
+        """Drops the heap entries of calls that are no longer pending."""
+        pending = self.pending
+        self._deadlines = [e for e in self._deadlines if e[1] in pending]
+        heapq.heapify(self._deadlines)
 
     def expired(self) -> list[PendingCall]:
         now = self._clock()

@@ -2,16 +2,19 @@
 
 Caller threads encode their call and queue it; the I/O thread sends, matches replies by
 request id and completes concurrent.futures.Future objects, so any number of calls from any
-number of threads share one socket.
+number of threads share one socket. No user code ever runs on the I/O thread: done-callbacks
+of the futures it completes run on a callback thread of their own (see `CallFuture`).
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 import uuid
 from collections import deque
 from concurrent.futures import Future
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import zmq
 
@@ -20,6 +23,7 @@ from ._clock import Clock, monotonic, timeout_ms
 from ._config import resolve_brokers
 from ._errors import ProtocolError, Timeout, ZrpcError
 from ._frames import decode_frames
+from ._internal import InternalErrors
 from ._proxy import ServiceProxy
 from ._security import client_keys
 from ._session import Output, Session, Transmit, settle
@@ -35,6 +39,66 @@ from ._sockets import (
 
 BATCH = 512
 
+log = logging.getLogger("zrpc.client")
+_futures_log = logging.getLogger("concurrent.futures")  # where Future reports a failing callback
+
+
+class _Callbacks:
+    """Runs, in order, the done-callbacks of futures completed by the I/O thread.
+
+    A callback may block on the client (`client.call()`, `client.close()`): were it run by the
+    I/O thread, that thread would wait on itself and every deadline would stall. Started on
+    first use, so a client whose futures have no callbacks never pays for it.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[[Future[Any]], object], Future[Any]] | None] = (
+            queue.SimpleQueue())
+        self.thread = threading.Thread(target=self._run, name="zrpc-client-callbacks", daemon=True)
+        self.thread.start()
+
+    def post(self, fn: Callable[[Future[Any]], object], fut: Future[Any]) -> None:
+        self._queue.put((fn, fut))
+
+    def stop(self) -> None:
+        """The I/O thread has ended: run what was posted, then end."""
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, fut = item
+            try:
+                fn(fut)
+            except Exception:  # noqa: BLE001 - as Future itself does with a failing callback
+                _futures_log.exception("exception calling callback for %r", fut)
+
+
+class CallFuture(Future[Any]):
+    """A concurrent.futures.Future whose done-callbacks never run on the client's I/O thread.
+
+    Setting a result stays cheap (the I/O thread does it, no thread hop); only a callback that
+    would be invoked on the I/O thread is handed to the client's callback thread. A callback
+    added to a future already done runs at once in the caller, as with any Future.
+    """
+
+    def __init__(self, client: "Client") -> None:
+        super().__init__()
+        self._client = client
+
+    def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
+        client = self._client
+
+        def run(f: Future[Any]) -> None:
+            if threading.get_ident() == client._io_ident:
+                client._post_callback(fn, f)
+            else:
+                fn(f)
+
+        super().add_done_callback(run)
+
 
 class Client:
     """Calls services through the broker(s). Use as a context manager, or call close()."""
@@ -49,7 +113,7 @@ class Client:
         failover_timeout: float | None = None,
         curve_server_key: str | None = None,
         curve_secret: str | None = None,
-        context: zmq.Context | None = None,
+        context: zmq.Context[Any] | None = None,
         clock: Clock = monotonic,
         max_message: int | None = None,
     ) -> None:
@@ -65,6 +129,12 @@ class Client:
                                    **({"max_message": max_message} if max_message else {}))
         self._outbox: deque[PendingCall] = deque()
         self._closed = threading.Event()
+        # close() and _submit agree under this lock: a call is either queued before the loop
+        # can drain the outbox for the last time, or refused
+        self._lock = threading.Lock()
+        self._dead: str | None = None  # why the I/O thread died, when it did
+        self._errors = InternalErrors(log, "client")
+        self._callbacks: _Callbacks | None = None
         self._waker = Waker(self._ctx, "client-" + self.identity.hex())
         self._socks = [make_socket(self._ctx, zmq.DEALER, identity=self.identity, options=self._opts)
                        for _ in self.brokers]
@@ -74,6 +144,7 @@ class Client:
             s.connect(ep)
         self._thread = threading.Thread(target=self._loop, name="zrpc-client", daemon=True)
         self._thread.start()
+        self._io_ident = self._thread.ident
 
     # --- public --------------------------------------------------------------------------
 
@@ -84,17 +155,31 @@ class Client:
         """Calls and waits; raises a ZrpcError subclass on failure."""
         return self._invoke(service, method, args, kwargs)
 
-    def future(self, service: str, method: str, *args: Any, **kwargs: Any) -> Future:
+    def future(self, service: str, method: str, *args: Any, **kwargs: Any) -> Future[Any]:
         return self._submit(service, method, args, kwargs)
 
+    @property
+    def internal_errors(self) -> int:
+        """Unexpected exceptions the I/O thread contained (each cost at most one message)."""
+        return self._errors.count
+
+    @property
+    def malformed(self) -> int:
+        """Messages from brokers that could not be decoded (or made no sense), dropped."""
+        return self._session.malformed
+
     def close(self) -> None:
-        if self._closed.is_set():
-            return
-        self._closed.set()
+        """Fails the calls still pending and releases the sockets and the context.
+
+        Idempotent, and safe from any thread: from a done-callback, or from the I/O thread
+        itself, which then finishes the job when its current step ends (the loop closes its
+        sockets and terminates the context it owns, so nothing waits on itself).
+        """
+        with self._lock:
+            self._closed.set()
         self._waker.wake()
-        self._thread.join(timeout=5)
-        if self._own_ctx:
-            self._ctx.term()
+        if threading.get_ident() != self._io_ident:
+            self._thread.join(timeout=5)
 
     def __enter__(self) -> "Client":
         return self
@@ -106,12 +191,15 @@ class Client:
 
     def _submit(self, service: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                 timeout: float | None = None, idempotent: bool | None = None,
-                trace_id: str | None = None) -> Future:
+                trace_id: str | None = None) -> Future[Any]:
         if self._closed.is_set():
-            raise ZrpcError("client is closed")
-        fut: Future = Future()
+            raise ZrpcError(self._dead or "client is closed")
+        fut = CallFuture(self)
         call = self._session.table.prepare(service, method, args, kwargs, fut, timeout, idempotent, trace_id)
-        self._outbox.append(call)
+        with self._lock:
+            if self._closed.is_set():  # closed while we prepared: the loop may have drained
+                raise ZrpcError(self._dead or "client is closed")
+            self._outbox.append(call)
         self._waker.wake()
         return fut
 
@@ -127,6 +215,17 @@ class Client:
     # --- the I/O thread ------------------------------------------------------------------
 
     def _loop(self) -> None:
+        died: BaseException | None = None
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - the client must learn its loop is gone
+            died = exc
+        finally:
+            self._shutdown(died)
+
+    def _run(self) -> None:
+        """Each message, new call and timer step is contained: a bug costs that one, counted in
+        `internal_errors` and logged, and the loop goes on."""
         poller = zmq.Poller()
         index = {s: i for i, s in enumerate(self._socks)}
         monitors = {m: i for i, m in enumerate(self._monitors)}
@@ -134,48 +233,99 @@ class Client:
             poller.register(s, zmq.POLLIN)
         poller.register(self._waker.socket, zmq.POLLIN)
         session = self._session
-        try:
-            while not self._closed.is_set():
-                now = self._clock()
-                for sock, _ in poller.poll(timeout_ms(session.next_deadline(), now, cap=0.25)):
-                    if sock is self._waker.socket:
-                        continue
-                    if sock in monitors:
+        contain = self._errors.contain
+        while not self._closed.is_set():
+            now = self._clock()
+            for sock, _ in poller.poll(timeout_ms(session.next_deadline(), now, cap=0.25)):
+                if sock is self._waker.socket:
+                    continue
+                if sock in monitors:
+                    with contain("a security handshake event"):
                         outcome = handshake_outcome(sock)
                         if outcome is not None:
                             self._apply(session.handshake(monitors[sock], outcome[1]))
-                        continue
-                    b = index[sock]
-                    for _ in range(BATCH):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        try:
-                            msg = decode_frames(frames)
-                        except ProtocolError:
-                            continue  # cannot be matched to a call; that call will time out
-                        self._apply(session.received(b, msg))
-                self._waker.clear()
-                outbox = self._outbox
-                while outbox:
-                    self._apply(session.submit(outbox.popleft()))
+                    continue
+                b = index[sock]
+                for _ in range(BATCH):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    with contain("a message from a broker"):
+                        self._received(b, frames)
+            self._waker.clear()
+            outbox = self._outbox
+            while outbox:
+                call = outbox.popleft()
+                with contain("a new call"):
+                    self._send_new(call)
+            with contain("a timer step"):
                 self._apply(session.tick())
-        finally:
-            for call in [*session.close(), *self._outbox]:
-                call.fail(ZrpcError("client closed"))
-            for s, m in zip(self._socks, self._monitors):
-                s.disable_monitor()
-                m.close(linger=0)
-                s.close(linger=0)
-            self._waker.close()
+
+    def _received(self, broker: int, frames: list[bytes]) -> None:
+        try:
+            msg = decode_frames(frames)
+        except ProtocolError:
+            self._session.undecodable(broker)  # matches no call; that call keeps its deadline
+            return
+        self._apply(self._session.received(broker, msg))
+
+    def _send_new(self, call: PendingCall) -> None:
+        try:
+            self._apply(self._session.submit(call))
+        except Exception:
+            self._session.table.pop(call.request_id)
+            call.fail(ZrpcError(f"{call.service}.{call.method}: internal error, the call was not sent"))
+            raise
+
+    def _shutdown(self, died: BaseException | None) -> None:
+        """The loop's end, asked for or not: fail what is pending, release every socket, and
+        terminate the context we own (here, on the thread that owned the sockets)."""
+        if died is not None and not isinstance(died, zmq.ContextTerminated):
+            self._errors.record(died, "the client's I/O loop, which stopped")
+        with self._lock:
+            if died is not None:
+                try:
+                    why = f"{type(died).__name__}: {died}"
+                except Exception:  # noqa: BLE001 - an exception whose __str__ raises
+                    why = type(died).__name__
+                self._dead = f"client I/O thread died: {why}"[:500]
+            self._closed.set()
+            pending = [*self._session.close(), *self._outbox]
+            self._outbox.clear()
+        reason = self._dead or "client closed"
+        for call in pending:
+            call.fail(ZrpcError(reason))
+        for s, m in zip(self._socks, self._monitors):
+            _quietly(s.disable_monitor)
+            _quietly(m.close, 0)
+            _quietly(s.close, 0)
+        _quietly(self._waker.close)
+        if self._own_ctx:
+            self._ctx.term()
+        if self._callbacks is not None:
+            self._callbacks.stop()
+
+    def _post_callback(self, fn: Callable[[Future[Any]], object], fut: Future[Any]) -> None:
+        """Called on the I/O thread only, so the callback thread needs no lock to start."""
+        if self._callbacks is None:
+            self._callbacks = _Callbacks()
+        self._callbacks.post(fn, fut)
 
     def _apply(self, outputs: list[Output]) -> None:
         for o in outputs:
             if type(o) is Transmit:
                 try:
-                    send_frames(self._socks[o.broker], o.frames, NOBLOCK)  # type: ignore[union-attr]
+                    send_frames(self._socks[o.broker], o.frames, NOBLOCK)
                 except zmq.Again:
                     pass  # that broker cannot take more now: its calls keep their deadlines
             else:
                 settle(o)
+
+
+def _quietly(fn: Callable[..., object], *args: Any) -> None:
+    """Releasing one socket must not keep the others (and the context) from being released."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001
+        pass

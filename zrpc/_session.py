@@ -7,6 +7,7 @@ it, so both follow the same rules: heartbeats, deadlines, and which broker is ac
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Union
@@ -47,6 +48,19 @@ class Refused:
 Output = Union[Transmit, Completed, Expired, Refused]
 
 
+def epoch_of(info: dict[str, Any]) -> int:
+    """A heartbeat's epoch, read without trusting it: anything but a number is no epoch (0).
+
+    The session must be total over every message that decodes: one odd heartbeat must never
+    take the client's loop down with it."""
+    v = info.get("epoch")
+    if type(v) is int:
+        return v
+    if type(v) is float and math.isfinite(v):
+        return int(v)
+    return 0
+
+
 def settle(o: Output) -> None:
     """Completes a call's future for every output but Transmit (which needs the loop's socket)."""
     t = type(o)
@@ -85,6 +99,7 @@ class Session:
         self.info: list[dict[str, Any]] = [{} for _ in range(brokers)]
         self.refused: list[str | None] = [None] * brokers  # why a broker refused our keys
         self.switches = 0
+        self.malformed = 0  # undecodable or unexpected messages from brokers, dropped
         self._switched_at = clock()
         self._bounced: deque[tuple[float, PendingCall]] = deque()
         self._heartbeat = encode(Heartbeat(CLIENT, {}))
@@ -111,6 +126,11 @@ class Session:
             out.append(Refused(c, refused))
         return out
 
+    def undecodable(self, broker: int) -> None:
+        """A broker sent frames that do not decode: dropped (no call can be matched to them),
+        but counted so that they are visible."""
+        self.malformed += 1
+
     def received(self, broker: int, msg: Message) -> list[Output]:
         """Any traffic from a broker shows it is alive; replies complete calls."""
         out: list[Output] = []
@@ -129,9 +149,17 @@ class Session:
                 return out  # late or duplicate: already answered
             out.append(Completed(call, msg.status, msg.body))  # type: ignore[union-attr]
         elif t is Heartbeat:
-            self.info[broker] = dict(msg.info)  # type: ignore[union-attr]
+            info = dict(msg.info)  # type: ignore[union-attr]
+            boot, before = info.get("boot"), self.info[broker].get("boot")
+            if boot is not None and before is not None and boot != before:
+                # the broker restarted between two heartbeats (faster than failover_timeout):
+                # what it held is gone, so its calls are re-sent (a probe guards the unsafe ones)
+                out.extend(self._resend([c for c in self.table if c.broker == broker]))
+            self.info[broker] = info
             if broker != self.active and self._prefer(broker):
                 out.extend(self._switch(broker, "it says it is active"))
+        else:
+            self.malformed += 1  # a request or a worker's message has no business here
         return out
 
     def tick(self) -> list[Output]:
@@ -143,6 +171,8 @@ class Session:
         for b in range(self.brokers):
             if not self.lost[b] and self.liveness.silence(b) >= self.failover_timeout:
                 self.lost[b] = True
+                if b != self.active:  # we had already moved on (its peer said it was active)
+                    out.extend(self._resend([c for c in self.table if c.broker == b]))
         if (self.brokers > 1 and self.lost[self.active]
                 and now - self._switched_at >= self.failover_timeout):
             out.extend(self._switch(1 - self.active, "silent"))
@@ -177,7 +207,7 @@ class Session:
             return False
         if not self.alive[self.active] or self.lost[self.active] or ours.get("state") != "active":
             return True
-        return int(theirs.get("epoch") or 0) > int(ours.get("epoch") or 0)
+        return epoch_of(theirs) > epoch_of(ours)
 
     def _switch(self, new: int, reason: str) -> list[Output]:
         old = self.active

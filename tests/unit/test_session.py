@@ -1,9 +1,15 @@
 """The client's session on a fake clock: heartbeats, broker liveness, deadlines."""
 
-import pytest
+import math
 
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zrpc._errors import ProtocolError, ZrpcError
 from zrpc._frames import CLIENT, ClientReply, Heartbeat, Status, decode_frames
-from zrpc._session import Completed, Expired, Session, Transmit
+from zrpc._session import Completed, Expired, Session, Transmit, settle
 from zrpc.testing import FakeClock
 
 
@@ -132,3 +138,213 @@ def test_single_broker_restart_resends_what_it_held():
     out = s.received(0, Heartbeat(CLIENT, {"state": "active"}))
     (t,) = [o for o in out if isinstance(o, Transmit)]
     assert decode_frames(t.frames).headers["resent"] is True
+
+
+# --- hostile input: the session is total over anything that decodes ---------------------------
+
+# what msgpack can carry in a heartbeat's info map (decode uses strict_map_key: str/bytes keys)
+scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+           | st.text(max_size=8) | st.binary(max_size=8))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                      | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+keys = st.sampled_from(["state", "epoch", "role", "interval_ms", "liveness", "register"]) | st.text(max_size=6)
+info_maps = st.dictionaries(keys | st.binary(max_size=4), values, max_size=6)
+# the fields the session reads, with values of every shape and a fair chance of "active"
+hostile_info = st.fixed_dictionaries(
+    {"state": st.just("active") | st.sampled_from(["passive", "backup"]) | values},
+    optional={"epoch": st.sampled_from([float("inf"), float("nan"), -1, 2**64 - 1, "7", b"7", [1]]) | values})
+
+
+class Fut:
+    """A future stand-in that records how it was settled."""
+
+    def __init__(self):
+        self.outcome = None
+
+    def done(self):
+        return self.outcome is not None
+
+    def set_result(self, v):
+        self.outcome = ("ok", v)
+
+    def set_exception(self, e):
+        self.outcome = ("error", e)
+
+
+@pytest.mark.parametrize("epoch", ["x", float("inf"), float("nan"), [1], {"a": 1}, b"3", -5, 2**64 - 1, True])
+def test_a_heartbeat_epoch_of_any_type_never_raises(epoch):
+    s, _ = make()
+    heard(s, 0, "active", epoch=1)
+    heard(s, 1, "active", epoch=epoch)  # compared with ours: must not raise
+    assert s.active in (0, 1)
+    heard(s, 0, "active", epoch=epoch)
+    heard(s, 1, "active", epoch=2)
+    assert s.active in (0, 1)
+
+
+def test_a_non_integer_epoch_counts_as_no_epoch():
+    s, _ = make()
+    heard(s, 0, "active", epoch=1)
+    heard(s, 1, "active", epoch="99")
+    assert s.active == 0  # "99" is no epoch: not higher than ours
+    heard(s, 1, "active", epoch=2)
+    assert s.active == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), info_maps | hostile_info), max_size=12),
+       st.lists(st.floats(0, 2.0), max_size=12))
+def test_session_is_total_over_any_heartbeat_info(beats, steps):
+    s, clock = make()
+    calls = [s.table.prepare("calc", "add", (i,), {}, Fut(), timeout=1.5) for i in range(3)]
+    for c in calls:
+        s.submit(c)
+    for i, (b, info) in enumerate(beats):
+        # through the real codec, as the loops receive it
+        frames = [msgpack.packb([CLIENT, 4, info], use_bin_type=True), b""]
+        s.received(b, decode_frames(frames))
+        if i < len(steps):
+            clock.advance(steps[i])
+        for o in s.tick():
+            settle(o)
+        assert s.active in (0, 1)
+        assert math.isfinite(s.next_deadline())
+    clock.advance(2.0)
+    for o in s.tick():
+        settle(o)
+    assert all(c.future.done() for c in calls)  # nothing was lost on the way
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 10), st.binary(max_size=40) | values.map(lambda v: msgpack.packb(v, use_bin_type=True)))
+def test_a_reply_of_any_status_and_body_settles_its_call(status, body):
+    s, _ = make()
+    call = s.table.prepare("calc", "add", (), {}, Fut())
+    s.submit(call)
+    out = s.received(0, ClientReply(call.request_id, status, body))
+    for o in out:
+        settle(o)
+    if status != Status.NOT_ACTIVE:
+        assert call.future.done()
+        kind, value = call.future.outcome
+        assert kind == "ok" or isinstance(value, ZrpcError)
+
+
+def test_an_undecodable_result_fails_the_call_with_a_protocol_error():
+    s, _ = make()
+    call = s.table.prepare("calc", "add", (), {}, Fut())
+    s.submit(call)
+    for o in s.received(0, ClientReply(call.request_id, Status.OK, b"\xc1")):
+        settle(o)
+    assert call.future.outcome[0] == "error" and isinstance(call.future.outcome[1], ProtocolError)
+
+
+def test_malformed_messages_are_counted():
+    s, _ = make()
+    assert s.malformed == 0
+    s.undecodable(0)
+    s.undecodable(1)
+    assert s.malformed == 2
+
+
+# --- headers the client sets -----------------------------------------------------------------
+
+
+def test_idempotent_is_sent_only_when_the_caller_asks():
+    s, clock = make()
+    plain = s.table.prepare("calc", "charge", (), {}, F(), timeout=10)
+    (t,) = s.submit(plain)
+    assert "idempotent" not in decode_frames(t.frames).headers
+    asked = s.table.prepare("calc", "add", (), {}, F(), idempotent=False)
+    (t,) = s.submit(asked)
+    assert decode_frames(t.frames).headers["idempotent"] is False
+    # a call re-sent after a failover still carries only what the caller asked
+    heard(s, 0)
+    heard(s, 1, "passive")
+    clock.advance(s.failover_timeout + 0.3)
+    heard(s, 1, "passive")
+    resent = [decode_frames(o.frames) for o in s.tick() if isinstance(o, Transmit) and o.frames[1]]
+    by_id = {m.request_id: m.headers for m in resent}
+    assert by_id[plain.request_id]["resent"] is True and "idempotent" not in by_id[plain.request_id]
+    assert by_id[asked.request_id]["idempotent"] is False
+
+
+# --- the deadline heap stays proportional to the calls in flight ------------------------------
+
+
+def test_deadline_heap_stays_small_after_100k_answered_calls():
+    clock = FakeClock()
+    s = Session(clock, 1, timeout=60.0)
+    table = s.table
+    kept = []
+    for i in range(100_000):
+        call = table.prepare("calc", "add", (), {}, F())
+        table.add(call)
+        if i % 10_000 == 0:
+            kept.append(call)  # a few stay in flight
+        else:
+            assert table.pop(call.request_id) is call
+        clock.advance(0.0001)
+    assert len(table) == len(kept)
+    assert len(table._deadlines) <= 1000
+    # compaction keeps the live calls' deadlines: they still expire, in order
+    clock.advance(60.0)
+    assert [c.request_id for c in table.expired()] == [c.request_id for c in kept]
+    assert table.next_deadline() is None
+
+
+def test_compaction_leaves_next_deadline_right():
+    clock = FakeClock()
+    table = Session(clock, 1, timeout=60.0).table
+    early = table.prepare("calc", "add", (), {}, F(), timeout=5)
+    table.add(early)
+    for _ in range(5000):
+        c = table.prepare("calc", "add", (), {}, F(), timeout=1)
+        table.add(c)
+        table.pop(c.request_id)
+    assert table.next_deadline() == early.deadline
+
+
+# --- calls held by a broker that is gone are never left behind ------------------------------
+
+
+def test_call_at_a_dead_broker_is_resent_after_a_switch_on_the_peers_word():
+    """The other broker says it is active before we notice ours went silent: we switch at
+    once (nothing re-sent, the old one may still answer), and once the old one counts as
+    lost its calls are re-sent, flagged, to the new active broker."""
+    clock = FakeClock()
+    s = Session(clock, 2, timeout=10.0, interval=0.25, liveness=3)
+    s.received(0, Heartbeat(CLIENT, {"state": "active", "epoch": 1}))
+    s.received(1, Heartbeat(CLIENT, {"state": "passive", "epoch": 1}))
+    call = s.table.prepare("calc", "add", (1, 2), {}, F())
+    (t,) = s.submit(call)
+    assert t.broker == 0  # ... and broker 0 dies now, holding the call
+    clock.advance(0.5)
+    s.tick()
+    out = s.received(1, Heartbeat(CLIENT, {"state": "active", "epoch": 2}))
+    sent = [o for o in out if isinstance(o, Transmit) and o.broker == 1]
+    for _ in range(40):  # 4 s: broker 0 stays silent, broker 1 keeps heartbeating
+        clock.advance(0.1)
+        s.received(1, Heartbeat(CLIENT, {"state": "active", "epoch": 2}))
+        out = s.tick()
+        sent += [o for o in out if isinstance(o, Transmit) and o.broker == 1]
+        assert not [o for o in out if isinstance(o, Expired)]
+    resent = [m for m in (decode_frames(o.frames) for o in sent)
+              if getattr(m, "request_id", None) == call.request_id]
+    assert len(resent) == 1 and resent[0].headers.get("resent") is True
+
+
+def test_a_broker_that_restarted_between_heartbeats_gets_its_calls_again():
+    """A restart faster than failover_timeout: the heartbeat's `boot` changes, so the calls
+    that broker held (and lost) are re-sent to it, flagged as re-sent."""
+    s, clock = make()
+    s = Session(clock, 1, timeout=10.0, interval=0.25, liveness=3)
+    s.received(0, Heartbeat(CLIENT, {"state": "active", "boot": "a1"}))
+    call = s.table.prepare("calc", "charge", (), {}, F())
+    s.submit(call)
+    clock.advance(0.3)
+    assert [o for o in s.received(0, Heartbeat(CLIENT, {"state": "active", "boot": "a1"}))
+            if isinstance(o, Transmit)] == []
+    out = s.received(0, Heartbeat(CLIENT, {"state": "active", "boot": "b2"}))
+    (again,) = [decode_frames(o.frames) for o in out if isinstance(o, Transmit)]
+    assert again.request_id == call.request_id and again.headers.get("resent") is True
