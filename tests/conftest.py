@@ -1,4 +1,10 @@
-"""Shared fixtures: real broker and worker processes on free loopback ports, always killed."""
+"""Shared fixtures: real broker and worker processes on free loopback ports, always killed.
+
+A test fails when a process it started exits unasked, is restarted by `zrpc pair`, or logs a
+traceback or an internal error (checked at teardown over every log in the test's log dir).
+A test that means a process to end says so: `procs.signal(p, SIGKILL)`, `procs.terminate(p)`,
+`procs.kill(p)`, `procs.expect_exit(p)`; one that means a log line, `procs.expect_in_log(...)`.
+"""
 
 from __future__ import annotations
 
@@ -26,10 +32,23 @@ class Cluster:
         self.procs = procs
         self.pairs: list[PairInfo] = []
 
+    def wait(self, pred: Callable[[], Any], timeout: float, what: str) -> Any:
+        """wait_until that fails at once, with the log tail, when a process of this test has
+        died unasked (a dead broker is not worth a 15 s timeout)."""
+        def check() -> Any:
+            self.procs.assert_running()
+            return pred()
+
+        try:
+            return wait_until(check, timeout, what=what)
+        except TimeoutError:
+            self.procs.assert_running()  # it died on the last poll: say so, not "timeout"
+            raise
+
     def broker(self, *args: str, port: int | None = None, name: str = "broker") -> str:
         ep = f"tcp://127.0.0.1:{port or free_port()}"
         self.procs.zrpc("broker", "--frontend", ep, "--log-level", "debug", *args, name=name)
-        wait_until(lambda: broker_status(ep), 15, what=f"broker at {ep} answering")
+        self.wait(lambda: broker_status(ep), 15, what=f"broker at {ep} answering")
         return ep
 
     def pair(self, *args: str, relay: bool = False) -> "PairInfo":
@@ -38,7 +57,7 @@ class Cluster:
         from zrpc._pair import PairPorts, broker_args
 
         ports = PairPorts((free_port(), free_port()), (free_port(), free_port()), (free_port(), free_port()))
-        info = PairInfo(ports)
+        info = PairInfo(ports, self.procs)
         self.pairs.append(info)
         for role, me, peer in (("primary", 0, 1), ("backup", 1, 0)):
             argv = broker_args(role, "127.0.0.1", ports)
@@ -48,8 +67,8 @@ class Cluster:
                 argv[argv.index("--peer-state") + 1] = f"tcp://127.0.0.1:{r.port}"
             info.procs[role] = self.procs.zrpc("broker", *argv, "--log-level", "debug", *args, name=role)
         for ep in info.endpoints:
-            wait_until(lambda: broker_status(ep), 15, what=f"broker at {ep} answering")
-        wait_until(lambda: info.states() == ["active", "passive"], 10, what="pair settled")
+            self.wait(lambda: broker_status(ep), 15, what=f"broker at {ep} answering")
+        self.wait(lambda: info.states() == ["active", "passive"], 10, what="pair settled")
         return info
 
     def start_broker(self, info: "PairInfo", role: str, *args: str) -> None:
@@ -63,7 +82,7 @@ class Cluster:
         info.procs[role] = self.procs.zrpc("broker", *argv, "--log-level", "debug", *args,
                                            name=f"{role}-restarted")
         ep = info.endpoints[0 if role == "primary" else 1]
-        wait_until(lambda: broker_status(ep), 15, what=f"broker at {ep} answering")
+        self.wait(lambda: broker_status(ep), 15, what=f"broker at {ep} answering")
 
     def worker(self, ep: str, *args: str, spec: str = "examples.calc:calc", wait: bool = True,
                env: dict[str, str] | None = None, name: str | None = None):
@@ -75,15 +94,16 @@ class Cluster:
         return p
 
     def wait_workers(self, ep: str, n: int, timeout: float = 15) -> dict[str, Any]:
-        return wait_until(lambda: (lambda s: s if s and len(s["workers"]) == n else None)(broker_status(ep)),
-                          timeout, what=f"{n} workers registered")
+        return self.wait(lambda: (lambda s: s if s and len(s["workers"]) == n else None)(broker_status(ep)),
+                         timeout, what=f"{n} workers registered")
 
 
 class PairInfo:
-    def __init__(self, ports: Any) -> None:
+    def __init__(self, ports: Any, children: Processes | None = None) -> None:
         self.ports = ports
         self.procs: dict[str, Any] = {}
         self.relays: list[TcpRelay] = []
+        self._children = children
 
     @property
     def endpoints(self) -> list[str]:
@@ -94,6 +114,10 @@ class PairInfo:
         return ",".join(self.endpoints)
 
     def states(self) -> list[str | None]:
+        """Each broker's state (None: no answer). A broker that died unasked fails the test
+        here, at once, rather than as a wait for a state that cannot come."""
+        if self._children is not None:
+            self._children.assert_running(*(p for p in self.procs.values() if p is not None))
         return [(broker_status(ep) or {}).get("broker", {}).get("state") for ep in self.endpoints]
 
     def close(self) -> None:
@@ -183,7 +207,12 @@ def procs(tmp_path) -> Processes:
     try:
         yield p
     finally:
+        exits = p.exit_problems()  # before close() kills what is left
         p.close()
+    problems = exits + p.log_problems()
+    if problems:
+        pytest.fail(f"{len(problems)} child process problem(s):\n\n" + "\n\n".join(problems),
+                    pytrace=False)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ user mistake with one line and a non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -62,14 +63,24 @@ def _endpoint(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         raise click.BadParameter(str(exc)) from None
 
 
+SERVING = "zrpc.serving"
+"""Set in the context's meta once a broker or worker loop runs: from then on an exception
+is a bug, not a user mistake, and shows its traceback."""
+
+
+def _serving() -> None:
+    click.get_current_context().meta[SERVING] = True
+
+
 class _Group(click.Group):
     """Turns expected failures into one line on stderr (exit 1); --help stays click's."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (ZrpcError, OSError, ValueError, TypeError) as exc:
-            if isinstance(exc, click.ClickException) or os.environ.get("ZRPC_DEBUG"):
+        except (ZrpcError, OSError, ValueError, TypeError, OverflowError) as exc:
+            if isinstance(exc, click.ClickException) or os.environ.get("ZRPC_DEBUG") \
+                    or ctx.meta.get(SERVING):
                 raise  # ZRPC_DEBUG=1 shows the traceback behind a one-line error
             click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
@@ -134,13 +145,15 @@ def main() -> None:
               help="This broker's key pair (NAME.key_secret): encrypts every socket.")
 @click.option("--curve-authorized", type=click.Path(file_okay=False),
               help="Directory of public keys (*.key) admitted; reloaded on SIGHUP.")
+@click.option("--restarts", type=click.IntRange(0), default=0, hidden=True,
+              help="How many times a supervisor (zrpc pair) has restarted this broker.")
 @_log_option
 def broker(role: str, frontend: str | None, state: str | None, peer_state: str | None,
            monitor: str | None, lb: str, queue_limit: int, queue_bytes: int, service_grace: float,
            heartbeat_interval: float, liveness: int, max_message_size: int, metrics_port: int | None,
            eject_outliers: bool, latency_slo: float, error_rate: float, phi_threshold: float,
            backlog: int, max_inflight_per_client: int, curve_secret: str | None,
-           curve_authorized: str | None, log_level: str) -> None:
+           curve_authorized: str | None, restarts: int, log_level: str) -> None:
     """Run a broker: routes calls from clients to workers until SIGTERM or Ctrl-C."""
     from broker import Broker, BrokerConfig
     from broker._monitor import Thresholds
@@ -156,6 +169,7 @@ def broker(role: str, frontend: str | None, state: str | None, peer_state: str |
                               backlog=backlog, eject=eject_outliers),
         curve_secret=curve_secret, curve_authorized=curve_authorized,
         max_inflight_per_client=max_inflight_per_client,
+        **_supported(BrokerConfig, restarts=restarts),
     )
     if not is_loopback(config.frontend) and curve_secret is None:
         click.echo(f"warning: {config.frontend} is reachable from other hosts and no CURVE keys "
@@ -165,7 +179,15 @@ def broker(role: str, frontend: str | None, state: str | None, peer_state: str |
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: b.stop())
     signal.signal(signal.SIGHUP, lambda *_: b.reload_keys())
+    _serving()
     b.run()
+
+
+def _supported(cls: Any, **values: Any) -> dict[str, Any]:
+    """The keywords `cls` (a dataclass) has fields for: an option the broker does not know yet
+    is dropped, never a TypeError."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
 
 
 def _ports(value: str, default: tuple[int, int]) -> tuple[int, int]:
@@ -208,9 +230,13 @@ def pair(host: str, frontend_ports: str, state_ports: str, monitor_ports: str, l
     extra = ["--lb", lb, "--heartbeat-interval", str(heartbeat_interval), "--log-level", log_level]
     if (curve_secret is None) != (curve_authorized is None):
         raise click.UsageError("--curve-secret and --curve-authorized go together")
-    if curve_secret is not None:
+    if curve_secret is not None and curve_authorized is not None:
+        from ._security import load_authorized, server_keys
+
+        server_keys(curve_secret)  # what the brokers would fail on, said once, before any start
+        load_authorized(curve_authorized)
         extra += ["--curve-secret", os.path.abspath(curve_secret),
-                  "--curve-authorized", os.path.abspath(curve_authorized)]  # type: ignore[arg-type]
+                  "--curve-authorized", os.path.abspath(curve_authorized)]
     sys.exit(run_pair(host, ports, extra, restart))
 
 
@@ -224,10 +250,18 @@ def load_services(specs: Sequence[str]) -> list[Service]:
     out: list[Service] = []
     for spec in specs:
         modname, _, attr = spec.partition(":")
+        if not modname or modname.startswith("."):
+            raise click.BadParameter(f"{spec!r}: expected MODULE or MODULE:SERVICE, e.g. examples.calc:calc",
+                                     param_hint="SERVICE")
         try:
             mod = importlib.import_module(modname)
         except ImportError as exc:
             raise click.BadParameter(f"cannot import {modname!r}: {exc}", param_hint="SERVICE") from None
+        except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
+            if os.environ.get("ZRPC_DEBUG"):
+                raise
+            raise click.BadParameter(f"importing {modname!r} failed: {_where(exc)} "
+                                     "(ZRPC_DEBUG=1 shows the traceback)", param_hint="SERVICE") from None
         if attr:
             try:
                 obj = getattr(mod, attr)
@@ -241,6 +275,17 @@ def load_services(specs: Sequence[str]) -> list[Service]:
             raise click.BadParameter(f"{spec!r} is not a zrpc.Service", param_hint="SERVICE")
         out.extend(found)
     return out
+
+
+def _where(exc: BaseException) -> str:
+    """'Type: message (file, line N)' for an exception raised in a user's module."""
+    if isinstance(exc, SyntaxError):
+        return f"{type(exc).__name__}: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    at = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{at}"
 
 
 @main.command()
@@ -272,6 +317,7 @@ def worker(services: tuple[str, ...], brokers: str | None, concurrency: int, wei
                weight=weight, heartbeat_interval=heartbeat_interval, liveness=liveness,
                send_tracebacks=send_tracebacks, curve_server_key=curve_server_key,
                curve_secret=curve_secret)
+    _serving()
     w.run()
 
 
@@ -419,13 +465,18 @@ def status_view(st: dict[str, Any]) -> Any:
     from rich.table import Table
 
     t = Table(title="brokers", title_justify="left")
-    for col in ("endpoint", "role", "state", "peer", "epoch", "pid", "uptime"):
+    for col in ("endpoint", "role", "state", "peer", "epoch", "pid", "uptime", "restarts",
+                "internal errors"):
         t.add_column(col)
     for b in st["brokers"]:
         style = {"active": "green", "unreachable": "red"}.get(str(b["state"]), "")
+        restarts = b.get("restarts")
+        internal = b.get("counters", {}).get("internal_errors")
         t.add_row(b["endpoint"], str(b.get("role") or "-"), f"[{style}]{b['state']}[/]" if style else str(b["state"]),
                   str(b.get("peer_state") or "-"), str(b.get("epoch") if b.get("epoch") is not None else "-"),
-                  str(b.get("pid", "-")), f"{b['uptime_s']:.0f}s" if "uptime_s" in b else "-")
+                  str(b.get("pid", "-")), f"{b['uptime_s']:.0f}s" if "uptime_s" in b else "-",
+                  "-" if restarts is None else f"[yellow]{restarts}[/]" if restarts else "0",
+                  "-" if internal is None else f"[red]{internal}[/]" if internal else "0")
     parts: list[Any] = [t]
     t = Table(title="services", title_justify="left")
     for col in ("service", "workers", "outstanding", "queued", "calls", "errors"):
@@ -501,7 +552,10 @@ def keygen(directory: str, name: str) -> None:
     """Create a CURVE key pair in DIRECTORY: NAME.key (public) and NAME.key_secret (0600)."""
     from ._security import keygen as make_keys
 
-    public, secret = make_keys(directory, name)
+    try:
+        public, secret = make_keys(directory, name)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write keys in {directory}: {exc.strerror or exc}") from None
     click.echo(f"wrote {public} (public: give it to peers) and {secret} (secret: keep it, mode 0600)")
     click.echo("broker:          zrpc broker --curve-secret BROKER.key_secret --curve-authorized DIR_OF_CLIENT_KEYS")
     click.echo("client, worker:  --curve-secret OWN.key_secret --curve-server-key BROKER.key "

@@ -4,12 +4,18 @@ A local pair of brokers, three workers of examples/calc.py and a steady load; th
 time, a hung worker (SIGSTOP), dead workers (kill -9), a dead primary broker (kill -9), and
 their return. It shows calls/s, latency, the active broker, workers and alerts live, and ends
 with a summary: calls made, failed, executed twice, the longest gap, alerts seen.
+
+The demo supervises its brokers as `zrpc pair` does, but hides nothing: a process it did not
+kill on purpose that dies, a broker it had to restart, an internal error or a traceback in any
+child's log, and a charge ledger that was never written all show in the summary and make the
+demo exit non-zero (the children's logs are then kept for reading).
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -21,12 +27,15 @@ import click
 
 from ._client import Client
 from ._errors import CallStateUnknown, ZrpcError
-from ._pair import DEFAULT_PORTS, PairPorts, broker_args
-from ._procs import Processes, free_port, port_free, wait_until
+from ._internal import MARK as INTERNAL_ERROR
+from ._pair import DEFAULT_PORTS, PairPorts, broker_args, describe_exit
+from ._procs import TRACEBACK, Processes, free_port, marked_lines, port_free, wait_until
 from ._watch import EventFeed
 
 WORKERS = 3
 THREADS = 4
+MAX_RESTARTS = 3
+"""Unplanned restarts of one broker before the demo stops trying (it fails anyway)."""
 
 
 def _ports() -> tuple[PairPorts, bool]:
@@ -34,7 +43,8 @@ def _ports() -> tuple[PairPorts, bool]:
     default = PairPorts()
     if all(port_free("127.0.0.1", p) for p in (*default.frontend, *default.state, *default.monitor)):
         return default, True
-    return PairPorts(*(tuple(free_port() for _ in range(2)) for _ in DEFAULT_PORTS)), False
+    two = [(free_port(), free_port()) for _ in DEFAULT_PORTS]
+    return PairPorts(*two), False
 
 
 def _status(ep: str, timeout: float = 0.5) -> dict[str, Any] | None:
@@ -43,6 +53,25 @@ def _status(ep: str, timeout: float = 0.5) -> dict[str, Any] | None:
             return c.call("zrpc", "status")  # type: ignore[no-any-return]
     except ZrpcError:
         return None
+
+
+class LedgerError(Exception):
+    """The charge ledger cannot prove anything: it was never written, or lost a charge."""
+
+
+def read_ledger(path: Path, charged: set[str], charges: int) -> collections.Counter[str]:
+    """How many times each account was charged, as the workers wrote it down. Raises
+    LedgerError when the ledger cannot be trusted: "0 double executions" from a ledger nobody
+    wrote would be a lie, and a confirmed charge missing from it means it misses executions."""
+    if not path.exists() or path.stat().st_size == 0:
+        raise LedgerError(f"the charge ledger {path} was never written ({charges} charges made): "
+                          "double executions cannot be checked")
+    runs = collections.Counter(line.split()[0] for line in path.read_text().splitlines() if line.strip())
+    missing = charged - set(runs)
+    if missing:
+        raise LedgerError(f"{len(missing)} confirmed charges are missing from the ledger {path} "
+                          f"(e.g. {min(missing)}): it does not record every execution")
+    return runs
 
 
 class Load:
@@ -56,6 +85,7 @@ class Load:
         self.done: list[float] = []  # completion times
         self.latencies: collections.deque[tuple[float, float]] = collections.deque(maxlen=20000)
         self.ok = self.failed = self.unknown = self.charges = 0
+        self.charged: set[str] = set()  # accounts whose charge was confirmed
         self.errors: collections.Counter[str] = collections.Counter()
         self.threads = [threading.Thread(target=self._run, args=(t,), daemon=True) for t in range(THREADS)]
 
@@ -69,10 +99,11 @@ class Load:
         while not self.stop.is_set():
             i += 1
             charge = i % 10 == 0
+            account = f"acct-{t}-{i}"
             t0 = time.monotonic()
             try:
                 if charge:
-                    calc.charge(f"acct-{t}-{i}", 1)
+                    calc.charge(account, 1)
                 else:
                     assert calc.add(i, t) == i + t
                 outcome = "ok"
@@ -87,6 +118,8 @@ class Load:
                 self.charges += charge
                 if outcome == "ok":
                     self.ok += 1
+                    if charge:
+                        self.charged.add(account)
                 elif outcome == "unknown":
                     self.unknown += 1
                 else:
@@ -112,11 +145,13 @@ class Load:
             t.join(15)
         self.client.close()
 
+    def ledger_runs(self) -> collections.Counter[str]:
+        with self.lock:
+            charged = set(self.charged)
+        return read_ledger(self.ledger, charged, self.charges)
+
     def double_executions(self) -> int:
-        if not self.ledger.exists():
-            return 0
-        runs = collections.Counter(line.split()[0] for line in self.ledger.read_text().splitlines() if line)
-        return sum(n - 1 for n in runs.values() if n > 1)
+        return sum(n - 1 for n in self.ledger_runs().values() if n > 1)
 
 
 class Demo:
@@ -124,11 +159,15 @@ class Demo:
         self.plain = plain
         self.step = "starting"
         self.log: collections.deque[str] = collections.deque(maxlen=8)
-        self.procs = Processes()
+        self.tmp = Path(tempfile.mkdtemp(prefix="zrpc-demo-"))
+        self.procs = Processes(log_dir=self.tmp / "logs")
         self.ports, self.default_ports = _ports()
         self.eps = [f"tcp://127.0.0.1:{p}" for p in self.ports.frontend]
-        self.tmp = tempfile.TemporaryDirectory(prefix="zrpc-demo-")
-        self.ledger = Path(self.tmp.name) / "ledger.txt"
+        self.ledger = self.tmp / "ledger.txt"
+        self.unplanned: list[str] = []  # children that died without the demo killing them
+        self.restarts: collections.Counter[str] = collections.Counter()  # role -> unplanned restarts
+        self._dead_seen: set[int] = set()
+        self.keep_logs = False
         self.brokers: dict[str, Any] = {}
         self.workers: list[Any] = []
         self.feed: EventFeed | None = None
@@ -189,22 +228,54 @@ class Demo:
     # --- the story -----------------------------------------------------------------------
 
     def start_broker(self, role: str) -> None:
+        restarts = ["--restarts", str(self.restarts[role])] if self.restarts[role] else []
         self.brokers[role] = self.procs.zrpc("broker", *broker_args(role, "127.0.0.1", self.ports),
-                                             "--log-level", "error")
+                                             "--log-level", "error", *restarts, name=role)
 
     def start_worker(self) -> Any:
         w = self.procs.zrpc("worker", "examples.calc:calc", "--brokers", ",".join(self.eps),
-                            "--log-level", "error", env={"ZRPC_LEDGER": str(self.ledger)})
+                            "--log-level", "error", env={"ZRPC_LEDGER": str(self.ledger)},
+                            name=f"worker{len(self.workers) + 1}")
         self.workers.append(w)
         return w
+
+    def watch(self) -> None:
+        """A child that died without the demo killing it is a crash: said at once, counted,
+        and a broker is restarted (as `zrpc pair` would, with --restarts N) so the story goes on."""
+        for child in self.procs.children:
+            code = child.proc.poll()
+            if code is None or child.exit_expected or child.proc.pid in self._dead_seen:
+                continue
+            self._dead_seen.add(child.proc.pid)
+            self.unplanned.append(f"{child.name} pid {child.proc.pid} ({describe_exit(code)})")
+            role = next((r for r, p in self.brokers.items() if p is child.proc), None)
+            if role is None:
+                self.say(f"UNPLANNED: {child.name} (pid {child.proc.pid}) died: {describe_exit(code)}")
+                continue
+            if self.restarts[role] >= MAX_RESTARTS:
+                self.say(f"UNPLANNED: the {role} broker (pid {child.proc.pid}) died again: "
+                         f"{describe_exit(code)}; not restarting it")
+                continue
+            self.restarts[role] += 1
+            self.say(f"UNPLANNED: the {role} broker (pid {child.proc.pid}) died: {describe_exit(code)}; "
+                     f"restarting it (restart {self.restarts[role]})")
+            self.start_broker(role)
+
+    def wait(self, pred: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+        def check() -> Any:
+            self.watch()
+            return pred()
+
+        return wait_until(check, timeout, interval=interval, what=what)
 
     def n_workers(self, ep: str) -> int:
         return len((_status(ep) or {}).get("workers", []))
 
     def wait_alert(self, name: str, state: str = "raised", timeout: float = 6.0, since: int = 0) -> bool:
-        assert self.feed is not None
+        feed = self.feed
+        assert feed is not None
         try:
-            wait_until(lambda: len(self.feed.alerts(name, state)) > since, timeout, interval=0.05)  # type: ignore[union-attr]
+            self.wait(lambda: len(feed.alerts(name, state)) > since, timeout, what=f"alert {name} {state}")
             return True
         except TimeoutError:
             return False
@@ -212,6 +283,7 @@ class Demo:
     def pause(self, seconds: float) -> None:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
+            self.watch()
             self.print_new_alerts()
             time.sleep(0.1)  # noqa: sleep (the story's pacing)
 
@@ -221,13 +293,13 @@ class Demo:
         self.start_broker("primary")
         self.start_broker("backup")
         self.feed = EventFeed(*(f"tcp://127.0.0.1:{p}" for p in self.ports.monitor))
-        wait_until(lambda: [(_status(ep) or {}).get("broker", {}).get("state") for ep in self.eps]
-                   == ["active", "passive"], 15, what="pair settled")
+        self.wait(lambda: [(_status(ep) or {}).get("broker", {}).get("state") for ep in self.eps]
+                  == ["active", "passive"], 15, what="pair settled")
         self.say(f"starting {WORKERS} workers of examples.calc, each connected to both brokers")
         for _ in range(WORKERS):
             self.start_worker()
-        wait_until(lambda: self.n_workers(self.eps[0]) == WORKERS and self.n_workers(self.eps[1]) == WORKERS,
-                   15, what="workers registered")
+        self.wait(lambda: self.n_workers(self.eps[0]) == WORKERS and self.n_workers(self.eps[1]) == WORKERS,
+                  15, what="workers registered")
         self.load = Load(self.eps, self.ledger)
         self.load.start()
         self.say(f"steady load: {THREADS} client threads calling calc.add, and calc.charge (not idempotent)")
@@ -273,30 +345,74 @@ class Demo:
 
         self.say("stopping the load")
         self.load.close()
+        self.watch()
+        internal = self.internal_errors()
         self.print_new_alerts()
         counts = collections.Counter(f"{e['name']} {e['state']}" for _, e in self.feed.alerts()
                                      if e["name"] != "worker_joined")
+        try:
+            runs = self.load.ledger_runs()
+            ledger: str | None = None
+        except LedgerError as exc:
+            runs, ledger = collections.Counter(), str(exc)
         return {
             "calls made": self.load.ok + self.load.failed + self.load.unknown,
             "calls failed": self.load.failed,
             "non-idempotent calls": self.load.charges,
             "state unknown (not idempotent, reported)": self.load.unknown,
-            "double executions": self.load.double_executions(),
+            "ledger entries": sum(runs.values()),
+            "double executions": sum(n - 1 for n in runs.values() if n > 1),
             "longest gap at failover": f"{gap * 1000:.0f} ms",
             "alerts seen": ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "none",
+            "unplanned exits": ", ".join(self.unplanned) or "none",
+            "broker restarts": sum(self.restarts.values()),
+            "internal errors": internal,
             "errors": dict(self.load.errors),
+            "problems": ([ledger] if ledger else []) + self.log_problems(),
         }
+
+    def internal_errors(self) -> int:
+        """Internal errors the brokers and workers counted, over every broker process that ran
+        (a broker's counters start again at 0 when it restarts: the metrics history keeps them)."""
+        assert self.feed is not None
+        total, last = 0, dict[Any, int]()
+        events = [e for _, topic, e in list(self.feed.events) if topic == "metrics"]
+        for ev in events:
+            n = int((ev.get("counters") or {}).get("internal_errors", 0) or 0)
+            prev = last.get(ev.get("broker"), 0)
+            if n < prev:  # a restarted broker
+                total += prev
+            last[ev.get("broker")] = n
+        total += sum(last.values())
+        statuses = [st for st in (_status(ep) for ep in self.eps) if st]
+        latest = sum(int(st.get("counters", {}).get("internal_errors", 0) or 0) for st in statuses)
+        workers: dict[str, int] = {}  # a worker's own count, from the alerts brokers raise on it
+        for _, ev in self.feed.alerts("internal_error"):
+            detail = ev.get("detail") or {}
+            if "worker" in detail and isinstance(detail.get("count"), int):
+                workers[str(detail["worker"])] = max(workers.get(str(detail["worker"]), 0), detail["count"])
+        return max(total, latest) + sum(workers.values())
+
+    def log_problems(self) -> list[str]:
+        """Tracebacks and internal errors in any child's log (they log errors only)."""
+        out = []
+        for log in sorted((self.tmp / "logs").glob("*.log")):
+            hits = [line for _, mark, line in marked_lines(log) if mark in (TRACEBACK, INTERNAL_ERROR)]
+            if hits:
+                out.append(f"{log.stem}: {len(hits)} line(s) with a traceback or an internal error, "
+                           f"first: {hits[0].strip()[:200]}")
+        return out
 
     def close(self) -> None:
         if self.load is not None and not self.load.stop.is_set():
             self.load.close()
         if self.feed is not None:
             self.feed.close()
-        for p in self.procs.procs:
-            if p.poll() is None:
-                self.procs.terminate(p, timeout=3)
-        self.procs.close()
-        self.tmp.cleanup()
+        self.procs.close(grace=3.0)
+        if self.keep_logs:
+            click.echo(f"demo: the children's logs are kept in {self.tmp / 'logs'}", err=True)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def run_demo(plain: bool = False) -> int:
@@ -305,6 +421,7 @@ def run_demo(plain: bool = False) -> int:
     plain = plain or not sys.stdout.isatty()  # a live view needs a terminal; logs get lines
     demo = Demo(plain)
     summary: dict[str, Any] = {}
+    interrupted = False
     try:
         if plain:
             summary = demo.run()
@@ -314,17 +431,31 @@ def run_demo(plain: bool = False) -> int:
             with Live(demo, refresh_per_second=4, transient=False):
                 summary = demo.run()
     except KeyboardInterrupt:
+        interrupted = True
         click.echo("demo: interrupted; stopping everything", err=True)
         return 130
     finally:
+        ok = clean(summary)
+        demo.keep_logs = not ok and not interrupted  # a failed run leaves its evidence
         demo.close()
     _summary(summary, plain)
-    ok = summary["calls failed"] == 0 and summary["double executions"] == 0
     return 0 if ok else 1
+
+
+def clean(summary: dict[str, Any]) -> bool:
+    """Whether the story ran as promised: no call failed or ran twice, nothing died or was
+    restarted unasked, no internal error, a ledger that proves it."""
+    return bool(summary) and (summary["calls failed"] == 0 and summary["double executions"] == 0
+                              and summary["ledger entries"] > 0 and not summary["problems"]
+                              and summary["unplanned exits"] == "none"
+                              and summary["broker restarts"] == 0 and summary["internal errors"] == 0)
 
 
 def _summary(summary: dict[str, Any], plain: bool) -> None:
     errors = summary.pop("errors", {})
+    problems = summary.pop("problems", [])
+    for problem in problems:
+        click.echo(f"demo: PROBLEM: {problem}", err=True)
     if plain:
         click.echo("summary:")
         for k, v in summary.items():

@@ -1,12 +1,13 @@
-"""Test helpers: a clock that moves only when told, and process/port helpers for loopback tests."""
+"""Test helpers: a clock that moves only when told, and process/port helpers for loopback tests
+(`Processes` also reports children that died unasked or logged a traceback: `ProcessError`)."""
 
 from __future__ import annotations
 
 import random
 
-from ._procs import Processes, free_port, wait_until
+from ._procs import ProcessError, Processes, free_port, wait_until
 
-__all__ = ["FakeClock", "Processes", "free_port", "hostile_message", "wait_until"]
+__all__ = ["FakeClock", "ProcessError", "Processes", "free_port", "hostile_message", "wait_until"]
 
 
 class FakeClock:
@@ -31,12 +32,12 @@ def hostile_message(rng: random.Random, i: int) -> list[bytes]:
     deadlines, duplicate request ids, replies from unknown workers, absurd READYs."""
     import os
 
-    import msgpack
+    import msgpack  # type: ignore[import-untyped]
 
     from ._frames import CLIENT, WORKER
 
     def pk(o: object) -> bytes:
-        return msgpack.packb(o, use_bin_type=True)
+        return bytes(msgpack.packb(o, use_bin_type=True))
 
     kind = i % 16
     if kind == 0:
