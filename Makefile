@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-quick bench clean
+.PHONY: demo test test-quick soak bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ test: $(STAMP)
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+
+# The soak of `make test` for SOAK_SECONDS of load (default 10 minutes); prints its figures.
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	ZRPC_SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/python -m pytest tests/chaos/test_soak.py -s
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py

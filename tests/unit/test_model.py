@@ -1,0 +1,629 @@
+"""A model of a whole deployment over the real sans-IO cores, explored by hypothesis.
+
+Two brokers (Dispatcher + BinaryStar + LivenessTracker each, glued as the broker loop glues
+them), three workers (a ReplyCache each, glued as the worker loop glues it) and two clients (a
+Session each) exchange real ZRPC/1 frames through a network that delivers messages in any
+order, loses them, duplicates them, and pauses peers. Hypothesis drives it with worker deaths,
+broker crashes and restarts, failovers and clock jumps, and checks after every step:
+
+1. a non-idempotent call executes at most once, across every worker and broker;
+2. every call is settled exactly once, and by its deadline (result, error or CallStateUnknown);
+3. a settled call's result is the right one;
+4. no dispatcher counter or queue gauge goes negative, and what the cores hold is bounded;
+5. once the faults stop, an idempotent call to the live service is answered with its result.
+
+Where a rule cannot decide whether a re-sent call already ran, the answer must be
+CallStateUnknown: invariant 1 fails on any second run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+import broker._dispatch as dispatch
+from broker._bstar import (
+    BinaryStar,
+    BStar,
+    ClientVoted,
+    HigherEpochSeen,
+    PeerStateSeen,
+    PublishState,
+    ServingChanged,
+    Stalled,
+    decode_state,
+    encode_state,
+)
+from zrpc import CallStateUnknown, RemoteError, ZrpcError
+from zrpc._frames import (
+    CLIENT,
+    H_IDEMPOTENT,
+    H_PROBE,
+    WORKER,
+    ClientReply,
+    ClientRequest,
+    Disconnect,
+    Heartbeat,
+    Ready,
+    Status,
+    WorkerReply,
+    WorkerRequest,
+    decode_frames,
+    encode,
+)
+from zrpc._liveness import LivenessTracker
+from zrpc._reply_cache import DONE, NEW, UNKNOWN, ReplyCache
+from zrpc._serial import pack_error, pack_result, unpack_call
+from zrpc._session import Session, Transmit, settle
+from zrpc.testing import FakeClock
+
+INTERVAL = 0.25
+LIVENESS = 3
+TIMEOUT = 3.0  # every call's deadline, seconds
+SERVICES = {"svc": {"add": True, "charge": False}}
+CAPACITY = 2
+
+PROBE_HORIZON = float(os.environ.get("ZRPC_MODEL_HORIZON", "10"))  # 0 breaks rule 4 on purpose
+STEPS = int(os.environ.get("ZRPC_MODEL_STEPS", "60"))
+EXAMPLES = int(os.environ.get("ZRPC_MODEL_EXAMPLES", "150"))
+
+Node = tuple[str, int]  # ("b", i) broker, ("w", i) worker, ("c", i) client
+
+
+class BrokerNode:
+    """A broker's cores, glued as broker/_loop.py glues them (policy included)."""
+
+    def __init__(self, model: "Deployment", index: int) -> None:
+        self.m = model
+        self.index = index
+        self.role = "primary" if index == 0 else "backup"
+        self.up = True
+        self.paused = False
+        self.boot()
+
+    def boot(self) -> None:
+        clock = self.m.clock
+        self.dispatcher = dispatch.Dispatcher(clock, service_grace=1.0, default_timeout=TIMEOUT, probe_horizon=PROBE_HORIZON)
+        self.bstar = BinaryStar(self.role, clock, INTERVAL)
+        self.liveness: LivenessTracker[bytes] = LivenessTracker(clock, INTERVAL, LIVENESS)
+        self.last_loop = clock()
+        self.drained = True
+        self.drain_until = 0.0
+        self.execute(self.dispatcher.handle(dispatch.Deactivated()))  # a pair member starts so
+
+    @property
+    def node(self) -> Node:
+        return ("b", self.index)
+
+    def hello(self) -> dict[str, Any]:
+        return {"interval_ms": int(INTERVAL * 1000), "liveness": LIVENESS, "role": self.role,
+                "state": self.bstar.state.value, "epoch": self.bstar.epoch}
+
+    # --- input ------------------------------------------------------------------------
+
+    def on_frames(self, src: Node, frames: list[bytes]) -> None:
+        if src[0] == "s":  # the peer's state link
+            state, epoch, role = decode_state(frames)
+            self.bstar_actions(self.bstar.handle(PeerStateSeen(state, epoch, role)))
+            return
+        peer = self.m.ident(src)
+        msg = decode_frames(frames)
+        d = self.dispatcher
+        t = type(msg)
+        if t is ClientRequest:
+            if self.bstar.accepts_clients or self.vote():
+                self.execute(d.handle(dispatch.RequestArrived(peer, msg)))
+            else:
+                self.send(src, encode(ClientReply(msg.request_id, Status.NOT_ACTIVE,
+                                                  pack_error("NotActive", "passive"))))
+        elif t is WorkerReply:
+            self.execute(d.handle(dispatch.ReplyArrived(peer, msg)))
+            self.worker_seen(src, peer)
+        elif t is Ready:
+            self.execute(d.handle(dispatch.WorkerReady(peer, msg)))
+            self.liveness.seen(peer)
+            self.send(src, encode(Heartbeat(WORKER, self.hello())))
+        elif t is Heartbeat:
+            if msg.sender == WORKER:
+                self.worker_seen(src, peer)
+                epoch = msg.info.get("active_epoch")
+                if (d.has_worker(peer) and type(epoch) is int
+                        and self.bstar.state is BStar.ACTIVE and self.bstar.epoch < epoch):
+                    self.bstar_actions(self.bstar.handle(HigherEpochSeen(epoch)))
+            else:
+                self.send(src, encode(Heartbeat(CLIENT, self.hello())))
+        elif t is Disconnect:
+            self.execute(d.handle(dispatch.WorkerLeaving(peer)))
+            if d.has_worker(peer):
+                self.liveness.seen(peer)
+
+    def worker_seen(self, src: Node, peer: bytes) -> None:
+        d = self.dispatcher
+        if d.has_worker(peer):
+            self.liveness.seen(peer)
+            return
+        if d.wants_register(peer):
+            info = self.hello()
+            info["register"] = True
+            self.send(src, encode(Heartbeat(WORKER, info)))
+
+    def vote(self) -> bool:
+        self.bstar_actions(self.bstar.handle(ClientVoted()))
+        return self.bstar.accepts_clients
+
+    def bstar_actions(self, actions: list[Any]) -> None:
+        for a in actions:
+            if isinstance(a, PublishState):
+                self.m.post(("s", self.index), ("b", 1 - self.index),
+                            encode_state(a.state, a.epoch, self.role))
+            elif isinstance(a, ServingChanged):
+                self.execute(self.dispatcher.handle(
+                    dispatch.Activated() if a.serving else dispatch.Deactivated()))
+
+    # --- time -------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        now = self.m.clock()
+        gap, self.last_loop = now - self.last_loop, now
+        if gap > self.bstar.peer_timeout:  # we were stopped: our silence is no evidence
+            self.liveness.pause(gap)
+            self.drained = False
+            self.drain_until = now + 10 * self.liveness.timeout
+            self.bstar_actions(self.bstar.handle(Stalled(gap)))
+        self.execute(self.dispatcher.tick())
+        self.bstar_actions(self.bstar.tick())
+        if not self.drained:  # judge nobody before the backlog (their heartbeats) is read
+            self.drained = now >= self.drain_until or not any(
+                dst == self.node for _, dst, _ in self.m.net)
+            if not self.drained:
+                return
+        for wid in self.liveness.expired():
+            if self.dispatcher.has_worker(wid):
+                self.execute(self.dispatcher.handle(dispatch.WorkerLost(wid, "silent")))
+        if self.liveness.beat():
+            frames = encode(Heartbeat(WORKER, self.hello()))
+            for wid in self.dispatcher.worker_ids():
+                self.send(self.m.node_of(wid), frames)
+
+    # --- output -----------------------------------------------------------------------
+
+    def execute(self, actions: list[Any]) -> None:
+        for a in actions:
+            if isinstance(a, dispatch.SendToWorker):
+                self.send(self.m.node_of(a.worker_id), encode(a.message))
+            elif isinstance(a, dispatch.ReplyToClient):
+                self.send(self.m.node_of(a.client_id),
+                          encode(ClientReply(a.request_id, a.status, a.body)))
+            elif isinstance(a, dispatch.AckLeave):
+                self.send(self.m.node_of(a.worker_id), encode(Disconnect()))
+
+    def send(self, dst: Node | None, frames: list[bytes]) -> None:
+        if dst is not None:
+            self.m.post(self.node, dst, frames)
+
+
+class WorkerNode:
+    """A worker's reply cache and calls, glued as zrpc/_worker.py glues them."""
+
+    def __init__(self, model: "Deployment", index: int) -> None:
+        self.m = model
+        self.index = index
+        self.up = True
+        self.paused = False
+        self.cache = ReplyCache(model.clock)
+        self.running: dict[tuple[bytes, int], WorkerRequest] = {}
+        self.last_beat = model.clock()
+        self.heard: dict[int, tuple[str, int]] = {}  # broker -> (state, epoch) it announced
+        for b in range(2):
+            self.m.post(self.node, ("b", b), self.ready())
+
+    @property
+    def node(self) -> Node:
+        return ("w", self.index)
+
+    def ready(self) -> list[bytes]:
+        return encode(Ready(f"w{self.index}", SERVICES, CAPACITY, 1.0, {}))
+
+    def on_frames(self, src: Node, frames: list[bytes]) -> None:
+        b = src[1]
+        msg = decode_frames(frames)
+        if isinstance(msg, Heartbeat):
+            epoch = msg.info.get("epoch")
+            self.heard[b] = (str(msg.info.get("state")), epoch if type(epoch) is int else 0)
+            if msg.info.get("register") is True:
+                self.m.post(self.node, src, self.ready())
+            return
+        if not isinstance(msg, WorkerRequest):
+            return
+        key = (msg.client_id, msg.request_id)
+        if msg.headers.get(H_PROBE):
+            state, entry = self.cache.probe(key, b)
+            if state == NEW:
+                self.reply(b, msg.client_id, msg.request_id, Status.NOT_SEEN, b"")
+            elif state == DONE:
+                self.reply(b, msg.client_id, msg.request_id, entry.status, entry.body)
+            elif state == UNKNOWN:
+                self.reply(b, msg.client_id, msg.request_id, Status.CALL_STATE_UNKNOWN, b"")
+            return
+        # as the worker does: idempotent only if the broker says so and the method is
+        idempotent = msg.headers.get(H_IDEMPOTENT) is True and SERVICES["svc"][msg.method]
+        state, entry = self.cache.begin(key, b, idempotent=idempotent)
+        if state == DONE:
+            self.reply(b, msg.client_id, msg.request_id, entry.status, entry.body)
+            return
+        if state == UNKNOWN:
+            self.reply(b, msg.client_id, msg.request_id, Status.CALL_STATE_UNKNOWN, b"")
+            return
+        if state != NEW:
+            return
+        self.running[key] = msg
+        args, _ = unpack_call(msg.body)
+        self.m.executed(msg.method, args, idempotent)
+
+    def finish(self, key: tuple[bytes, int]) -> None:
+        msg = self.running.pop(key)
+        args, _ = unpack_call(msg.body)
+        result = args[0] + args[1] if msg.method == "add" else args[0]
+        body = pack_result(result)
+        for dest in self.cache.finish(key, Status.OK, body) or [0]:
+            self.reply(int(dest), msg.client_id, msg.request_id, Status.OK, body)  # type: ignore[call-overload]
+
+    def reply(self, b: int, cid: bytes, rid: int, status: int, body: bytes) -> None:
+        self.m.post(self.node, ("b", b), encode(WorkerReply(cid, rid, status, body)))
+
+    def tick(self) -> None:
+        now = self.m.clock()
+        if now - self.last_beat >= INTERVAL:
+            self.last_beat = now
+            active = [e for state, e in self.heard.values() if state == "active"]
+            info = {"internal_errors": 0, "active_epoch": max(active, default=0)}
+            for b in range(2):
+                self.m.post(self.node, ("b", b), encode(Heartbeat(WORKER, info)))
+
+
+class ClientNode:
+    def __init__(self, model: "Deployment", index: int) -> None:
+        self.m = model
+        self.index = index
+        self.session = Session(model.clock, 2, TIMEOUT, interval=INTERVAL, liveness=LIVENESS)
+        self.session.table._ids = itertools.count(1000 * (index + 1))  # replayable request ids
+
+    @property
+    def node(self) -> Node:
+        return ("c", self.index)
+
+    def apply(self, outputs: list[Any]) -> None:
+        for o in outputs:
+            if type(o) is Transmit:
+                self.m.post(self.node, ("b", o.broker), o.frames)
+            else:
+                self.m.settled(o)
+                settle(o)
+
+    def on_frames(self, src: Node, frames: list[bytes]) -> None:
+        self.apply(self.session.received(src[1], decode_frames(frames)))
+
+    def tick(self) -> None:
+        self.apply(self.session.tick())
+
+
+class Deployment(RuleBasedStateMachine):
+    """The whole system; rules are faults and traffic, invariants are the guarantees."""
+
+    calls = Bundle("calls")
+
+    @initialize()
+    def boot(self) -> None:
+        self.clock = FakeClock()
+        self.net: list[tuple[Node, Node, list[bytes]]] = []
+        self.ids: dict[Node, bytes] = {}
+        self.nodes_by_id: dict[bytes, Node] = {}
+        self.brokers = [BrokerNode(self, 0), BrokerNode(self, 1)]
+        self.workers: list[WorkerNode] = []
+        self.clients = [ClientNode(self, 0), ClientNode(self, 1)]
+        for _ in range(3):
+            self.spawn_worker()
+        self.tokens = 0
+        self.executions: dict[str, int] = {}  # charge token -> times run
+        self.expected: dict[int, tuple[Any, float, bool, str]] = {}  # id(future) -> (result, deadline, idem, token)
+        self.futures: list[Future[Any]] = []
+        self.settlements: dict[int, int] = {}  # id(future) -> settle outputs seen
+        self.faults = 0
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def ident(self, node: Node) -> bytes:
+        if node not in self.ids:
+            ident = f"{node[0]}{node[1]}-{len(self.ids)}".encode()  # deterministic: replayable
+            self.ids[node] = ident
+            self.nodes_by_id[ident] = node
+        return self.ids[node]
+
+    def node_of(self, ident: bytes) -> Node | None:
+        return self.nodes_by_id.get(ident)
+
+    def post(self, src: Node, dst: Node, frames: list[bytes]) -> None:
+        if len(self.net) < 2000:  # a full pipe drops, as a high-water mark does
+            self.net.append((src, dst, frames))
+
+    def target(self, dst: Node) -> Any:
+        kind, i = dst
+        if kind == "b":
+            b = self.brokers[i]
+            return b if b.up else None
+        if kind == "w":
+            w = self.workers[i]
+            return w if w.up else None
+        return self.clients[i]
+
+    def executed(self, method: str, args: list[Any], idempotent: bool) -> None:
+        if method == "charge":
+            token = args[0]
+            self.executions[token] = self.executions.get(token, 0) + 1
+
+    def settled(self, output: Any) -> None:
+        fut = output.call.future
+        self.settlements[id(fut)] = self.settlements.get(id(fut), 0) + 1
+
+    def spawn_worker(self) -> None:
+        w = WorkerNode(self, len(self.workers))
+        self.ident(w.node)
+        self.workers.append(w)
+
+    def deliver_one(self, index: int) -> None:
+        src, dst, frames = self.net.pop(index % len(self.net))
+        node = self.target(dst)
+        if node is None or getattr(node, "paused", False):
+            if node is not None:  # a paused peer reads it later
+                self.net.append((src, dst, frames))
+            return
+        node.on_frames(src, frames)
+
+    def tick_all(self) -> None:
+        for b in self.brokers:
+            if b.up and not b.paused:
+                b.tick()
+        for w in self.workers:
+            if w.up and not w.paused:
+                w.tick()
+        for c in self.clients:
+            c.tick()
+
+    # --- traffic ------------------------------------------------------------------------
+
+    @rule(client=st.integers(0, 1), a=st.integers(0, 100), b=st.integers(0, 100))
+    def call_add(self, client: int, a: int, b: int) -> None:
+        self._submit(client, "add", (a, b), a + b, True, "")
+
+    @rule(client=st.integers(0, 1))
+    def call_charge(self, client: int) -> None:
+        self.tokens += 1
+        token = f"t{self.tokens}"
+        self._submit(client, "charge", (token,), token, False, token)
+
+    def _submit(self, client: int, method: str, args: tuple[Any, ...], result: Any, idem: bool,
+                token: str) -> None:
+        c = self.clients[client]
+        fut: Future[Any] = Future()
+        call = c.session.table.prepare("svc", method, args, {}, fut)
+        self.futures.append(fut)
+        self.expected[id(fut)] = (result, call.deadline, idem, token)
+        c.apply(c.session.submit(call))
+
+    @precondition(lambda self: self.net)
+    @rule(index=st.integers(0, 10_000), times=st.integers(1, 20))
+    def deliver(self, index: int, times: int) -> None:
+        for i in range(times):
+            if not self.net:
+                return
+            self.deliver_one(index + i * 7919)
+
+    @precondition(lambda self: any(w.running for w in self.workers if w.up and not w.paused))
+    @rule(index=st.integers(0, 10_000))
+    def finish_call(self, index: int) -> None:
+        busy = [w for w in self.workers if w.up and not w.paused and w.running]
+        w = busy[index % len(busy)]
+        keys = list(w.running)
+        w.finish(keys[index % len(keys)])
+
+    @rule(dt=st.sampled_from([0.01, 0.05, 0.1, 0.25, 0.5, 1.0]))
+    def advance(self, dt: float) -> None:
+        self.clock.advance(dt)
+        self.tick_all()
+
+    # --- faults -------------------------------------------------------------------------
+
+    @precondition(lambda self: self.net)
+    @rule(index=st.integers(0, 10_000))
+    def lose(self, index: int) -> None:
+        self.net.pop(index % len(self.net))
+        self.faults += 1
+
+    @precondition(lambda self: self.net)
+    @rule(index=st.integers(0, 10_000))
+    def duplicate(self, index: int) -> None:
+        self.post(*self.net[index % len(self.net)])
+        self.faults += 1
+
+    @precondition(lambda self: sum(w.up for w in self.workers) > 1)
+    @rule(index=st.integers(0, 100))
+    def kill_worker(self, index: int) -> None:
+        live = [w for w in self.workers if w.up]
+        w = live[index % len(live)]
+        w.up = False
+        self.faults += 1
+        if len(self.workers) < 8:
+            self.spawn_worker()
+
+    @precondition(lambda self: sum(w.up for w in self.workers) > 1
+                  and any(w.running for w in self.workers if w.up))
+    @rule(index=st.integers(0, 100))
+    def kill_busy_worker(self, index: int) -> None:
+        """The worst moment: a worker dies holding calls it has run."""
+        busy = [w for w in self.workers if w.up and w.running]
+        busy[index % len(busy)].up = False
+        self.faults += 1
+        if len(self.workers) < 8:
+            self.spawn_worker()
+
+    @rule(index=st.integers(0, 100), paused=st.booleans())
+    def pause_worker(self, index: int, paused: bool) -> None:
+        live = [w for w in self.workers if w.up]
+        if live:
+            live[index % len(live)].paused = paused
+            self.faults += 1
+
+    @rule(index=st.integers(0, 1))
+    def crash_broker(self, index: int) -> None:
+        b = self.brokers[index]
+        if b.up and self.brokers[1 - index].up:
+            b.up = False
+            self.faults += 1
+
+    @rule(index=st.integers(0, 1))
+    def restart_broker(self, index: int) -> None:
+        b = self.brokers[index]
+        if not b.up:
+            b.boot()
+            b.up = True
+            b.paused = False
+
+    @rule(index=st.integers(0, 1), paused=st.booleans())
+    def pause_broker(self, index: int, paused: bool) -> None:
+        self.brokers[index].paused = paused
+        self.faults += 1
+
+    # --- the guarantees -----------------------------------------------------------------
+
+    @invariant()
+    def at_most_once(self) -> None:
+        twice = {t: n for t, n in self.executions.items() if n > 1}
+        assert not twice, f"non-idempotent calls executed more than once: {twice}"
+
+    @invariant()
+    def settled_once_and_right(self) -> None:
+        now = self.clock()
+        for fut in getattr(self, "futures", []):
+            result, deadline, idem, token = self.expected[id(fut)]
+            assert self.settlements.get(id(fut), 0) <= 1, "a call was settled twice"
+            # the clients tick after every clock step, so a passed deadline is settled
+            assert fut.done() or now < deadline, "a call outlived its deadline"
+            if fut.done():
+                exc = fut.exception()
+                if exc is None:
+                    assert fut.result() == result
+                    if token:
+                        assert self.executions.get(token) == 1, f"{token} answered but never ran"
+                else:
+                    assert isinstance(exc, ZrpcError) and not isinstance(exc, RemoteError), exc
+
+    @invariant()
+    def counters_and_memory(self) -> None:
+        for b in getattr(self, "brokers", []):
+            if not b.up:
+                continue
+            d = b.dispatcher
+            snap = d.snapshot()
+            assert all(v >= 0 for v in snap["counters"].values()), snap["counters"]
+            assert snap["queued_bytes"] >= 0
+            assert all(s["queued"] >= 0 and s["outstanding"] >= 0 for s in snap["services"])
+            assert all(0 <= w["outstanding"] <= w["capacity"] for w in snap["workers"])
+            assert d.inflight <= len(self.futures)
+            check = getattr(d, "_check", None)
+            if check is not None:
+                check()
+        for w in getattr(self, "workers", []):
+            assert len(w.cache) <= len(self.futures)
+
+    def teardown(self) -> None:
+        """The faults stop: everything heals, and a new idempotent call must succeed."""
+        if not hasattr(self, "clock"):
+            return
+        for w in self.workers:
+            w.paused = False
+        for b in self.brokers:
+            b.paused = False
+            if not b.up:
+                b.boot()
+                b.up = True
+        for _ in range(int(2 * TIMEOUT / 0.05)):  # let everything settle, with no loss
+            self.clock.advance(0.05)
+            self.tick_all()
+            while self.net:
+                self.deliver_one(0)
+                for w in self.workers:
+                    while w.up and w.running:
+                        w.finish(next(iter(w.running)))
+        self.at_most_once()
+        self.settled_once_and_right()
+        outcomes = [type(f.exception()).__name__ if f.exception() else "ok" for f in self.futures]
+        for name in sorted(set(outcomes)):
+            event(f"outcome {name}")
+        event(f"resent calls: {min(3, sum(1 for c in self.clients for _ in range(c.session.switches)))}")
+        assert all(f.done() for f in self.futures), "a call was never settled"
+        fut: Future[Any] = Future()
+        c = self.clients[0]
+        call = c.session.table.prepare("svc", "add", (20, 22), {}, fut)
+        c.apply(c.session.submit(call))
+        for _ in range(int(TIMEOUT / 0.05)):
+            if fut.done():
+                break
+            self.clock.advance(0.05)
+            self.tick_all()
+            while self.net:
+                self.deliver_one(0)
+                for w in self.workers:
+                    while w.up and w.running:
+                        w.finish(next(iter(w.running)))
+        assert fut.done() and fut.exception() is None and fut.result() == 42, (
+            f"after healing, an idempotent call got {fut.exception() if fut.done() else 'nothing'}")
+
+
+def test_a_charge_whose_worker_and_broker_die_is_never_run_again() -> None:
+    """The scenario rule 4 exists for: a charge runs on a worker, that worker and the active
+    broker die, the client re-sends to the backup, which may ask only the survivors."""
+    m = Deployment()
+    m.boot()
+
+    def pump() -> None:
+        for _ in range(500):
+            if not m.net:
+                return
+            m.deliver_one(0)
+
+    for _ in range(8):
+        m.advance(0.25)
+        pump()
+    assert [b.bstar.state for b in m.brokers] == [BStar.ACTIVE, BStar.PASSIVE]
+    m.call_charge(0)
+    pump()
+    (busy,) = [w for w in m.workers if w.running]
+    assert m.executions == {"t1": 1}
+    busy.up = False
+    m.brokers[0].up = False
+    for _ in range(16):
+        m.advance(0.25)
+        pump()
+    m.at_most_once()
+    (fut,) = m.futures
+    assert fut.done() and isinstance(fut.exception(), CallStateUnknown)
+
+
+Deployment.TestCase.settings = settings(
+    max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+TestDeployment = pytest.mark.timeout(900)(Deployment.TestCase)  # shrinking a failure is slow
