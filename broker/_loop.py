@@ -84,6 +84,9 @@ DRAIN_TIMEOUTS = 10
 """After a stall of our own, liveness is judged once the frontend is drained, or after this
 many liveness timeouts of draining (a flood that never drains must not hide a dead worker)."""
 
+RESTART_ALERT_S = 60.0
+"""How long `broker_restarted` stays raised after a restarted broker starts."""
+
 ALWAYS_NOTICED = frozenset({"unauthorized", "internal_error", "broker_restarted"})
 """Notices a passive broker reports too: they are about this broker, not about the calls the
 active one serves."""
@@ -202,6 +205,7 @@ class Broker:
         # names this run of the broker in heartbeats: a client that sees it change knows the
         # broker restarted (faster than it could notice) and re-sends the calls it had there
         self._boot = os.urandom(4).hex()
+        self._restart_resolved = False
         self.counters: dict[str, int] = dict.fromkeys(
             ("received", "sent", "malformed", "unroutable", "send_full", "not_active"), 0)
         self.ready = threading.Event()  # set once the frontend is bound
@@ -614,7 +618,17 @@ class Broker:
         self.liveness.forget(wid)
         self._worker_errors.pop(wid, None)
 
+    def _restart_settled(self) -> None:
+        """`broker_restarted` stays in force (in `zrpc status`, on the monitor) for a minute
+        after the start, so that a subscriber that reconnects to the new run still sees it."""
+        if self.config.restarts > 0 and not self._restart_resolved and \
+                time.time() - self._started_wall >= RESTART_ALERT_S:
+            self._restart_resolved = True
+            self._notice(Notice("broker_restarted", self._errors.where,
+                                {"restarts": self.config.restarts, "resolved": True}))
+
     def _metrics_step(self) -> None:
+        self._restart_settled()
         snap = self.dispatcher.snapshot()
         metrics, alerts = self.monitor.metrics(snap)
         metrics.update(self._identity(), counters={**snap["counters"], **self.counters,

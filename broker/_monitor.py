@@ -365,8 +365,12 @@ class Monitor:
             out += self._unauthorized(n.subject, n.detail)
         elif n.name == "internal_error":
             out += self.internal_error(n.subject, n.detail)
-        elif n.name == "broker_restarted":
-            out += self._event("broker_restarted", n.subject, **n.detail)
+        elif n.name == "broker_restarted":  # in force for a minute: subscribers reconnect
+            detail = {k: v for k, v in n.detail.items() if k != "resolved"}
+            if n.detail.get("resolved"):
+                out += self._resolve("broker_restarted", n.subject, **detail)
+            else:
+                out += self._raise("broker_restarted", n.subject, **detail)
         elif n.name in PAIR_CONDITIONS:
             detail = {k: v for k, v in n.detail.items() if k != "resolved"}
             if n.detail.get("resolved"):

@@ -525,8 +525,11 @@ def test_internal_error_is_rate_limited_per_subject_and_counted():
 def test_broker_restarted_role_conflict_and_peer_unreachable():
     m = Monitor(FakeClock(), 0.25)
     out = m.notice(Notice("broker_restarted", "tcp://127.0.0.1:5555", {"restarts": 2}))
-    assert names(out) == [("broker_restarted", "event")] and out[0].severity == "warning"
+    assert names(out) == [("broker_restarted", "raised")] and out[0].severity == "warning"
     assert out[0].subject == "tcp://127.0.0.1:5555" and out[0].detail == {"restarts": 2}
+    assert [a.name for a in m.active] == ["broker_restarted"]  # in force: status shows it
+    out = m.notice(Notice("broker_restarted", "tcp://127.0.0.1:5555", {"restarts": 2, "resolved": True}))
+    assert names(out) == [("broker_restarted", "resolved")] and m.active == []
     for name, severity in (("role_conflict", "critical"), ("peer_unreachable", "warning")):
         out = m.peer(PeerAlert(name, severity, {"peer_role": "primary"}))
         assert names(out) == [(name, "raised")] and out[0].subject == "pair" and out[0].severity == severity
