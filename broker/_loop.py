@@ -577,6 +577,9 @@ class Broker:
             self._security_events()
         if self.bstar is not None:
             with contain("the Binary Star timers"):
+                # what the peer already sent is heard before its silence is judged: a state
+                # message waiting unread is not a lost peer
+                self._read_peer()
                 self._bstar_actions(self.bstar.tick())
         now = self._clock()
         if now >= self._next_eval:

@@ -33,6 +33,8 @@ from ._procs import TRACEBACK, Processes, free_port, marked_lines, port_free, wa
 from ._watch import EventFeed
 
 WORKERS = 3
+DEMO_SERVICE = "zrpc.examples.calc:calc"
+"""Installed with zrpc (examples/ is packaged as zrpc.examples), so the demo runs anywhere."""
 THREADS = 4
 MAX_RESTARTS = 3
 """Unplanned restarts of one broker before the demo stops trying (it fails anyway)."""
@@ -233,7 +235,7 @@ class Demo:
                                              "--log-level", "error", *restarts, name=role)
 
     def start_worker(self) -> Any:
-        w = self.procs.zrpc("worker", "examples.calc:calc", "--brokers", ",".join(self.eps),
+        w = self.procs.zrpc("worker", DEMO_SERVICE, "--brokers", ",".join(self.eps),
                             "--log-level", "error", env={"ZRPC_LEDGER": str(self.ledger)},
                             name=f"worker{len(self.workers) + 1}")
         self.workers.append(w)
@@ -295,7 +297,7 @@ class Demo:
         self.feed = EventFeed(*(f"tcp://127.0.0.1:{p}" for p in self.ports.monitor))
         self.wait(lambda: [(_status(ep) or {}).get("broker", {}).get("state") for ep in self.eps]
                   == ["active", "passive"], 15, what="pair settled")
-        self.say(f"starting {WORKERS} workers of examples.calc, each connected to both brokers")
+        self.say(f"starting {WORKERS} workers of {DEMO_SERVICE}, each connected to both brokers")
         for _ in range(WORKERS):
             self.start_worker()
         self.wait(lambda: self.n_workers(self.eps[0]) == WORKERS and self.n_workers(self.eps[1]) == WORKERS,
