@@ -29,6 +29,7 @@ from zrpc._frames import (
 )
 from zrpc._lb import Strategy, make_strategy
 from zrpc._serial import pack_error
+from ._monitor import ewma
 
 # --- events (inputs) ------------------------------------------------------------------------
 
@@ -197,7 +198,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 
 class ServiceState:
-    __slots__ = ("buckets", "calls", "changed_at", "empty_since", "errors", "max_workers",
+    __slots__ = ("buckets", "latency_sum", "calls", "changed_at", "empty_since", "errors", "max_workers",
                  "methods", "name", "queue", "queued", "strategy", "workers")
 
     def __init__(self, name: str, strategy: Strategy, empty_since: float, now: float) -> None:
@@ -212,6 +213,7 @@ class ServiceState:
         self.calls = 0  # replies from workers
         self.errors = 0  # of which not OK
         self.buckets = [0] * len(LATENCY_BUCKETS)  # latency histogram (not cumulative)
+        self.latency_sum = 0.0  # seconds, for Prometheus' _sum (average = sum / count)
         self.max_workers = 0  # most workers seen at once: redundancy is judged against it
 
 
@@ -414,6 +416,7 @@ class Dispatcher:
                 "calls": s.calls,
                 "errors": s.errors,
                 "latency_buckets": list(s.buckets),
+                "latency_sum": s.latency_sum,
                 "max_workers": s.max_workers,
             }
             for s in sorted(self._services.values(), key=lambda s: s.name)
@@ -835,12 +838,13 @@ class Dispatcher:
         call = worker.calls.get(key) if worker is not None else None
         if worker is not None and call is not None:  # the answer to a call it was given
             lat = now - call.sent_at
-            worker.ewma = lat if worker.ewma == 0.0 else worker.ewma + self._alpha * (lat - worker.ewma)
+            worker.ewma = ewma(worker.ewma, lat, self._alpha)
             worker.served += 1
             svc = self._services.get(call.service)
             if svc is not None:
                 svc.calls += 1
                 svc.buckets[bisect_left(LATENCY_BUCKETS, lat)] += 1
+                svc.latency_sum += lat
             if reply.status != Status.OK:
                 worker.errors += 1
                 if svc is not None:

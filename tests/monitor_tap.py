@@ -24,3 +24,12 @@ class MonitorTap(EventFeed):
             return hits[-1] if hits else None
 
         return wait_until(found, timeout, what="a metrics snapshot")  # type: ignore[return-value]
+
+    def wait_snapshots(self, n: int, since: float, timeout: float = 10.0) -> None:
+        """Waits for `n` metrics snapshots that arrived after `since` (time.monotonic()): the
+        broker's own once-a-second beat, e.g. to let a detector see several heartbeats."""
+        def found() -> bool:
+            with self._lock:
+                return sum(1 for t, topic, _ in self.events if topic == "metrics" and t > since) >= n
+
+        wait_until(found, timeout, what=f"{n} metrics snapshots")

@@ -17,11 +17,15 @@ def test_sigstop_worker_is_suspect_before_it_is_lost(cluster, procs):
     mon = f"tcp://127.0.0.1:{free_port()}"
     ep = cluster.broker("--monitor", mon)
     tap = MonitorTap(mon)
+    w = None
     try:
         tap.wait_metrics()
         w = cluster.worker(ep)
         cluster.worker(ep)
-        time.sleep(2.0)  # noqa: sleep (the phi detector learns the heartbeat rhythm)
+        # the phi detector learns the heartbeat rhythm: wait for the broker to publish three
+        # snapshots (one a second) with both workers in, i.e. a dozen heartbeats each
+        tap.wait_snapshots(3, since=time.monotonic())
+        assert not tap.alerts("worker_suspect"), "a healthy worker was suspected"
         t0 = time.monotonic()
         procs.signal(w, signal.SIGSTOP)
         t_suspect, suspect = tap.wait("worker_suspect")
@@ -34,7 +38,8 @@ def test_sigstop_worker_is_suspect_before_it_is_lost(cluster, procs):
         procs.signal(w, signal.SIGCONT)
         tap.wait("worker_lost", "resolved")  # it rejoins
     finally:
-        procs.signal(w, signal.SIGCONT)
+        if w is not None:
+            procs.signal(w, signal.SIGCONT)
         tap.close()
 
 

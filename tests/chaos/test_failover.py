@@ -18,15 +18,21 @@ pytestmark = pytest.mark.slow
 
 
 class Load:
-    """Client threads calling in a loop; records completion times and failures."""
+    """Client threads calling in a loop. Every call is accounted for: each has a known expected
+    result, and ends as a result, a zrpc error, or (a bug) any other exception; on exit every
+    thread must have finished, so no call is left hanging."""
 
     def __init__(self, client: zrpc.Client, threads: int = 4, method: str = "add",
                  make_args=lambda t, i: (i, t)) -> None:
         self.client = client
         self.stop = threading.Event()
         self.done: list[float] = []
-        self.errors: list[BaseException] = []
+        self.errors: list[BaseException] = []  # zrpc errors
+        self.crashes: list[BaseException] = []  # anything else: a bug in the client
         self.results: dict[tuple[int, int], object] = {}
+        self.ok_at: dict[tuple[int, int], float] = {}
+        self.failed: dict[tuple[int, int], BaseException] = {}
+        self.attempted: set[tuple[int, int]] = set()
         self.method = method
         self.make_args = make_args
         self._lock = threading.Lock()
@@ -37,15 +43,24 @@ class Load:
         i = 0
         while not self.stop.is_set():
             args = self.make_args(t, i)
+            with self._lock:
+                self.attempted.add((t, i))
             try:
                 r = fn(*args)
                 with self._lock:
                     self.done.append(time.monotonic())
                     self.results[(t, i)] = r
+                    self.ok_at[(t, i)] = time.monotonic()
             except zrpc.ZrpcError as exc:
                 with self._lock:
                     self.errors.append(exc)
+                    self.failed[(t, i)] = exc
                     self.done.append(time.monotonic())
+            except BaseException as exc:  # recorded, and the test fails on it
+                with self._lock:
+                    self.crashes.append(exc)
+                    self.failed[(t, i)] = exc
+                return
             i += 1
 
     def __enter__(self) -> "Load":
@@ -58,9 +73,21 @@ class Load:
         for th in self.threads:
             th.join(30)
 
+    def check_accounted(self) -> None:
+        """No thread hangs in a call, none died of an unexpected exception, and every call
+        that was made ended in a result or an error."""
+        assert not any(th.is_alive() for th in self.threads), "a call never returned"
+        assert self.crashes == [], self.crashes[:3]
+        assert self.attempted == set(self.results) | set(self.failed)
+        assert not set(self.results) & set(self.failed)
+
     def count(self) -> int:
         with self._lock:
             return len(self.done)
+
+    def ok_since(self, t0: float) -> int:
+        with self._lock:
+            return sum(1 for t in self.ok_at.values() if t >= t0)
 
     def longest_gap(self, since: float) -> float:
         with self._lock:
@@ -86,7 +113,10 @@ def test_kill9_primary_under_load_loses_no_call(cluster, client_factory, procs):
         procs.signal(pair.procs["primary"], signal.SIGKILL)
         before = load.count()
         wait_until(lambda: load.count() >= before + 300, 20, what="calls completing after failover")
+    load.check_accounted()
     assert load.errors == [], load.errors[:3]
+    # every call made has its expected result: none lost, none answered wrongly
+    assert len(load.results) == len(load.attempted) >= 500
     assert all(r == i + t for (t, i), r in load.results.items())
     gap = load.longest_gap(t0)
     assert broker_status(pair.endpoints[1])["broker"]["state"] == "active"
@@ -101,9 +131,11 @@ def test_non_idempotent_calls_across_failover_run_at_most_once(cluster, client_f
     c = client_factory(pair.endpoints, timeout=10)
     with Load(c, method="charge", make_args=lambda t, i: (f"{t}-{i}", 1, 0.02)) as load:
         wait_until(lambda: load.count() >= 100, 20, what="load running")
+        t_kill = time.monotonic()
         procs.signal(pair.procs["primary"], signal.SIGKILL)
-        before = load.count()
-        wait_until(lambda: load.count() >= before + 100, 20, what="calls completing after failover")
+        # answered calls after the kill, not just errors: the backup serves charges
+        wait_until(lambda: load.ok_since(t_kill) >= 100, 20, what="calls succeeding after failover")
+    load.check_accounted()
     runs = collections.Counter(line.split()[0] for line in ledger.read_text().splitlines())
     unknown = [e for e in load.errors if isinstance(e, zrpc.CallStateUnknown)]
     others = [e for e in load.errors if not isinstance(e, zrpc.CallStateUnknown)]
@@ -112,6 +144,8 @@ def test_non_idempotent_calls_across_failover_run_at_most_once(cluster, client_f
     assert others == []
     assert max(runs.values()) == 1
     assert all(runs[r["account"]] == 1 for r in load.results.values())
+    assert all(r["account"] == f"{t}-{i}" and r["charged"] == 1 for (t, i), r in load.results.items())
+    assert set(runs) <= {f"{t}-{i}" for t, i in load.attempted}  # nothing ran that was not asked
 
 
 def test_old_primary_comes_back_passive_and_second_failover_works(cluster, client_factory, procs):

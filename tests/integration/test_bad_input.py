@@ -36,7 +36,14 @@ def test_broker_survives_thousands_of_malformed_messages(cluster, client_factory
             # most are malformed; the socket stays open until they are all delivered
             wait_until(lambda: (broker_status(ep) or {}).get("counters", {}).get("malformed", 0)
                        >= 1500 * (round_ + 1), 15, what="malformed messages counted")
-            assert s.poll(1000)  # answerable ones got an error reply
+            # the answerable ones (a readable request id, bad headers) got PROTOCOL_ERROR
+            answers: dict[int, int] = {}
+            while s.poll(1000):
+                head = msgpack.unpackb(s.recv_multipart()[0], raw=False)
+                if head[1] == 2:  # a REPLY (a hostile heartbeat gets a heartbeat back)
+                    answers[head[2]] = head[3]
+            bad_headers = [rid for rid, status in answers.items() if rid % 16 in (1, 13) and status == 7]
+            assert len(bad_headers) > 100, sorted(answers.items())[:20]
             s.close()
             # the queued calls (bounded in bytes) expire: the broker holds nothing any more
             wait_until(lambda: (lambda st: st and st["queued_bytes"] == 0 and st["inflight"] == 0)(
@@ -53,16 +60,29 @@ def test_broker_survives_thousands_of_malformed_messages(cluster, client_factory
 
 
 def test_oversized_message_drops_only_that_connection(cluster, client_factory):
+    from zmq.utils.monitor import recv_monitor_message
+
     ep = cluster.broker("--max-message-size", str(1024 * 1024))
     cluster.worker(ep)
+    c = client_factory([ep], timeout=5)
+    assert c.proxy("calc").add(1, 1) == 2  # a client connected before, and kept
+    before = broker_status(ep)["counters"]
     ctx = zmq.Context()
     try:
         s = ctx.socket(zmq.DEALER)
         s.linger = 0
+        events = s.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         s.connect(ep)
+        assert recv_monitor_message(events)["event"] == zmq.EVENT_CONNECTED
         s.send_multipart([b"\x00" * (50 * 1024 * 1024), b""])
-        c = client_factory([ep], timeout=5)
-        assert c.proxy("calc").add(1, 1) == 2
+        # the broker's libzmq refuses it at the frame header: this connection is dropped ...
+        events.rcvtimeo = 15_000
+        assert recv_monitor_message(events)["event"] == zmq.EVENT_DISCONNECTED
+        # ... and nothing of it reached the broker (it never allocated 50 MB to read it)
+        after = broker_status(ep)["counters"]
+        assert after["malformed"] == before["malformed"], (before, after)
+        assert c.proxy("calc").add(2, 2) == 4
+        s.disable_monitor()
     finally:
         ctx.destroy(linger=0)
 
@@ -104,6 +124,21 @@ def test_worker_survives_garbage_from_a_broker(cluster, client_factory):
             else:
                 frames = [pk([WORKER, 1, b"c", i, "calc", "nope", {"budget_ms": 100}]), b""]
             fake.send_multipart([wid, *frames])
+        # a last, valid call on the same connection: its answer means every message before it
+        # has been read (one connection keeps order)
+        fake.send_multipart([wid, pk([WORKER, 1, b"c", 99_999, "calc", "add", {"budget_ms": 5000}]),
+                             pk([[20, 22], {}])])
+        statuses: dict[int, int] = {}
+        while 99_999 not in statuses:
+            f = fake.recv_multipart()
+            head = msgpack.unpackb(f[1], raw=False)
+            if head[1] == 2:  # a REPLY: [tag, 2, client_id, request_id, status]
+                statuses[head[3]] = head[4]
+        assert msgpack.unpackb(f[2]) == 42 and statuses[99_999] == 0
+        # what could be answered was answered, and said why
+        assert {statuses[i] for i in statuses if i % 3 == 1} <= {7}  # undecodable body: PROTOCOL_ERROR
+        assert {statuses[i] for i in statuses if i % 3 == 2 and i < 2000} <= {4}  # METHOD_NOT_FOUND
+        assert sum(1 for i in statuses if i % 3 == 1) > 300 and sum(1 for i in statuses if i % 3 == 2) > 300
         c = client_factory([real], timeout=5)
         assert c.proxy("calc").add(3, 4) == 7
         assert w.poll() is None
@@ -120,9 +155,22 @@ def test_fuzz_script_bounded_run():
 
     from zrpc._procs import REPO
 
-    p = subprocess.run([sys.executable, "benchmarks/fuzz_broker.py", "--messages", "20000", "--json"],
-                       capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert p.returncode == 0, p.stdout + p.stderr
-    report = json.loads(p.stdout)
+    p = subprocess.Popen([sys.executable, "benchmarks/fuzz_broker.py", "--messages", "20000", "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            # SIGTERM, not SIGKILL: the script then stops the broker and worker it started
+            # (they run in sessions of their own, which killing the script would leave behind)
+            p.terminate()
+            try:
+                p.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+    assert p.returncode == 0, out + err
+    report = json.loads(out)
+    assert report["ok"]  # includes RSS growth within the script's bound
     assert report["call_after"] and all(report["alive"].values())
     assert report["broker_counters"]["malformed"] > 5000

@@ -8,6 +8,7 @@ import pytest
 
 import zrpc
 from tests.conftest import broker_status
+from zrpc.testing import wait_until
 
 
 @pytest.fixture
@@ -26,9 +27,15 @@ def test_call_proxy_and_plain(one, client_factory):
 
 def test_thousand_futures_pipelined(one, client_factory):
     c = client_factory([one], timeout=20)
-    add = c.proxy("calc").add
-    futures = [add.future(i, i) for i in range(1000)]
+    calc = c.proxy("calc")
+    # every slot of the worker (8) is held, so the adds sent meanwhile wait at the broker: they
+    # are all there at once only if the client sends without waiting for earlier replies
+    held = [calc.sleep.future(2.0) for _ in range(8)]
+    futures = [calc.add.future(i, i) for i in range(1000)]
+    wait_until(lambda: (broker_status(one) or {"services": [{}]})["services"][0].get("queued", 0) >= 900,
+               10, what="the adds queued at the broker together")
     assert [f.result() for f in futures] == [2 * i for i in range(1000)]
+    assert [f.result() for f in held] == [2.0] * 8
 
 
 def test_many_threads_share_one_client(one, client_factory):
@@ -114,6 +121,12 @@ def test_queued_call_times_out_when_workers_stay_busy(cluster, client_factory):
     with pytest.raises(zrpc.Timeout):
         c.proxy("calc").add.with_options(timeout=0.3)(1, 1)
     assert busy.result() == 1.5
+    # the broker timed the queued call out itself (the client's own deadline would raise
+    # Timeout too): it was answered, and never handed to the worker once the slot freed
+    st = wait_until(lambda: (lambda s: s if s and s["services"][0]["queued"] == 0
+                             and s["workers"][0]["outstanding"] == 0 else None)(broker_status(ep)),
+                    5, what="the broker idle")
+    assert st["counters"]["timeouts"] == 1 and st["workers"][0]["served"] == 1, st["counters"]
 
 
 def test_load_spreads_across_three_workers(cluster, client_factory):
@@ -135,24 +148,50 @@ def test_sigterm_drains_in_flight_calls(cluster, client_factory, procs):
     c = client_factory([ep], timeout=10)
     futures = [c.proxy("calc").sleep.future(0.6) for _ in range(4)]
     cluster.wait_workers(ep, 1)
-    from zrpc.testing import wait_until
-
     wait_until(lambda: broker_status(ep)["workers"][0]["outstanding"] == 4, 5, what="4 in flight")
     procs.signal(w1, 15)
     assert [f.result() for f in futures] == [0.6] * 4
     assert w1.wait(10) == 0
     cluster.wait_workers(ep, 0)
-    # nothing is lost: with no worker left the next call is refused clearly
-    with pytest.raises((zrpc.ServiceUnavailable, zrpc.Timeout)):
-        c.proxy("calc").add.with_options(timeout=3)(1, 1)
+    # nothing is left hanging: with no worker left the next call is refused clearly (once the
+    # 1 s service grace has passed), not left to time out
+    with pytest.raises(zrpc.ServiceUnavailable):
+        c.proxy("calc").add.with_options(timeout=5)(1, 1)
 
 
 def test_calls_made_before_the_worker_starts_wait_for_it(cluster, client_factory):
     ep = cluster.broker("--service-grace", "10")
+    # past the default grace (1 s), so the call is kept only because of --service-grace
+    wait_until(lambda: (broker_status(ep) or {}).get("broker", {}).get("uptime_s", 0) > 2.0, 10,
+               what="the broker up for longer than the default grace")
     c = client_factory([ep], timeout=15)
     f = c.proxy("calc").add.future(2, 2)
+    wait_until(lambda: (broker_status(ep) or {"services": []})["services"], 5, what="the call queued")
     cluster.worker(ep)
     assert f.result() == 4
+
+
+def test_without_a_worker_calls_are_refused_after_the_grace(cluster, client_factory):
+    ep = cluster.broker("--service-grace", "0.5")
+    wait_until(lambda: (broker_status(ep) or {}).get("broker", {}).get("uptime_s", 0) > 1.0, 10,
+               what="the broker past its grace")
+    c = client_factory([ep], timeout=10)
+    with pytest.raises(zrpc.ServiceUnavailable):
+        c.proxy("calc").add(1, 1)
+
+
+def test_lb_option_chooses_the_strategy(cluster, client_factory):
+    """`--lb weighted` follows the workers' weights (3:1); least-outstanding, the default,
+    would share sequential calls evenly."""
+    ep = cluster.broker("--lb", "weighted")
+    cluster.worker(ep, "--weight", "3")
+    cluster.worker(ep, "--weight", "1")
+    c = client_factory([ep], timeout=5)
+    for i in range(40):
+        assert c.proxy("calc").add(i, 1) == i + 1
+    st = broker_status(ep)
+    assert st["lb"] == "weighted"
+    assert sorted(w["served"] for w in st["workers"]) == [10, 30]
 
 
 def test_worker_serves_several_services(cluster, client_factory, tmp_path):

@@ -16,10 +16,21 @@ def zrpc_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
 
 
 def assert_clean_error(p: subprocess.CompletedProcess, *words: str) -> None:
+    """A non-zero exit and one line that says what is wrong: the error itself on one line
+    (click's usage errors add their "Usage:" and "Try ... --help" lines around it)."""
     assert p.returncode != 0
     assert "Traceback" not in p.stderr + p.stdout
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    said = [ln for ln in lines if not ln.startswith(("Usage:", "Try '"))]
+    assert len(said) == 1, p.stderr
     for w in words:
-        assert w in p.stderr, p.stderr
+        assert w in said[0], p.stderr
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, *words: str) -> None:
+    """A runtime error (no usage text): stderr is exactly one line."""
+    assert_clean_error(p, *words)
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 @pytest.fixture
@@ -42,7 +53,7 @@ def test_call_prints_json(ep):
 
 def test_call_errors(ep):
     p = zrpc_cli("call", "calc.div", "1", "0", "--brokers", ep)
-    assert_clean_error(p, "ZeroDivisionError", "division by zero")
+    assert_one_line_error(p, "ZeroDivisionError", "division by zero")
     p = zrpc_cli("call", "calc.div", "1", "0", "--brokers", ep, "--json")
     assert p.returncode == 1 and json.loads(p.stdout)["error"]["type"] == "ZeroDivisionError"
     assert_clean_error(zrpc_cli("call", "nosuch.x", "--brokers", ep), "ServiceUnavailable")
@@ -62,9 +73,9 @@ def test_status_table_and_json(ep):
 
 def test_unreachable_broker_is_one_line():
     dead = f"tcp://127.0.0.1:{free_port()}"
-    assert_clean_error(zrpc_cli("call", "calc.add", "1", "2", "--brokers", dead, "--timeout", "0.5"),
-                       "Timeout", "is a broker running")
-    assert_clean_error(zrpc_cli("status", "--brokers", dead, "--timeout", "0.3"), "no broker answered")
+    assert_one_line_error(zrpc_cli("call", "calc.add", "1", "2", "--brokers", dead, "--timeout", "0.5"),
+                          "Timeout", "is a broker running")
+    assert_one_line_error(zrpc_cli("status", "--brokers", dead, "--timeout", "0.3"), "no broker answered")
 
 
 @pytest.mark.parametrize(
@@ -88,10 +99,20 @@ def test_bad_arguments_get_one_line(args, words):
 
 
 def test_broker_port_in_use_is_one_line(ep):
-    assert_clean_error(zrpc_cli("broker", "--frontend", ep), "cannot bind")
+    assert_one_line_error(zrpc_cli("broker", "--frontend", ep), "cannot bind")
 
 
 def test_help_explains_every_command():
-    for cmd in ("broker", "worker", "call", "status", "demo"):
+    from zrpc._cli import main
+
+    documented = {"pair", "broker", "worker", "call", "status", "monitor", "demo", "keygen"}  # DESIGN.md §7
+    assert documented <= set(main.commands)  # type: ignore[attr-defined]
+    top = zrpc_cli("--help")
+    assert top.returncode == 0
+    for cmd in sorted(main.commands):  # type: ignore[attr-defined]
+        assert cmd in top.stdout
         p = zrpc_cli(cmd, "--help")
-        assert p.returncode == 0 and "Usage" in p.stdout and len(p.stdout) > 200
+        assert p.returncode == 0 and f"Usage: python -m zrpc {cmd}" in p.stdout and len(p.stdout) > 200, cmd
+        for param in main.commands[cmd].params:  # type: ignore[attr-defined]
+            if not getattr(param, "hidden", False) and param.param_type_name == "option":
+                assert param.opts[0] in p.stdout, (cmd, param.opts[0])

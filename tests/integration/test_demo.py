@@ -17,10 +17,21 @@ def _summary(out: str) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_demo_plain_tells_the_whole_story():
-    p = subprocess.run([sys.executable, "-m", "zrpc", "demo", "--plain"], capture_output=True,
-                       text=True, timeout=120, cwd=REPO)
-    out = p.stdout
-    assert p.returncode == 0, out + p.stderr
+    # Popen, not run(timeout=): a demo killed outright would leave its brokers and workers
+    # (in sessions of their own) running; SIGTERM lets it stop them
+    p = subprocess.Popen([sys.executable, "-m", "zrpc", "demo", "--plain"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+    assert p.returncode == 0, out + err
     for step in ("SIGSTOP worker", "kill -9 workers", "kill -9 the primary broker", "restarting the old primary"):
         assert step in out
     s = _summary(out)
@@ -34,7 +45,7 @@ def test_demo_plain_tells_the_whole_story():
     for alert in ("worker_suspect raised", "worker_lost raised", "redundancy_lost raised",
                   "failover raised", "failover resolved"):
         assert alert in out
-    assert "Traceback" not in out + p.stderr and "PROBLEM" not in p.stderr
+    assert "Traceback" not in out + err and "PROBLEM" not in err
 
 
 def test_a_ledger_never_written_is_an_error_not_zero_double_executions(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import urllib.request
 
 import pytest
 
+import zrpc
 from tests.conftest import broker_status
 from tests.monitor_tap import MonitorTap
 from zrpc._procs import REPO
@@ -46,6 +48,7 @@ def test_worker_kill_raises_lost_and_redundancy_then_both_resolve(tapped, cluste
     procs.signal(w1, signal.SIGKILL)
     t_lost, lost = tap.wait("worker_lost")
     assert t_lost - t0 < 1.2 and lost["severity"] == "critical" and lost["role"] == "primary"
+    assert f":{w1.pid}:" in lost["subject"]  # the worker that was killed, not another
     tap.wait("redundancy_lost", subject="calc")
     assert {a["name"] for a in broker_status(ep)["alerts"]} >= {"worker_lost", "redundancy_lost"}
     cluster.worker(ep)
@@ -63,10 +66,8 @@ def test_service_unavailable_and_queue_backlog_and_error_rate(tapped, cluster, p
     [f.result() for f in slow]
     tap.wait("queue_backlog", "resolved")
     for _ in range(30):
-        try:
+        with pytest.raises(zrpc.RemoteError, match="division"):
             c.proxy("calc").div(1, 0)
-        except Exception:
-            pass
     tap.wait("error_rate", subject="calc")
     for _ in range(200):
         c.proxy("calc").add(1, 1)
@@ -130,6 +131,14 @@ def test_prometheus_metrics_parse(cluster, client_factory):
     assert "zrpc_call_latency_seconds" in fams and "zrpc_worker_phi" in fams
     active = [s for s in fams["zrpc_broker_active"].samples]
     assert active[0].value == 1.0
+    # the numbers mean something: an average latency can be computed (sum/count), phi is a
+    # real value for the one worker
+    lat = {s.name: s.value for s in fams["zrpc_call_latency_seconds"].samples
+           if s.labels.get("service") == "calc" and not s.name.endswith("_bucket")}
+    assert lat["zrpc_call_latency_seconds_count"] >= 25
+    assert 0 < lat["zrpc_call_latency_seconds_sum"] / lat["zrpc_call_latency_seconds_count"] < 5, lat
+    phis = [s.value for s in fams["zrpc_worker_phi"].samples]
+    assert len(phis) == 1 and math.isfinite(phis[0]) and math.copysign(1, phis[0]) == 1, phis
 
 
 class _Hook(http.server.BaseHTTPRequestHandler):

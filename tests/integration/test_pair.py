@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import zrpc
 from tests.conftest import broker_status
 from zrpc._procs import REPO
@@ -23,16 +25,34 @@ def test_pair_settles_and_serves_through_the_active_broker(cluster, client_facto
 def test_passive_broker_refuses_calls_but_answers_status(cluster):
     pair = cluster.pair()
     cluster.worker(pair.endpoints[0], "--brokers", pair.brokers)
+    cluster.wait_workers(pair.endpoints[1], 1)  # the backup could serve the call, if it took over
     with zrpc.Client([pair.endpoints[1]], timeout=1) as only_backup:
-        # the primary is alive, so a client vote on the backup must not make it take over
+        # the primary is alive, so a client vote on the backup must not make it take over:
+        # every call is refused (NOT_ACTIVE, re-sent until its deadline), none is served
         for _ in range(3):
-            try:
+            with pytest.raises(zrpc.Timeout):
                 only_backup.proxy("calc").add(1, 1)
-            except zrpc.Timeout:
-                pass
         assert only_backup.call("zrpc", "ping") == "pong"
     assert pair.states() == ["active", "passive"]
-    assert broker_status(pair.endpoints[1])["counters"]["not_active"] >= 1
+    backup = broker_status(pair.endpoints[1])
+    assert backup["counters"]["not_active"] >= 3 and backup["counters"]["replies"] == 0
+    # on the wire: the refusal is an answer, NOT_ACTIVE, not silence
+    import msgpack
+    import zmq
+
+    from zrpc._frames import CLIENT, Status
+
+    ctx = zmq.Context()
+    try:
+        s = ctx.socket(zmq.DEALER)
+        s.linger, s.rcvtimeo = 0, 5000
+        s.connect(pair.endpoints[1])
+        s.send_multipart([msgpack.packb([CLIENT, 1, 42, "calc", "add", {"budget_ms": 3000}]),
+                          msgpack.packb([[1, 1], {}])])
+        head = msgpack.unpackb(s.recv_multipart()[0], raw=False)
+        assert head[:4] == [CLIENT, 2, 42, Status.NOT_ACTIVE]
+    finally:
+        ctx.destroy(linger=0)
 
 
 def test_client_starting_with_backup_first_finds_the_active_broker(cluster, client_factory):

@@ -13,3 +13,19 @@ def test_errors_share_one_base():
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, zrpc.ZrpcError)
             assert obj.__module__ == "zrpc"
+
+
+def test_the_documented_public_names_are_there():
+    """DESIGN.md §1: the public contract, kept exactly (names may be added, none removed)."""
+    documented = {"Service", "Client", "AsyncClient", "Worker", "ZrpcError", "RemoteError", "Timeout",
+                  "ServiceUnavailable", "MethodNotFound", "Overloaded", "CallStateUnknown", "ProtocolError",
+                  "Unauthorized"}
+    assert documented <= set(zrpc.__all__)
+    for name in documented:
+        assert getattr(zrpc, name).__module__ == "zrpc"
+
+
+def test_remote_error_keeps_what_the_handler_raised():
+    e = zrpc.RemoteError("KeyError", "'x'", "Traceback...")
+    assert (e.remote_type, e.message, e.remote_traceback) == ("KeyError", "'x'", "Traceback...")
+    assert isinstance(e, zrpc.ZrpcError) and "KeyError" in str(e)

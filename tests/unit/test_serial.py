@@ -46,5 +46,24 @@ def test_remote_error_carries_type_message_traceback():
 
 def test_ok_result_and_garbage_error_body():
     assert outcome(Status.OK, pack_result({"a": 1})) == {"a": 1}
+    assert outcome(Status.OK, pack_result(None)) is None
     with pytest.raises(zrpc.RemoteError, match="undecodable"):
         outcome(Status.ERROR, b"\xc1")
+
+
+@pytest.mark.parametrize("body", [b"\xc1", b"", pack_result([1, 2])[:-1]])
+def test_garbage_ok_body_is_a_protocol_error_not_a_result(body):
+    """An OK reply whose body does not decode must not pass for a result (None, say)."""
+    with pytest.raises(zrpc.ProtocolError):
+        outcome(Status.OK, body)
+
+
+def test_results_keep_str_bytes_and_nesting_apart():
+    value = {"s": "text", "b": b"\x00bin", "n": [1, [2.5, None, True]], "i": -(2**63)}
+    assert outcome(Status.OK, pack_result(value)) == value
+    assert type(outcome(Status.OK, pack_result("x"))) is str and type(outcome(Status.OK, pack_result(b"x"))) is bytes
+
+
+def test_an_unknown_status_is_still_an_error():
+    with pytest.raises(zrpc.ZrpcError, match="odd"):
+        outcome(200, pack_error("Odd", "odd"))

@@ -29,6 +29,25 @@ def test_bad_or_reserved_service_names(name):
         zrpc.Service(name)
 
 
+@pytest.mark.parametrize("name", ["", "has space", "9x", "a.b", "x" * 129])
+def test_bad_method_names_are_refused(name):
+    svc = zrpc.Service("svc")
+    with pytest.raises(ValueError, match="method name"):
+        svc.method(lambda: 1, name=name)
+
+
+@pytest.mark.parametrize("name", ["calc", "my-svc.v2", "_x", "a" * 128])
+def test_good_service_names_are_accepted(name):
+    assert zrpc.Service(name).name == name
+
+
+def test_methods_view_is_a_copy():
+    svc = zrpc.Service("svc")
+    svc.method(lambda: 1, name="x")
+    svc.methods.clear()  # type: ignore[attr-defined]
+    assert svc.get("x") is not None and svc.get("nope") is None
+
+
 def test_duplicate_method_is_refused():
     svc = zrpc.Service("svc")
     svc.method(lambda: 1, name="x")
