@@ -482,9 +482,7 @@ class Dispatcher:
                                  "this call was already answered; its reply may have been lost")]
         if svc is None or not _serving(svc):
             if not self._in_grace(svc, now):
-                self.counters["unavailable"] += 1
-                return [self._answer(call, Status.SERVICE_UNAVAILABLE,
-                                     f"no worker serves {req.service!r}")]
+                return [self._unavailable(call)]
             if svc is None:
                 if len(self._services) >= self._max_services:
                     self.counters["unavailable"] += 1
@@ -572,6 +570,18 @@ class Dispatcher:
                                  "not ask may have run it (workers joined or were lost lately)")]
         return self._dispatch_probed(call, self._clock())
 
+    def _unavailable(self, call: Call) -> ReplyToClient:
+        """No worker serves the service. A re-sent call that is not known to be idempotent may
+        have run through the broker the client lost, so "no worker" would mislead: its fate is
+        unknown."""
+        if call.resent and not call.idempotent:
+            self.counters["state_unknown"] += 1
+            return self._answer(call, Status.CALL_STATE_UNKNOWN,
+                                f"no worker serves {call.service!r} here to ask whether this "
+                                "re-sent call already ran")
+        self.counters["unavailable"] += 1
+        return self._answer(call, Status.SERVICE_UNAVAILABLE, f"no worker serves {call.service!r}")
+
     def _dispatch_probed(self, call: Call, now: float) -> list[Action]:
         """No worker has seen it and every worker that could have was asked: it never ran, so
         running it once is safe."""
@@ -653,9 +663,7 @@ class Dispatcher:
             if now < end:
                 self._arm(call, min(call.deadline, end))
                 return []
-            self.counters["unavailable"] += 1
-            return [self._answer(call, Status.SERVICE_UNAVAILABLE,
-                                 f"no worker serves {call.service!r}")]
+            return [self._unavailable(call)]
         self.counters["timeouts"] += 1
         return [self._answer(call, Status.TIMEOUT, "deadline passed while queued")]
 
@@ -727,6 +735,7 @@ class Dispatcher:
         headers[H_BUDGET] = budget_ms(call.deadline, now)
         headers[H_IDEMPOTENT] = call.idempotent
         headers[H_ATTEMPT] = call.attempt
+        headers.pop(H_PROBE, None)  # only the broker asks a probe; a client's is dropped
         return SendToWorker(worker.id, WorkerRequest(call.client_id, call.request_id, call.service,
                                                      call.method, headers, call.body))
 

@@ -30,6 +30,8 @@ from ._clock import Clock, monotonic, timeout_ms
 from ._config import is_loopback, resolve_brokers
 from ._errors import ProtocolError
 from ._frames import (
+    MAX_METHODS,
+    MAX_SERVICES,
     H_BUDGET,
     H_IDEMPOTENT,
     H_PROBE,
@@ -137,6 +139,10 @@ class Worker:
         names = [s.name for s in svcs]
         if len(set(names)) != len(names):
             raise ValueError(f"service names repeat: {names}")
+        if len(svcs) > MAX_SERVICES or any(len(s.methods) > MAX_METHODS for s in svcs):
+            # a READY beyond the protocol's limits would be dropped by every broker
+            raise ValueError(f"a worker serves at most {MAX_SERVICES} services of at most "
+                             f"{MAX_METHODS} methods each")
         if not 1 <= concurrency <= 10_000:
             raise ValueError("concurrency must be between 1 and 10000")
         self.services = {s.name: s for s in svcs}

@@ -1001,3 +1001,20 @@ def test_next_deadline_wakes_the_loop_to_forget_a_service():
     clock.advance(1.0)
     d.tick()
     assert d._services == {} and d.next_deadline() is None
+
+
+def test_resent_call_with_no_worker_is_unknown_not_unavailable():
+    """It may have run through the broker the client lost: "no worker" would say it did not."""
+    d, clock = make()
+    clock.advance(2.0)  # past the start-up grace, no worker ever came
+    (r,) = replies(request(d, 1, method="charge", resent=True))
+    assert r.status == Status.CALL_STATE_UNKNOWN
+    (r,) = replies(request(d, 2, method="charge"))
+    assert r.status == Status.SERVICE_UNAVAILABLE
+
+
+def test_a_client_cannot_ask_a_worker_for_a_probe():
+    d, _ = make()
+    ready(d, b"w1")
+    (s,) = sends(request(d, 1, probe=True))
+    assert "probe" not in s.message.headers

@@ -53,3 +53,17 @@ def test_duplicate_method_is_refused():
     svc.method(lambda: 1, name="x")
     with pytest.raises(ValueError, match="twice"):
         svc.method(lambda: 2, name="x")
+
+
+def test_a_worker_beyond_the_protocols_limits_is_refused_at_once():
+    """Brokers drop a READY of more than 100 services: better an error now than silence."""
+    import zrpc
+
+    services = []
+    for i in range(101):
+        svc = zrpc.Service(f"s{i}")
+        svc.method(lambda: None, name="f")
+        services.append(svc)
+    with pytest.raises(ValueError, match="at most 100 services"):
+        zrpc.Worker(services, brokers="tcp://127.0.0.1:1")
+    zrpc.Worker(services[:100], brokers="tcp://127.0.0.1:1")  # the limit itself is fine
