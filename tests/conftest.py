@@ -15,6 +15,7 @@ import pytest
 
 import zrpc
 from zrpc.testing import Processes, free_port, wait_until
+from tests.wire_tap import TcpRelay  # noqa: F401 (the fixtures cut links with it; tests patch it here)
 
 
 def broker_status(ep: str, timeout: float = 0.5) -> dict[str, Any] | None:
@@ -123,82 +124,6 @@ class PairInfo:
     def close(self) -> None:
         for r in self.relays:
             r.close()
-
-
-class TcpRelay:
-    """A TCP forwarder between a broker and its peer's state socket, which a test can cut
-    (all connections dropped, new ones refused at once) and heal."""
-
-    def __init__(self, port: int, target: int) -> None:
-        import socket
-        import threading
-
-        self.port, self.target = port, target
-        self._cut = threading.Event()
-        self._closed = threading.Event()
-        self._conns: list[Any] = []
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", port))
-        self._listener.settimeout(0.1)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while not self._closed.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except (socket.timeout, OSError):
-                continue
-            if self._cut.is_set():
-                conn.close()
-                continue
-            try:
-                up = socket.create_connection(("127.0.0.1", self.target), timeout=1)
-            except OSError:
-                conn.close()
-                continue
-            with self._lock:
-                self._conns += [conn, up]
-            for a, b in ((conn, up), (up, conn)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: Any, dst: Any) -> None:
-        try:
-            while not self._cut.is_set():
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.close()
-            except OSError:
-                pass
-
-    def cut(self) -> None:
-        import socket
-
-        self._cut.set()
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            c.close()
-
-    def heal(self) -> None:
-        self._cut.clear()
-
-    def close(self) -> None:
-        self._closed.set()
-        self.cut()
-        self._listener.close()
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""A TCP relay that keeps every byte it forwards: what an eavesdropper on the wire would see."""
+"""TCP relays for tests: one a test can cut and heal (a broken link), and one that also keeps
+every byte it forwards (what an eavesdropper on the wire would see)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import socket
 import threading
 
 
-class RecordingRelay:
-    """Forwards 127.0.0.1:port to 127.0.0.1:target (both directions) and records the bytes.
+class TcpRelay:
+    """Forwards 127.0.0.1:port to 127.0.0.1:target (both directions); cut() drops every
+    connection and refuses new ones at once until heal()."""
 
-    Same constructor and cut/heal/close as the fixtures' TcpRelay, so it can stand in for it."""
+    record = False
 
     def __init__(self, port: int, target: int) -> None:
         self.port, self.target = port, target
@@ -56,8 +58,9 @@ class RecordingRelay:
                 data = src.recv(65536)
                 if not data:
                     break
-                with self._lock:
-                    self._data += data
+                if self.record:
+                    with self._lock:
+                        self._data += data
                 dst.sendall(data)
         except OSError:
             pass  # the other side went away: close both
@@ -86,3 +89,9 @@ class RecordingRelay:
         self._closed.set()
         self.cut()
         self._listener.close()
+
+
+class RecordingRelay(TcpRelay):
+    """A TcpRelay that keeps every byte it forwards (`captured()`)."""
+
+    record = True

@@ -18,8 +18,7 @@ from ._calls import PendingCall
 from ._client import _quietly
 from ._clock import Clock, monotonic, timeout_ms
 from ._config import resolve_brokers
-from ._errors import ProtocolError, ZrpcError
-from ._frames import decode_frames
+from ._errors import ZrpcError
 from ._internal import InternalErrors
 from ._proxy import ServiceProxy
 from ._security import client_keys
@@ -196,17 +195,9 @@ class AsyncClient:
                     except zmq.Again:
                         break
                     with contain("a message from a broker"):
-                        self._received(b, frames)
+                        self._apply(session.frames_received(b, frames))
             with contain("a timer step"):
                 self._apply(session.tick())
-
-    def _received(self, broker: int, frames: list[bytes]) -> None:
-        try:
-            msg = decode_frames(frames)
-        except ProtocolError:
-            self._session.undecodable(broker)  # matches no call; that call keeps its deadline
-            return
-        self._apply(self._session.received(broker, msg))
 
     def _apply(self, outputs: list[Output]) -> None:
         for o in outputs:

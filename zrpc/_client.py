@@ -21,8 +21,7 @@ import zmq
 from ._calls import PendingCall
 from ._clock import Clock, monotonic, timeout_ms
 from ._config import resolve_brokers
-from ._errors import ProtocolError, Timeout, ZrpcError
-from ._frames import decode_frames
+from ._errors import Timeout, ZrpcError
 from ._internal import InternalErrors
 from ._proxy import ServiceProxy
 from ._security import client_keys
@@ -252,7 +251,7 @@ class Client:
                     except zmq.Again:
                         break
                     with contain("a message from a broker"):
-                        self._received(b, frames)
+                        self._apply(session.frames_received(b, frames))
             self._waker.clear()
             outbox = self._outbox
             while outbox:
@@ -261,14 +260,6 @@ class Client:
                     self._send_new(call)
             with contain("a timer step"):
                 self._apply(session.tick())
-
-    def _received(self, broker: int, frames: list[bytes]) -> None:
-        try:
-            msg = decode_frames(frames)
-        except ProtocolError:
-            self._session.undecodable(broker)  # matches no call; that call keeps its deadline
-            return
-        self._apply(self._session.received(broker, msg))
 
     def _send_new(self, call: PendingCall) -> None:
         try:

@@ -14,8 +14,8 @@ from typing import Any, Union
 
 from ._calls import CallTable, PendingCall
 from ._clock import Clock
-from ._errors import Unauthorized
-from ._frames import CLIENT, H_RESENT, ClientReply, Heartbeat, Message, Status, encode
+from ._errors import ProtocolError, Unauthorized
+from ._frames import CLIENT, H_RESENT, ClientReply, Heartbeat, Message, Status, decode_frames, encode
 from ._liveness import LivenessTracker
 
 
@@ -125,6 +125,16 @@ class Session:
             self.table.pop(c.request_id)
             out.append(Refused(c, refused))
         return out
+
+    def frames_received(self, broker: int, frames: list[bytes]) -> list[Output]:
+        """What a loop hands over: frames as they came. Undecodable ones match no call (that
+        call keeps its deadline); they are counted and dropped."""
+        try:
+            msg = decode_frames(frames)
+        except ProtocolError:
+            self.undecodable(broker)
+            return []
+        return self.received(broker, msg)
 
     def undecodable(self, broker: int) -> None:
         """A broker sent frames that do not decode: dropped (no call can be matched to them),

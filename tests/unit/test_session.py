@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zrpc._errors import ProtocolError, ZrpcError
-from zrpc._frames import CLIENT, ClientReply, Heartbeat, Status, decode_frames
+from zrpc._frames import CLIENT, ClientReply, Heartbeat, Status, decode_frames, encode
 from zrpc._session import Completed, Expired, Session, Transmit, settle
 from zrpc.testing import FakeClock
 
@@ -348,3 +348,10 @@ def test_a_broker_that_restarted_between_heartbeats_gets_its_calls_again():
     out = s.received(0, Heartbeat(CLIENT, {"state": "active", "boot": "b2"}))
     (again,) = [decode_frames(o.frames) for o in out if isinstance(o, Transmit)]
     assert again.request_id == call.request_id and again.headers.get("resent") is True
+
+
+def test_frames_that_do_not_decode_are_counted_and_dropped():
+    s, _ = make()
+    assert s.frames_received(0, [b"\xc1garbage", b""]) == [] and s.malformed == 1
+    s.frames_received(0, encode(Heartbeat(CLIENT, {"state": "active"})))
+    assert s.malformed == 1 and s.info[0]["state"] == "active"
