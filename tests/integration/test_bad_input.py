@@ -1,6 +1,7 @@
 """A broker and a worker survive garbage on their sockets and keep serving."""
 
 import random
+import time
 
 import msgpack
 import pytest
@@ -114,6 +115,14 @@ def test_worker_survives_garbage_from_a_broker(cluster, client_factory):
         fake.bind(fake_ep)
         w = cluster.worker(real, "--brokers", f"{real},{fake_ep}")
         wid = fake.recv_multipart()[0]  # its READY
+        # the fake never heartbeats, so the worker drops and re-opens this link now and then
+        # (Paranoid Pirate): send only right after it was heard from, over a link that is up
+        while True:
+            try:
+                fake.recv_multipart(zmq.NOBLOCK)  # what it sent before now
+            except zmq.Again:
+                break
+        fake.recv_multipart()  # a heartbeat sent just now
         rng = random.Random(3)
         pk = lambda o: msgpack.packb(o, use_bin_type=True)  # noqa: E731
         for i in range(2000):
@@ -129,7 +138,9 @@ def test_worker_survives_garbage_from_a_broker(cluster, client_factory):
         fake.send_multipart([wid, pk([WORKER, 1, b"c", 99_999, "calc", "add", {"budget_ms": 5000}]),
                              pk([[20, 22], {}])])
         statuses: dict[int, int] = {}
+        deadline = time.monotonic() + 30
         while 99_999 not in statuses:
+            assert time.monotonic() < deadline, "the worker never answered the last, valid call"
             f = fake.recv_multipart()
             head = msgpack.unpackb(f[1], raw=False)
             if head[1] == 2:  # a REPLY: [tag, 2, client_id, request_id, status]
