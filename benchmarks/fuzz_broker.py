@@ -25,7 +25,7 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zrpc  # noqa: E402
-from zrpc._frames import WORKER  # noqa: E402
+from zrpc._core._frames import WORKER  # noqa: E402
 from zrpc.testing import Processes, free_port, hostile_message, wait_until  # noqa: E402
 
 
@@ -81,7 +81,7 @@ def main() -> int:
         fake.linger = 0
         fake.rcvtimeo = 10_000
         fake.bind(fake_ep)
-        worker = procs.zrpc("worker", "examples.calc:calc", "--brokers", f"{ep},{fake_ep}", "--log-level", "error")
+        worker = procs.zrpc("worker", "zrpc.examples.calc:calc", "--brokers", f"{ep},{fake_ep}", "--log-level", "error")
         wait_until(lambda: (status(ep) or {}).get("workers"), 15, what="worker up")
         wid = fake.recv_multipart()[0]
 

@@ -183,7 +183,7 @@ def main() -> int:
         ep = f"tcp://127.0.0.1:{free_port()}"
         procs.zrpc("broker", "--frontend", ep, "--log-level", "warning")
         wait_until(lambda: broker_status(ep), 10, what="broker up")
-        procs.zrpc("worker", "examples.calc:calc", "--brokers", ep, "--log-level", "warning")
+        procs.zrpc("worker", "zrpc.examples.calc:calc", "--brokers", ep, "--log-level", "warning")
         wait_until(lambda: (broker_status(ep) or {}).get("workers"), 10, what="worker up")
         print("measuring zrpc ...", file=sys.stderr)
         with zrpc.Client([ep], timeout=30) as c:

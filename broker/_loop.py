@@ -15,9 +15,9 @@ from typing import Any
 
 import zmq
 
-from zrpc._clock import Clock, monotonic, timeout_ms
+from zrpc._core._clock import Clock, monotonic, timeout_ms
 from zrpc._errors import ProtocolError
-from zrpc._frames import (
+from zrpc._core._frames import (
     CLIENT,
     WORKER,
     ClientReply,
@@ -30,12 +30,12 @@ from zrpc._frames import (
     decode,
     encode,
 )
-from zrpc._internal import InternalErrors
-from zrpc._liveness import LivenessTracker
-from zrpc._security import CurveKeys, ZapGuard, load_authorized, server_keys
-from zrpc._serial import pack_error, pack_result
-from zrpc._service import RESERVED
-from zrpc._sockets import (
+from zrpc._io._internal import InternalErrors
+from zrpc._core._liveness import LivenessTracker
+from zrpc._io._security import CurveKeys, ZapGuard, load_authorized, server_keys
+from zrpc._core._serial import pack_error, pack_result
+from zrpc._core._service import RESERVED
+from zrpc._io._sockets import (
     DEFAULT_MAX_MESSAGE,
     NOBLOCK,
     SocketOptions,
@@ -43,7 +43,7 @@ from zrpc._sockets import (
     send_frames,
 )
 
-from ._bstar import (
+from zrpc.broker._core._bstar import (
     MAX_EPOCH,
     BinaryStar,
     BStar,
@@ -58,8 +58,8 @@ from ._bstar import (
     decode_state,
     encode_state,
 )
-from ._bstar import Action as BStarAction
-from ._dispatch import (
+from zrpc.broker._core._bstar import Action as BStarAction
+from zrpc.broker._core._dispatch import (
     AckLeave,
     Action,
     Activated,
@@ -74,8 +74,8 @@ from ._dispatch import (
     WorkerLost,
     WorkerReady,
 )
-from ._monitor import Eject, Monitor, Thresholds
-from ._monitor import Output as MonitorOutput
+from zrpc.broker._core._monitor import Eject, Monitor, Thresholds
+from zrpc.broker._core._monitor import Output as MonitorOutput
 
 BATCH = 512
 """Messages drained per wake-up: batching is measured to pay (DESIGN.md §2)."""
@@ -101,27 +101,7 @@ class Sent(enum.Enum):
 
 log = logging.getLogger("zrpc.broker")
 
-
-@dataclass
-class BrokerConfig:
-    frontend: str = "tcp://127.0.0.1:5555"
-    role: str = "primary"
-    state: str | None = None
-    peer_state: str | None = None
-    monitor: str | None = None
-    lb: str = "least-outstanding"
-    queue_limit: int = 1000
-    queue_bytes: int = 32 * 1024 * 1024
-    service_grace: float = 1.0
-    heartbeat_interval: float = 0.25
-    liveness: int = 3
-    max_message: int = DEFAULT_MAX_MESSAGE
-    metrics_port: int | None = None
-    curve_secret: str | None = None  # this broker's key pair (NAME.key_secret)
-    curve_authorized: str | None = None  # directory of the public keys admitted
-    max_inflight_per_client: int = 10_000
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    restarts: int = 0  # how many times a supervisor (zrpc pair) restarted this broker
+from zrpc.broker._config import BrokerConfig  # noqa: E402 (re-exported)
 
 
 def _libc_trim() -> Any:
@@ -268,7 +248,7 @@ class Broker:
                         sock.close()
                 raise OSError(f"cannot bind monitor endpoint {self.config.monitor}: {exc.strerror}") from None
         if self.config.metrics_port is not None:
-            from ._metrics import serve_prometheus
+            from zrpc.broker._metrics import serve_prometheus
 
             self.last_status = self.status()
             serve_prometheus(self, self.config.metrics_port)

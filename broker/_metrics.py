@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from ._dispatch import LATENCY_BUCKETS
+from zrpc.broker._core._dispatch import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
-    from ._loop import Broker
+    from zrpc.broker._loop import Broker
 
 
 class BrokerCollector:

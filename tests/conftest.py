@@ -14,6 +14,7 @@ from typing import Any, Callable
 import pytest
 
 import zrpc
+from tests import CHILD_ENV, REPO
 from zrpc.testing import Processes, free_port, wait_until
 from tests.wire_tap import TcpRelay  # noqa: F401 (the fixtures cut links with it; tests patch it here)
 
@@ -55,7 +56,7 @@ class Cluster:
     def pair(self, *args: str, relay: bool = False) -> "PairInfo":
         """A primary and a backup on free ports, configured as `zrpc pair` does; with `relay`,
         each broker reaches its peer's state socket through a TcpRelay that can be cut."""
-        from zrpc._pair import PairPorts, broker_args
+        from zrpc._tools._pair import PairPorts, broker_args
 
         ports = PairPorts((free_port(), free_port()), (free_port(), free_port()), (free_port(), free_port()))
         info = PairInfo(ports, self.procs)
@@ -74,7 +75,7 @@ class Cluster:
 
     def start_broker(self, info: "PairInfo", role: str, *args: str) -> None:
         """(Re)starts one side of a pair, as `zrpc pair` restarts a dead broker."""
-        from zrpc._pair import broker_args
+        from zrpc._tools._pair import broker_args
 
         argv = broker_args(role, "127.0.0.1", info.ports)
         if info.relays:
@@ -85,7 +86,7 @@ class Cluster:
         ep = info.endpoints[0 if role == "primary" else 1]
         self.wait(lambda: broker_status(ep), 15, what=f"broker at {ep} answering")
 
-    def worker(self, ep: str, *args: str, spec: str = "examples.calc:calc", wait: bool = True,
+    def worker(self, ep: str, *args: str, spec: str = "zrpc.examples.calc:calc", wait: bool = True,
                env: dict[str, str] | None = None, name: str | None = None):
         before = len((broker_status(ep) or {}).get("workers", []))
         p = self.procs.zrpc("worker", spec, "--brokers", ep, "--log-level", "debug", *args,
@@ -128,7 +129,7 @@ class PairInfo:
 
 @pytest.fixture
 def procs(tmp_path) -> Processes:
-    p = Processes(log_dir=tmp_path / "logs")
+    p = Processes(log_dir=tmp_path / "logs", env=CHILD_ENV, cwd=REPO)
     try:
         yield p
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zrpc._watch import EventFeed
+from zrpc._tools._monitor_view import EventFeed
 from zrpc.testing import wait_until
 
 

@@ -3,9 +3,9 @@
 Everything in __all__ is the public API; the underscored modules are internal.
 """
 
-from ._async_client import AsyncClient
-from ._client import Client
-from ._errors import (
+from zrpc._io._async_client import AsyncClient
+from zrpc._io._client import Client
+from zrpc._errors import (
     CallStateUnknown,
     MethodNotFound,
     Overloaded,
@@ -16,8 +16,8 @@ from ._errors import (
     Unauthorized,
     ZrpcError,
 )
-from ._service import Service
-from ._worker import Worker
+from zrpc._core._service import Service
+from zrpc._io._worker import Worker
 
 __version__ = "0.1.0"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from ._procs import ProcessError, Processes, free_port, wait_until
+from zrpc._tools._procs import ProcessError, Processes, free_port, wait_until
 
 __all__ = ["FakeClock", "ProcessError", "Processes", "free_port", "hostile_message", "wait_until"]
 
@@ -34,7 +34,7 @@ def hostile_message(rng: random.Random, i: int) -> list[bytes]:
 
     import msgpack  # type: ignore[import-untyped]
 
-    from ._frames import CLIENT, WORKER
+    from zrpc._core._frames import CLIENT, WORKER
 
     def pk(o: object) -> bytes:
         return bytes(msgpack.packb(o, use_bin_type=True))

@@ -8,7 +8,7 @@ import pytest
 import zmq
 
 from tests.conftest import broker_status
-from zrpc._frames import CLIENT, WORKER
+from zrpc._core._frames import CLIENT, WORKER
 from zrpc.testing import free_port, hostile_message, wait_until
 
 
@@ -164,7 +164,7 @@ def test_fuzz_script_bounded_run():
     import subprocess
     import sys
 
-    from zrpc._procs import REPO
+    from tests import REPO
 
     p = subprocess.Popen([sys.executable, "benchmarks/fuzz_broker.py", "--messages", "20000", "--json"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)

@@ -16,10 +16,10 @@ import msgpack
 import pytest
 import zmq
 
-from broker import _loop
-from broker._dispatch import RequestArrived, WorkerLost
-from broker._loop import Broker, BrokerConfig
-from zrpc._frames import (
+from zrpc.broker import _loop
+from zrpc.broker._core._dispatch import RequestArrived, WorkerLost
+from zrpc.broker._loop import Broker, BrokerConfig
+from zrpc._core._frames import (
     CLIENT,
     WORKER,
     ClientReply,
@@ -33,7 +33,7 @@ from zrpc._frames import (
     decode_frames,
     encode,
 )
-from zrpc._serial import pack_call, pack_result, unpack_error, unpack_result
+from zrpc._core._serial import pack_call, pack_result, unpack_error, unpack_result
 from zrpc.testing import free_port, wait_until
 
 INTERVAL = 0.1
@@ -584,7 +584,7 @@ def test_a_stalled_active_broker_serves_nothing_until_it_knows_its_peer_did_not_
 
 
 def test_a_refused_key_is_named_in_the_unauthorized_notice(ctx, monkeypatch, tmp_path):
-    from zrpc._security import keygen, load_keypair, load_public
+    from zrpc._io._security import keygen, load_keypair, load_public
 
     _, server_secret = keygen(tmp_path / "server", "broker")
     keygen(tmp_path / "authorized", "friend")

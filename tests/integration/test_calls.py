@@ -216,7 +216,7 @@ def test_a_draining_worker_ignores_requests_to_register(procs):
     import msgpack
     import zmq
 
-    from zrpc._frames import WORKER, Command, Disconnect, Heartbeat, decode_frames, encode
+    from zrpc._core._frames import WORKER, Command, Disconnect, Heartbeat, decode_frames, encode
     from zrpc.testing import free_port
 
     ep = f"tcp://127.0.0.1:{free_port()}"
@@ -226,7 +226,7 @@ def test_a_draining_worker_ignores_requests_to_register(procs):
     fake.rcvtimeo = 5000
     fake.bind(ep)
     try:
-        w = procs.zrpc("worker", "examples.calc:calc", "--brokers", ep, name="worker")
+        w = procs.zrpc("worker", "zrpc.examples.calc:calc", "--brokers", ep, name="worker")
         wid, head, _ = fake.recv_multipart()
         assert msgpack.unpackb(head)[1] == Command.READY
         procs.signal(w, 15)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from zrpc._procs import REPO, TRACEBACK
+from tests import REPO
+from zrpc._tools._procs import TRACEBACK
 
 
 @pytest.fixture(scope="module")
@@ -171,19 +172,19 @@ def test_zrpc_debug_shows_the_traceback_behind_the_line(files):
 def test_a_bug_while_serving_shows_its_traceback(command, monkeypatch, tmp_path):
     """A ValueError escaping a running loop is a bug, not a user mistake: it must not be
     turned into a tidy 'error:' line that hides where it came from."""
-    from zrpc._cli import main
+    from zrpc._tools._cli import main
 
     def crash(self):
         raise ValueError("a bug in the loop")
 
     if command == "broker":
-        from broker import _loop
+        from zrpc.broker import _loop
 
         monkeypatch.setattr(_loop.Broker, "bind", lambda self: None)
         monkeypatch.setattr(_loop.Broker, "run", crash)
         argv = ["broker", "--frontend", ep()]
     else:
-        from zrpc import _worker
+        from zrpc._io import _worker
 
         monkeypatch.setattr(_worker.Worker, "run", crash)
         argv = ["worker", "examples.calc:calc", "--brokers", ep()]

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 import zrpc
-from zrpc._frames import (
+from zrpc._core._frames import (
     CLIENT,
     ClientReply,
     ClientRequest,
@@ -22,7 +22,7 @@ from zrpc._frames import (
     decode_frames,
     encode,
 )
-from zrpc._serial import pack_result, unpack_call
+from zrpc._core._serial import pack_result, unpack_call
 from zrpc.testing import wait_until
 
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from zrpc._demo import LedgerError, clean, read_ledger
-from zrpc._procs import REPO
+from zrpc._tools._demo import LedgerError, clean, read_ledger
+from tests import REPO
 
 
 def _summary(out: str) -> dict[str, str]:
@@ -75,7 +75,7 @@ def test_the_demo_fails_on_anything_it_would_otherwise_hide():
 
 
 def test_the_demo_notices_a_child_it_did_not_kill_and_restarts_a_broker(monkeypatch):
-    from zrpc._demo import Demo
+    from zrpc._tools._demo import Demo
 
     demo = Demo(plain=True)
     try:

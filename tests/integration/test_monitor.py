@@ -17,7 +17,7 @@ import pytest
 import zrpc
 from tests.conftest import broker_status
 from tests.monitor_tap import MonitorTap
-from zrpc._procs import REPO
+from tests import REPO
 from zrpc.testing import free_port, wait_until
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import zrpc
 from tests.conftest import broker_status
-from zrpc._procs import REPO
+from tests import REPO
 
 
 def test_pair_settles_and_serves_through_the_active_broker(cluster, client_factory):
@@ -40,7 +40,7 @@ def test_passive_broker_refuses_calls_but_answers_status(cluster):
     import msgpack
     import zmq
 
-    from zrpc._frames import CLIENT, Status
+    from zrpc._core._frames import CLIENT, Status
 
     ctx = zmq.Context()
     try:

@@ -13,8 +13,8 @@ import pytest
 import zrpc
 from tests.monitor_tap import MonitorTap
 from tests.wire_tap import RecordingRelay
-from zrpc._procs import REPO
-from zrpc._security import keygen
+from tests import REPO
+from zrpc._io._security import client_keys, keygen
 from zrpc.testing import free_port, wait_until
 
 
@@ -87,7 +87,7 @@ def test_unknown_key_is_refused_and_raises_an_alert(cluster, keys, monkeypatch):
     monkeypatch.setattr("tests.conftest.broker_status", _status_with(keys))
     mon = f"tcp://127.0.0.1:{free_port()}"
     ep = curve_broker(cluster, keys, "--monitor", mon)
-    curve = zrpc._security.client_keys(keys["broker"][0], keys["monitor"][1])
+    curve = client_keys(keys["broker"][0], keys["monitor"][1])
     tap = MonitorTap(mon, curve=curve)
     try:
         tap.wait_metrics()  # the monitor's own key is authorized
@@ -170,7 +170,7 @@ def _wire_of_the_monitor(cluster, keys, curve: bool) -> bytes:
     args = ["--monitor", f"tcp://127.0.0.1:{mon_port}"]
     ep = curve_broker(cluster, keys, *args) if curve else cluster.broker(*args)
     relay = RecordingRelay(free_port(), mon_port)
-    tap = MonitorTap(relay.endpoint, curve=zrpc._security.client_keys(keys["broker"][0], keys["monitor"][1])
+    tap = MonitorTap(relay.endpoint, curve=client_keys(keys["broker"][0], keys["monitor"][1])
                      if curve else None)
     try:
         assert tap.wait_metrics()["broker"] == ep  # events arrive through the relay

@@ -15,8 +15,9 @@ import textwrap
 import pytest
 
 from tests.conftest import Cluster, broker_status
-from zrpc._internal import MARK
-from zrpc._procs import REPO, RESTART_MARK, TRACEBACK, ProcessError, Processes
+from zrpc._io._internal import MARK
+from tests import CHILD_ENV, REPO
+from zrpc._tools._procs import RESTART_MARK, TRACEBACK, ProcessError, Processes
 from zrpc.testing import free_port, wait_until
 
 pytest_plugins = ["pytester"]
@@ -28,7 +29,7 @@ SLEEPER = [PY, "-c", "import time; time.sleep(60)"]
 @pytest.fixture
 def own(tmp_path):
     """A Processes of the test's own, checked by hand (the `procs` fixture would fail)."""
-    p = Processes(log_dir=tmp_path / "own-logs")
+    p = Processes(log_dir=tmp_path / "own-logs", env=CHILD_ENV, cwd=REPO)
     yield p
     p.close(grace=0)
 
@@ -84,7 +85,7 @@ def test_a_log_with_a_traceback_is_a_problem_even_when_the_exit_was_expected(own
 def test_an_internal_error_line_is_a_problem(own):
     code = textwrap.dedent("""
         import logging
-        from zrpc._internal import InternalErrors
+        from zrpc._io._internal import InternalErrors
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         errors = InternalErrors(logging.getLogger("x"), "a loop")
         for _ in range(2):

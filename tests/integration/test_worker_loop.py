@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 import zrpc
-from zrpc._frames import (
+from zrpc._core._frames import (
     WORKER,
     Disconnect,
     Heartbeat,
@@ -30,7 +30,7 @@ from zrpc._frames import (
     decode_frames,
     encode,
 )
-from zrpc._serial import pack_call, unpack_error, unpack_result
+from zrpc._core._serial import pack_call, unpack_error, unpack_result
 from zrpc.testing import FakeClock, free_port, wait_until
 
 LONG = 3600.0  # seconds: a heartbeat interval that never comes due in a test

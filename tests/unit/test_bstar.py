@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker._bstar import (
+from zrpc.broker._core._bstar import (
     MAX_EPOCH,
     RULES,
     TRANSITIONS,

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zrpc._errors import ProtocolError
-from zrpc._frames import (
+from zrpc._core._frames import (
     CLIENT,
     MAX_BUDGET_MS,
     MAX_METHODS,

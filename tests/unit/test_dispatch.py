@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from broker._dispatch import (
+from zrpc.broker._core._dispatch import (
     AckLeave,
     Activated,
     Deactivated,
@@ -23,8 +23,8 @@ from broker._dispatch import (
     WorkerLost,
     WorkerReady,
 )
-from zrpc._frames import ClientRequest, Ready, Status, WorkerReply
-from zrpc._serial import unpack_error
+from zrpc._core._frames import ClientRequest, Ready, Status, WorkerReply
+from zrpc._core._serial import unpack_error
 from zrpc.testing import FakeClock
 
 METHODS = {"calc": {"add": True, "charge": False}}

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from broker._dispatch import (
+from zrpc.broker._core._dispatch import (
     Activated,
     Deactivated,
     Dispatcher,
@@ -43,7 +43,7 @@ from broker._dispatch import (
     WorkerLost,
     WorkerReady,
 )
-from zrpc._frames import ClientRequest, Ready, Status, WorkerReply
+from zrpc._core._frames import ClientRequest, Ready, Status, WorkerReply
 from zrpc.testing import FakeClock
 
 WORKERS = [b"w1", b"w2", b"w3", b"w4"]

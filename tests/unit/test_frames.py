@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zrpc._errors import ProtocolError
-from zrpc._frames import (
+from zrpc._core._frames import (
     CLIENT,
     MAX_HEAD,
     WORKER,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from zrpc._lb import STRATEGIES, LeastOutstanding, P2CEwma, Random, RoundRobin, Weighted, make_strategy
+from zrpc.broker._core._lb import STRATEGIES, LeastOutstanding, P2CEwma, Random, RoundRobin, Weighted, make_strategy
 
 
 @dataclass

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from zrpc._liveness import Backoff, LivenessTracker
+from zrpc._core._liveness import Backoff, LivenessTracker
 from zrpc.testing import FakeClock
 
 

@@ -35,8 +35,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-import broker._dispatch as dispatch
-from broker._bstar import (
+import zrpc.broker._core._dispatch as dispatch
+from zrpc.broker._core._bstar import (
     BinaryStar,
     BStar,
     ClientVoted,
@@ -49,7 +49,7 @@ from broker._bstar import (
     encode_state,
 )
 from zrpc import CallStateUnknown, RemoteError, ZrpcError
-from zrpc._frames import (
+from zrpc._core._frames import (
     CLIENT,
     H_IDEMPOTENT,
     H_PROBE,
@@ -65,10 +65,10 @@ from zrpc._frames import (
     decode_frames,
     encode,
 )
-from zrpc._liveness import LivenessTracker
-from zrpc._reply_cache import DONE, NEW, UNKNOWN, ReplyCache
-from zrpc._serial import pack_error, pack_result, unpack_call
-from zrpc._session import Session, Transmit, settle
+from zrpc._core._liveness import LivenessTracker
+from zrpc._core._reply_cache import DONE, NEW, UNKNOWN, ReplyCache
+from zrpc._core._serial import pack_error, pack_result, unpack_call
+from zrpc._core._session import Session, Transmit, settle
 from zrpc.testing import FakeClock
 
 INTERVAL = 0.25

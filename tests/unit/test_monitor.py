@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from broker._bstar import PeerAlert
-from broker._dispatch import LATENCY_BUCKETS, Notice
-from broker._monitor import PHI_MAX, CATALOGUE, Alert, Eject, Monitor, PhiAccrual, Thresholds, quantile
+from zrpc.broker._core._bstar import PeerAlert
+from zrpc.broker._core._dispatch import LATENCY_BUCKETS, Notice
+from zrpc.broker._core._monitor import PHI_MAX, CATALOGUE, Alert, Eject, Monitor, PhiAccrual, Thresholds, quantile
 from zrpc.testing import FakeClock
 
 
@@ -565,7 +565,7 @@ class _FakeBroker:
 def scrape(status):
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from broker._metrics import BrokerCollector
+    from zrpc.broker._metrics import BrokerCollector
 
     registry = CollectorRegistry()
     registry.register(BrokerCollector(_FakeBroker(status)))

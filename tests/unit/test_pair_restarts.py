@@ -7,15 +7,15 @@ import sys
 
 import pytest
 
-from zrpc import _pair
-from zrpc._pair import (
+from zrpc._tools import _pair
+from zrpc._tools._pair import (
     MAX_STARTUP_FAILURES,
     PairPorts,
     Restarts,
     describe_exit,
     run_pair,
 )
-from zrpc._procs import RESTART_MARK, Processes
+from zrpc._tools._procs import RESTART_MARK, Processes
 from zrpc.testing import free_port
 
 

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from broker._bstar import decode_state
-from broker._dispatch import LATENCY_BUCKETS
-from broker._monitor import PHI_MAX, PhiAccrual, ewma, quantile
-from zrpc._clock import budget_ms, deadline_from_budget, timeout_ms
-from zrpc._liveness import Backoff
+from zrpc.broker._core._bstar import decode_state
+from zrpc.broker._core._dispatch import LATENCY_BUCKETS
+from zrpc.broker._core._monitor import PHI_MAX, PhiAccrual, ewma, quantile
+from zrpc._core._clock import budget_ms, deadline_from_budget, timeout_ms
+from zrpc._core._liveness import Backoff
 from zrpc._errors import ProtocolError
 
 # the machine is shared: how long an example takes must never decide pass or fail (set per

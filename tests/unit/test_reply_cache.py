@@ -1,7 +1,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zrpc._reply_cache import DONE, NEW, RUNNING, UNKNOWN, ReplyCache
+from zrpc._core._reply_cache import DONE, NEW, RUNNING, UNKNOWN, ReplyCache
 from zrpc.testing import FakeClock
 
 

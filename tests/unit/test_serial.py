@@ -1,8 +1,8 @@
 import pytest
 
 import zrpc
-from zrpc._frames import Status
-from zrpc._serial import outcome, pack_call, pack_error, pack_result, unpack_call
+from zrpc._core._frames import Status
+from zrpc._core._serial import outcome, pack_call, pack_error, pack_result, unpack_call
 
 
 def test_call_round_trip():

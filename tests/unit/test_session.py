@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zrpc._errors import ProtocolError, ZrpcError
-from zrpc._frames import CLIENT, ClientReply, Heartbeat, Status, decode_frames, encode
-from zrpc._session import Completed, Expired, Session, Transmit, settle
+from zrpc._core._frames import CLIENT, ClientReply, Heartbeat, Status, decode_frames, encode
+from zrpc._core._session import Completed, Expired, Session, Transmit, settle
 from zrpc.testing import FakeClock
 
 

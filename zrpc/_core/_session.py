@@ -12,11 +12,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Union
 
-from ._calls import CallTable, PendingCall
-from ._clock import Clock
-from ._errors import ProtocolError, Unauthorized
-from ._frames import CLIENT, H_RESENT, ClientReply, Heartbeat, Message, Status, decode_frames, encode
-from ._liveness import LivenessTracker
+from zrpc._core._calls import CallTable, PendingCall
+from zrpc._core._clock import Clock
+from zrpc._errors import ProtocolError, Unauthorized
+from zrpc._core._frames import CLIENT, H_RESENT, ClientReply, Heartbeat, Message, Status, decode_frames, encode
+from zrpc._core._liveness import LivenessTracker
 
 
 @dataclass(frozen=True, slots=True)

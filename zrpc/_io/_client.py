@@ -18,15 +18,15 @@ from typing import Any, Callable, Sequence
 
 import zmq
 
-from ._calls import PendingCall
-from ._clock import Clock, monotonic, timeout_ms
-from ._config import resolve_brokers
-from ._errors import Timeout, ZrpcError
-from ._internal import InternalErrors
-from ._proxy import ServiceProxy
-from ._security import client_keys
-from ._session import Output, Session, Transmit, settle
-from ._sockets import (
+from zrpc._core._calls import PendingCall
+from zrpc._core._clock import Clock, monotonic, timeout_ms
+from zrpc._core._config import resolve_brokers
+from zrpc._errors import Timeout, ZrpcError
+from zrpc._io._internal import InternalErrors
+from zrpc._core._proxy import ServiceProxy
+from zrpc._io._security import client_keys
+from zrpc._core._session import Output, Session, Transmit, settle
+from zrpc._io._sockets import (
     HANDSHAKE_EVENTS,
     NOBLOCK,
     SocketOptions,

@@ -14,9 +14,10 @@ from typing import Any, Sequence
 
 import click
 
-from ._config import ENV, LOCAL_PAIR, check_endpoint, is_loopback, resolve_brokers
-from ._errors import RemoteError, Timeout, ZrpcError
-from ._service import Service
+from zrpc._core._config import ENV, LOCAL_PAIR, check_endpoint, is_loopback, resolve_brokers
+from zrpc import __version__
+from zrpc._errors import RemoteError, Timeout, ZrpcError
+from zrpc._core._service import Service
 
 LB_CHOICES = ["least-outstanding", "round-robin", "random", "weighted", "p2c-ewma"]
 ROLE_PORTS = {"primary": (5555, 5565, 5575), "backup": (5556, 5566, 5576)}
@@ -87,7 +88,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="zrpc")
+@click.version_option(version=__version__, prog_name="zrpc")
 def main() -> None:
     """zrpc: RPC over ZeroMQ with high availability built in.
 
@@ -155,8 +156,8 @@ def broker(role: str, frontend: str | None, state: str | None, peer_state: str |
            backlog: int, max_inflight_per_client: int, curve_secret: str | None,
            curve_authorized: str | None, restarts: int, log_level: str) -> None:
     """Run a broker: routes calls from clients to workers until SIGTERM or Ctrl-C."""
-    from broker import Broker, BrokerConfig
-    from broker._monitor import Thresholds
+    from zrpc.broker import Broker, BrokerConfig
+    from zrpc.broker._core._monitor import Thresholds
 
     _setup_logging(log_level)
     fport = ROLE_PORTS[role][0]
@@ -222,7 +223,7 @@ def pair(host: str, frontend_ports: str, state_ports: str, monitor_ports: str, l
          curve_authorized: str | None, log_level: str) -> None:
     """Run a primary and a backup broker on this machine (the local pair every command uses
     by default). Either can die: the other takes over when a client needs it."""
-    from ._pair import DEFAULT_PORTS, PairPorts, run_pair
+    from zrpc._tools._pair import DEFAULT_PORTS, PairPorts, run_pair
 
     ports = PairPorts(_ports(frontend_ports, DEFAULT_PORTS["frontend"]),
                       _ports(state_ports, DEFAULT_PORTS["state"]),
@@ -231,7 +232,7 @@ def pair(host: str, frontend_ports: str, state_ports: str, monitor_ports: str, l
     if (curve_secret is None) != (curve_authorized is None):
         raise click.UsageError("--curve-secret and --curve-authorized go together")
     if curve_secret is not None and curve_authorized is not None:
-        from ._security import load_authorized, server_keys
+        from zrpc._io._security import load_authorized, server_keys
 
         server_keys(curve_secret)  # what the brokers would fail on, said once, before any start
         load_authorized(curve_authorized)
@@ -310,7 +311,7 @@ def worker(services: tuple[str, ...], brokers: str | None, concurrency: int, wei
 
     SIGTERM or Ctrl-C finishes the calls in flight, then leaves; a second one stops at once.
     """
-    from ._worker import Worker
+    from zrpc._io._worker import Worker
 
     _setup_logging(log_level)
     w = Worker(load_services(services), _brokers(brokers), concurrency=concurrency,
@@ -358,7 +359,7 @@ def call(target: str, args: tuple[str, ...], kwargs: tuple[str, ...], brokers: s
 
     Example: zrpc call calc.add 1 2
     """
-    from ._client import Client
+    from zrpc._io._client import Client
 
     service, dot, method = target.rpartition(".")
     if not dot or not service or not method:
@@ -394,7 +395,7 @@ def call(target: str, args: tuple[str, ...], kwargs: tuple[str, ...], brokers: s
 
 def fetch_status(endpoints: Sequence[str], timeout: float, **keys: Any) -> dict[str, Any]:
     """Asks each broker for zrpc.status; merges into the `zrpc status --json` shape."""
-    from ._client import Client
+    from zrpc._io._client import Client
 
     brokers: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
@@ -523,12 +524,12 @@ def monitor(monitors: str | None, as_json: bool, exec_cmd: str | None, webhook: 
             metrics: bool, count: int | None, duration: float | None, curve_server_key: str | None,
             curve_secret: str | None) -> None:
     """Show live alerts (worker lost, suspect, failover...) and metrics from both brokers."""
-    from ._watch import LOCAL_MONITORS, watch
+    from zrpc._tools._monitor_view import LOCAL_MONITORS, watch
 
     eps = [check_endpoint_param(e, "--monitors") for e in (monitors.split(",") if monitors else LOCAL_MONITORS)]
     if webhook and not webhook.startswith(("http://", "https://")):
         raise click.BadParameter(f"{webhook!r}: expected an http:// or https:// URL", param_hint="--webhook")
-    from ._security import client_keys
+    from zrpc._io._security import client_keys
 
     keys = client_keys(curve_server_key, curve_secret)
     sys.exit(watch(eps, as_json=as_json, exec_cmd=exec_cmd, webhook=webhook, metrics=metrics,
@@ -550,7 +551,7 @@ def check_endpoint_param(value: str, hint: str) -> str:
 @click.option("--name", default="zrpc", show_default=True, help="Base name of the two files.")
 def keygen(directory: str, name: str) -> None:
     """Create a CURVE key pair in DIRECTORY: NAME.key (public) and NAME.key_secret (0600)."""
-    from ._security import keygen as make_keys
+    from zrpc._io._security import keygen as make_keys
 
     try:
         public, secret = make_keys(directory, name)
@@ -569,6 +570,6 @@ def keygen(directory: str, name: str) -> None:
 @click.option("--plain", is_flag=True, help="Plain text output (for logs and CI).")
 def demo(plain: bool) -> None:
     """Start a broker and workers of examples/calc.py, make calls, show what happened."""
-    from ._demo import run_demo
+    from zrpc._tools._demo import run_demo
 
     sys.exit(run_demo(plain=plain))

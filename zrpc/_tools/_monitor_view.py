@@ -17,8 +17,8 @@ import click
 import msgpack
 import zmq
 
-from ._security import CurveKeys
-from ._sockets import SocketOptions, make_socket
+from zrpc._io._security import CurveKeys
+from zrpc._io._sockets import SocketOptions, make_socket
 
 LOCAL_MONITORS = ("tcp://127.0.0.1:5575", "tcp://127.0.0.1:5576")
 

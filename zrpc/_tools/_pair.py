@@ -18,7 +18,7 @@ from typing import Sequence
 
 import click
 
-from ._procs import RESTART_MARK, Processes, port_free
+from zrpc._tools._procs import RESTART_MARK, Processes, port_free
 
 DEFAULT_PORTS = {"frontend": (5555, 5556), "state": (5565, 5566), "monitor": (5575, 5576)}
 ROLES = ("primary", "backup")

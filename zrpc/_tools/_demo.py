@@ -25,12 +25,12 @@ from typing import Any
 
 import click
 
-from ._client import Client
-from ._errors import CallStateUnknown, ZrpcError
-from ._internal import MARK as INTERNAL_ERROR
-from ._pair import DEFAULT_PORTS, PairPorts, broker_args, describe_exit
-from ._procs import TRACEBACK, Processes, free_port, marked_lines, port_free, wait_until
-from ._watch import EventFeed
+from zrpc._io._client import Client
+from zrpc._errors import CallStateUnknown, ZrpcError
+from zrpc._io._internal import MARK as INTERNAL_ERROR
+from zrpc._tools._pair import DEFAULT_PORTS, PairPorts, broker_args, describe_exit
+from zrpc._tools._procs import TRACEBACK, Processes, free_port, marked_lines, port_free, wait_until
+from zrpc._tools._monitor_view import EventFeed
 
 WORKERS = 3
 DEMO_SERVICE = "zrpc.examples.calc:calc"

@@ -14,8 +14,8 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from zrpc._clock import Clock, budget_ms, deadline_from_budget
-from zrpc._frames import (
+from zrpc._core._clock import Clock, budget_ms, deadline_from_budget
+from zrpc._core._frames import (
     H_ATTEMPT,
     H_BUDGET,
     H_IDEMPOTENT,
@@ -27,9 +27,9 @@ from zrpc._frames import (
     WorkerReply,
     WorkerRequest,
 )
-from zrpc._lb import Strategy, make_strategy
-from zrpc._serial import pack_error
-from ._monitor import ewma
+from zrpc.broker._core._lb import Strategy, make_strategy
+from zrpc._core._serial import pack_error
+from zrpc.broker._core._monitor import ewma
 
 # --- events (inputs) ------------------------------------------------------------------------
 

@@ -14,16 +14,16 @@ from typing import Any, Sequence
 import zmq
 import zmq.asyncio
 
-from ._calls import PendingCall
-from ._client import _quietly
-from ._clock import Clock, monotonic, timeout_ms
-from ._config import resolve_brokers
-from ._errors import ZrpcError
-from ._internal import InternalErrors
-from ._proxy import ServiceProxy
-from ._security import client_keys
-from ._session import Output, Session, Transmit, settle
-from ._sockets import HANDSHAKE_EVENTS, SocketOptions, make_socket, parse_handshake
+from zrpc._core._calls import PendingCall
+from zrpc._io._client import _quietly
+from zrpc._core._clock import Clock, monotonic, timeout_ms
+from zrpc._core._config import resolve_brokers
+from zrpc._errors import ZrpcError
+from zrpc._io._internal import InternalErrors
+from zrpc._core._proxy import ServiceProxy
+from zrpc._io._security import client_keys
+from zrpc._core._session import Output, Session, Transmit, settle
+from zrpc._io._sockets import HANDSHAKE_EVENTS, SocketOptions, make_socket, parse_handshake
 
 TICK = 0.05
 """Longest wait between deadline checks: a new call's deadline is honoured to within this."""

@@ -6,7 +6,7 @@ from typing import Any
 
 import msgpack
 
-from ._errors import (
+from zrpc._errors import (
     CallStateUnknown,
     MethodNotFound,
     Overloaded,
@@ -17,7 +17,7 @@ from ._errors import (
     Unauthorized,
     ZrpcError,
 )
-from ._frames import Status
+from zrpc._core._frames import Status
 
 
 def pack_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:

@@ -19,10 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Iterator, Sequence
 
-from ._internal import MARK as INTERNAL_ERROR
-
-REPO = Path(__file__).resolve().parent.parent
-"""The source checkout (examples/ lives here)."""
+from zrpc._io._internal import MARK as INTERNAL_ERROR
 
 TRACEBACK = "Traceback (most recent call last)"
 RESTART_MARK = "restarting it"
@@ -123,12 +120,14 @@ class Processes:
     """Starts `python -m zrpc ...` children, stops every one on close(), and reports any child
     that ended unasked or logged a problem (`problems()`, `check()`)."""
 
-    def __init__(self, log_dir: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None):
+    def __init__(self, log_dir: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None,
+                 cwd: str | os.PathLike[str] | None = None):
+        """Children run in `cwd` (default: ours) with our environment plus `env`."""
         self.procs: list[subprocess.Popen[bytes]] = []
         self.children: list[Child] = []
         self.log_dir = Path(log_dir) if log_dir else None
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p), **(env or {})}
+        self.cwd = None if cwd is None else str(cwd)
+        self.env = {**os.environ, **(env or {})}
         self.env.pop("ZRPC_BROKERS", None)
         self._names: set[str] = set()
 
@@ -153,7 +152,7 @@ class Processes:
             log = self.log_dir / f"{label}.log"
             out = open(log, "ab")
         try:
-            proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO),
+            proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=self.cwd,
                                     env={**self.env, **(env or {})}, start_new_session=True,
                                     preexec_fn=_die_with_parent if die_with_parent else None)
         finally:

@@ -8,10 +8,10 @@ import itertools
 import os
 from typing import Any
 
-from ._clock import Clock, budget_ms
-from ._frames import H_ATTEMPT, H_BUDGET, H_IDEMPOTENT, H_TRACE, MAX_BUDGET_MS, ClientRequest, encode
-from ._errors import ProtocolError, Timeout, ZrpcError
-from ._serial import outcome, pack_call
+from zrpc._core._clock import Clock, budget_ms
+from zrpc._core._frames import H_ATTEMPT, H_BUDGET, H_IDEMPOTENT, H_TRACE, MAX_BUDGET_MS, ClientRequest, encode
+from zrpc._errors import ProtocolError, Timeout, ZrpcError
+from zrpc._core._serial import outcome, pack_call
 
 COMPACT_FACTOR = 4
 COMPACT_MIN = 256

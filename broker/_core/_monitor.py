@@ -16,11 +16,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
-from zrpc._clock import Clock
+from zrpc._core._clock import Clock
 
 if TYPE_CHECKING:  # the dispatcher imports ewma() from here: no import back at load time
-    from ._bstar import PeerAlert
-    from ._dispatch import Notice
+    from zrpc.broker._core._bstar import PeerAlert
+    from zrpc.broker._core._dispatch import Notice
 
 RAISED, RESOLVED, EVENT = "raised", "resolved", "event"
 
@@ -636,7 +636,7 @@ class Monitor:
 def _bounds() -> tuple[float, ...]:
     """The dispatcher's latency histogram bounds, looked up when first needed (the
     dispatcher imports ewma() from this module, so it is not imported at load time)."""
-    from ._dispatch import LATENCY_BUCKETS
+    from zrpc.broker._core._dispatch import LATENCY_BUCKETS
 
     return LATENCY_BUCKETS
 

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Hashable
 
-from ._clock import Clock
+from zrpc._core._clock import Clock
 
 
 @dataclass

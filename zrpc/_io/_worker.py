@@ -26,10 +26,10 @@ from typing import Any, Coroutine, Iterable, Sequence
 
 import zmq
 
-from ._clock import Clock, monotonic, timeout_ms
-from ._config import is_loopback, resolve_brokers
-from ._errors import ProtocolError
-from ._frames import (
+from zrpc._core._clock import Clock, monotonic, timeout_ms
+from zrpc._core._config import is_loopback, resolve_brokers
+from zrpc._errors import ProtocolError
+from zrpc._core._frames import (
     MAX_METHODS,
     MAX_SERVICES,
     H_BUDGET,
@@ -45,13 +45,13 @@ from ._frames import (
     decode_frames,
     encode,
 )
-from ._serial import pack_error, pack_result, unpack_call
-from ._service import Method, Service
-from ._security import client_keys
-from ._internal import InternalErrors
-from ._liveness import Backoff, LivenessTracker
-from ._reply_cache import DONE, NEW, RUNNING, UNKNOWN, ReplyCache
-from ._sockets import (
+from zrpc._core._serial import pack_error, pack_result, unpack_call
+from zrpc._core._service import Method, Service
+from zrpc._io._security import client_keys
+from zrpc._io._internal import InternalErrors
+from zrpc._core._liveness import Backoff, LivenessTracker
+from zrpc._core._reply_cache import DONE, NEW, RUNNING, UNKNOWN, ReplyCache
+from zrpc._io._sockets import (
     HANDSHAKE_EVENTS,
     NOBLOCK,
     SocketOptions,

@@ -39,9 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from zrpc._clock import Clock
+from zrpc._core._clock import Clock
 from zrpc._errors import ProtocolError
-from zrpc._frames import PEER, _int, _unpack_head, pack
+from zrpc._core._frames import PEER, _int, _unpack_head, pack
 
 ROLES = ("primary", "backup")
 

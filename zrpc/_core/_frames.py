@@ -12,7 +12,7 @@ from typing import Any, Union
 
 import msgpack  # type: ignore[import-untyped]
 
-from ._errors import ProtocolError
+from zrpc._errors import ProtocolError
 
 CLIENT = "ZRPC1C"
 WORKER = "ZRPC1W"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import enum
+import errno
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import zmq
 
-from ._security import CurveKeys
+from zrpc._defaults import MAX_MESSAGE
+from zrpc._io._security import CurveKeys
 
 _MORE = int(zmq.SNDMORE)
 NOBLOCK = int(zmq.NOBLOCK)
@@ -15,7 +20,7 @@ ZERO_COPY_MIN = 64 * 1024
 """Frames at least this large are sent without copying; smaller ones are cheaper to copy
 (DESIGN.md §2: zero-copy only pays for large bodies)."""
 
-DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+DEFAULT_MAX_MESSAGE = MAX_MESSAGE
 """Larger messages make libzmq drop the sender's connection instead of allocating them."""
 
 
@@ -66,6 +71,55 @@ def send_frames(sock: zmq.Socket, frames: list[bytes], flags: int = 0) -> None:
             send(f, flags if i == last else more, copy=False)
         else:
             send(f, flags if i == last else more)
+
+
+class Sent(enum.Enum):
+    """What became of a message given to a socket without blocking."""
+
+    OK = "sent"
+    GONE = "unroutable"  # the peer is gone (ROUTER_MANDATORY): nothing went out
+    FULL = "full"  # its pipe is full (high-water mark): nothing went out
+
+
+_SENT_BY_ERRNO = {errno.EHOSTUNREACH: Sent.GONE, errno.EAGAIN: Sent.FULL}
+
+
+def send_nowait(sock: zmq.Socket[Any], frames: list[bytes]) -> Sent:
+    """Sends without blocking, the two zmq errors a loop expects mapped to what they mean;
+    any other zmq error is a bug and propagates."""
+    try:
+        send_frames(sock, frames, NOBLOCK)
+    except zmq.ZMQError as exc:
+        sent = _SENT_BY_ERRNO.get(exc.errno)
+        if sent is None:
+            raise
+        return sent
+    return Sent.OK
+
+
+def recv_nowait(sock: zmq.Socket[Any]) -> list[bytes] | None:
+    """The next message, or None when there is none yet (zmq.Again)."""
+    try:
+        return sock.recv_multipart(NOBLOCK)
+    except zmq.Again:
+        return None
+
+
+@contextmanager
+def map_zmq_errors(what: str) -> Iterator[None]:
+    """zmq errors of setting a socket up become the OSError an operator reads, naming what
+    failed ("cannot bind frontend tcp://*:5555: Address already in use"), with no traceback
+    of zmq internals; the one place loops translate them (httpcore's map_exceptions shape)."""
+    try:
+        yield
+    except zmq.ZMQError as exc:
+        raise OSError(f"cannot {what}: {exc.strerror}") from None
+
+
+def bind(sock: zmq.Socket[Any], endpoint: str, what: str) -> None:
+    """Binds, or raises OSError naming `what` and `endpoint`."""
+    with map_zmq_errors(f"bind {what} {endpoint}"):
+        sock.bind(endpoint)
 
 
 class Waker:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from typing import Generic, Hashable, TypeVar
 
-from ._clock import Clock
+from zrpc._core._clock import Clock
 
 P = TypeVar("P", bound=Hashable)
 

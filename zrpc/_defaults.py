@@ -1,0 +1,51 @@
+"""Every default of zrpc, named once, with the reason it is what it is.
+
+Protocol limits (head size, id length, budgets) are the protocol's and live with the codec in
+zrpc._core._frames; this module holds what an operator may change.
+"""
+
+from __future__ import annotations
+
+HEARTBEAT_INTERVAL = 0.25
+"""Seconds between heartbeats, both ways. With LIVENESS 3 a dead or hung peer is found in under
+a second, at four tiny messages a second per link."""
+
+LIVENESS = 3
+"""Heartbeat intervals of silence before a peer counts as dead: one late packet is no death."""
+
+CALL_TIMEOUT = 10.0
+"""A client's default deadline per call (seconds): long enough for a failover and a retry."""
+
+WORKER_CONCURRENCY = 8
+"""Calls a worker runs at once: its handler threads, and the capacity it announces."""
+
+DRAIN_TIMEOUT = 30.0
+"""Seconds a stopping worker waits for its calls in flight before it leaves anyway."""
+
+LOCAL_HOST = "127.0.0.1"
+ROLES = ("primary", "backup")
+FRONTEND_PORTS = (5555, 5556)
+"""The local pair's frontends (primary, backup): where clients and workers connect."""
+STATE_PORTS = (5565, 5566)
+"""The local pair's Binary Star state links (each broker publishes on its own)."""
+MONITOR_PORTS = (5575, 5576)
+"""The local pair's monitor sockets (alerts and metrics)."""
+LOCAL_PAIR = tuple(f"tcp://{LOCAL_HOST}:{p}" for p in FRONTEND_PORTS)
+LOCAL_MONITORS = tuple(f"tcp://{LOCAL_HOST}:{p}" for p in MONITOR_PORTS)
+
+MAX_MESSAGE = 16 * 1024 * 1024
+"""Bytes a socket accepts in one message (ZMQ_MAXMSGSIZE): a larger one is dropped by libzmq
+before it costs memory."""
+
+QUEUE_LIMIT = 1000
+"""Calls a broker holds per service while no worker is free; one more is Overloaded."""
+
+QUEUE_BYTES = 32 * 1024 * 1024
+"""Bytes of queued calls a broker holds per service: a bound on memory, not only on count."""
+
+SERVICE_GRACE = 1.0
+"""Seconds a call waits for a worker of a service nobody serves (one may be restarting) before
+it fails with ServiceUnavailable."""
+
+MAX_INFLIGHT_PER_CLIENT = 10_000
+"""Calls one client may have inside a broker: one runaway client can't take every slot."""
