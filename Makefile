@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-quick soak bench clean
+.PHONY: demo test test-quick check soak bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,12 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/zrpc demo
 
-test: $(STAMP)
+# ruff, mypy --strict and the import contract first, then the whole suite
+test: check
 	$(BIN)/python -m pytest
+
+check: $(STAMP)
+	scripts/check
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
@@ -30,4 +34,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache

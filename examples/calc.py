@@ -50,12 +50,12 @@ def burn(seconds: float) -> int:
 
 
 @calc.method
-def whoami() -> dict:
+def whoami() -> dict[str, int]:
     return {"pid": os.getpid()}
 
 
 @calc.method(idempotent=False)
-def charge(account: str, cents: int, delay: float = 0.0) -> dict:
+def charge(account: str, cents: int, delay: float = 0.0) -> dict[str, object]:
     """Not idempotent: never executed twice, even across failover. Appends to a ledger
     file when ZRPC_LEDGER is set, so tests can prove it."""
     ledger = os.environ.get("ZRPC_LEDGER")

@@ -9,14 +9,15 @@ A test that means a process to end says so: `procs.signal(p, SIGKILL)`, `procs.t
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 import zrpc
 from tests import CHILD_ENV, REPO
-from zrpc.testing import Processes, free_port, wait_until
 from tests.wire_tap import TcpRelay  # noqa: F401 (the fixtures cut links with it; tests patch it here)
+from zrpc.testing import Processes, free_port, wait_until
 
 
 def broker_status(ep: str, timeout: float = 0.5) -> dict[str, Any] | None:
@@ -53,7 +54,7 @@ class Cluster:
         self.wait(lambda: broker_status(ep), 15, what=f"broker at {ep} answering")
         return ep
 
-    def pair(self, *args: str, relay: bool = False) -> "PairInfo":
+    def pair(self, *args: str, relay: bool = False) -> PairInfo:
         """A primary and a backup on free ports, configured as `zrpc pair` does; with `relay`,
         each broker reaches its peer's state socket through a TcpRelay that can be cut."""
         from zrpc._tools._pair import PairPorts, broker_args
@@ -61,7 +62,7 @@ class Cluster:
         ports = PairPorts((free_port(), free_port()), (free_port(), free_port()), (free_port(), free_port()))
         info = PairInfo(ports, self.procs)
         self.pairs.append(info)
-        for role, me, peer in (("primary", 0, 1), ("backup", 1, 0)):
+        for role, _me, peer in (("primary", 0, 1), ("backup", 1, 0)):
             argv = broker_args(role, "127.0.0.1", ports)
             if relay:
                 r = TcpRelay(free_port(), ports.state[peer])
@@ -69,11 +70,11 @@ class Cluster:
                 argv[argv.index("--peer-state") + 1] = f"tcp://127.0.0.1:{r.port}"
             info.procs[role] = self.procs.zrpc("broker", *argv, "--log-level", "debug", *args, name=role)
         for ep in info.endpoints:
-            self.wait(lambda: broker_status(ep), 15, what=f"broker at {ep} answering")
+            self.wait(lambda ep=ep: broker_status(ep), 15, what=f"broker at {ep} answering")
         self.wait(lambda: info.states() == ["active", "passive"], 10, what="pair settled")
         return info
 
-    def start_broker(self, info: "PairInfo", role: str, *args: str) -> None:
+    def start_broker(self, info: PairInfo, role: str, *args: str) -> None:
         """(Re)starts one side of a pair, as `zrpc pair` restarts a dead broker."""
         from zrpc._tools._pair import broker_args
 

@@ -16,9 +16,10 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any
 
 import zrpc
 from zrpc.testing import Processes, wait_until
@@ -126,7 +127,7 @@ class Load:
 
     # --- control -------------------------------------------------------------------------
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         for t in self.threads:
             t.start()
         return self
@@ -385,7 +386,7 @@ class RssSampler:
         with self._lock:
             self.brokers[label] = (proc, time.monotonic())
 
-    def start(self) -> "RssSampler":
+    def start(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -451,7 +452,7 @@ class Faults:
         self._deck: list[str] = []
         self._thread = threading.Thread(target=self._run, name="soak-faults", daemon=True)
 
-    def start(self) -> "Faults":
+    def start(self) -> Faults:
         self._thread.start()
         return self
 
@@ -509,7 +510,7 @@ class Faults:
                     self.stopped.add(w.pid)
                     self.procs.signal(w, signal.SIGSTOP)
                     try:
-                        time.sleep(pause)  # noqa: sleep (the length of the fault itself)
+                        time.sleep(pause)  # deliberate sleep (the length of the fault itself)
                     finally:
                         self.procs.signal(w, signal.SIGCONT)
                     self.counts["worker_sigstop"] += 1

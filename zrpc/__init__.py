@@ -3,8 +3,7 @@
 Everything in __all__ is the public API; the underscored modules are internal.
 """
 
-from zrpc._io._async_client import AsyncClient
-from zrpc._io._client import Client
+from zrpc._core._service import Service
 from zrpc._errors import (
     CallStateUnknown,
     MethodNotFound,
@@ -16,7 +15,8 @@ from zrpc._errors import (
     Unauthorized,
     ZrpcError,
 )
-from zrpc._core._service import Service
+from zrpc._io._async_client import AsyncClient
+from zrpc._io._client import Client
 from zrpc._io._worker import Worker
 
 __version__ = "0.1.0"

@@ -32,7 +32,7 @@ def hostile_message(rng: random.Random, i: int) -> list[bytes]:
     deadlines, duplicate request ids, replies from unknown workers, absurd READYs."""
     import os
 
-    import msgpack  # type: ignore[import-untyped]
+    import msgpack
 
     from zrpc._core._frames import CLIENT, WORKER
 

@@ -63,7 +63,7 @@ class Load:
                 return
             i += 1
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for th in self.threads:
             th.start()
         return self

@@ -35,7 +35,7 @@ def test_broker_survives_thousands_of_malformed_messages(cluster, client_factory
             for i in range(3000):
                 s.send_multipart(hostile_message(rng, i))
             # most are malformed; the socket stays open until they are all delivered
-            wait_until(lambda: (broker_status(ep) or {}).get("counters", {}).get("malformed", 0)
+            wait_until(lambda round_=round_: (broker_status(ep) or {}).get("counters", {}).get("malformed", 0)
                        >= 1500 * (round_ + 1), 15, what="malformed messages counted")
             # the answerable ones (a readable request id, bad headers) got PROTOCOL_ERROR
             answers: dict[int, int] = {}

@@ -11,9 +11,9 @@ import time
 import pytest
 
 import zrpc
+from tests import REPO
 from tests.monitor_tap import MonitorTap
 from tests.wire_tap import RecordingRelay
-from tests import REPO
 from zrpc._io._security import client_keys, keygen
 from zrpc.testing import free_port, wait_until
 

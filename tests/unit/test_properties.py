@@ -7,16 +7,15 @@ import math
 import random
 
 import msgpack
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from zrpc.broker._core._bstar import decode_state
-from zrpc.broker._core._dispatch import LATENCY_BUCKETS
-from zrpc.broker._core._monitor import PHI_MAX, PhiAccrual, ewma, quantile
 from zrpc._core._clock import budget_ms, deadline_from_budget, timeout_ms
 from zrpc._core._liveness import Backoff
 from zrpc._errors import ProtocolError
+from zrpc.broker._core._bstar import decode_state
+from zrpc.broker._core._dispatch import LATENCY_BUCKETS
+from zrpc.broker._core._monitor import PHI_MAX, PhiAccrual, ewma, quantile
 
 # the machine is shared: how long an example takes must never decide pass or fail (set per
 # test, so that other test modules keep their own settings)

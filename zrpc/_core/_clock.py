@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 Clock = Callable[[], float]
 """Returns monotonic seconds. Cores take one; loops pass `time.monotonic`."""

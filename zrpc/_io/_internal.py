@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 MARK = "internal error"
 """Every line this module logs starts with it (test fixtures look for it)."""

@@ -29,7 +29,7 @@ class CurveKeys:
     def is_server(self) -> bool:
         return self.server_key is None
 
-    def as_client_of(self, server_key: bytes) -> "CurveKeys":
+    def as_client_of(self, server_key: bytes) -> CurveKeys:
         return CurveKeys(self.public, self.secret, server_key)
 
     def apply(self, sock: zmq.Socket[Any]) -> None:
