@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from zrpc._defaults import LOCAL_HOST
 from zrpc.broker._core._dispatch import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
@@ -15,10 +17,10 @@ if TYPE_CHECKING:
 
 
 class BrokerCollector:
-    """Collects at scrape time from the status the loop stores every second (a whole new dict
+    """Collects at scrape time from the status the core stores every second (a whole new dict
     each time, so this HTTP thread never reads a structure the loop is changing)."""
 
-    def __init__(self, broker: "Broker") -> None:
+    def __init__(self, broker: Broker) -> None:
         self.broker = broker
 
     def collect(self) -> Iterator[Any]:
@@ -80,7 +82,7 @@ def _non_negative(v: Any) -> float:
     return f if f > 0.0 and math.isfinite(f) else 0.0
 
 
-def serve_prometheus(broker: "Broker", port: int, addr: str = "127.0.0.1") -> None:
+def serve_prometheus(broker: Broker, port: int, addr: str = LOCAL_HOST) -> None:
     registry = CollectorRegistry()
     registry.register(BrokerCollector(broker))
     try:

@@ -1,3 +1,3 @@
-from zrpc._tools._cli import main
+from zrpc._tools.cli import main
 
 main()

@@ -41,7 +41,8 @@ QUEUE_LIMIT = 1000
 """Calls a broker holds per service while no worker is free; one more is Overloaded."""
 
 QUEUE_BYTES = 32 * 1024 * 1024
-"""Bytes of queued calls a broker holds per service: a bound on memory, not only on count."""
+"""Bytes of queued calls a broker holds over all its services: a bound on memory, not only on
+count."""
 
 SERVICE_GRACE = 1.0
 """Seconds a call waits for a worker of a service nobody serves (one may be restarting) before

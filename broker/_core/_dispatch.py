@@ -4,16 +4,120 @@ Sans-IO: fed with events and an injected clock, it returns actions for the loop 
 It never decodes a call's body; it only holds it (for queueing and idempotent retries).
 """
 
+# Theory of operation (DESIGN.md §4, docs/protocol.md §7-8)
+# ==========================================================
+#
+# A call is what one client asked, under its key (client id, request id). While the broker
+# holds it, it is in one CallState (broker/_core/_records.py):
+#
+#     arrival ──> INFLIGHT | QUEUED | PROBING | answered
+#     QUEUED   ──> HELD (a slot freed) ──> INFLIGHT | PROBING | answered
+#     QUEUED   ──> answered (deadline, grace over, deactivated)
+#     PROBING  ──> INFLIGHT | QUEUED (no worker ran it) | answered
+#     INFLIGHT ──> answered (reply, expiry) | HELD (worker lost) ──> INFLIGHT | QUEUED | answered
+#
+# "answered" is DONE: the call is out of every structure. Every rule below is enforced where
+# the code says "rule N", and nowhere else.
+#
+# Rule 1: a held call is in exactly one place, as its state says: its service's queue
+#   (QUEUED), the probing list (PROBING) or one worker's calls (INFLIGHT); and in `_calls`
+#   under its key, counted against its client. HELD lasts one step, inside one event.
+#
+# Rule 2: one copy per key. A request for a key the broker holds is a duplicate and is
+#   dropped: the held copy will be answered.
+#
+# Rule 3: some requests are turned away before they are held: any while this broker is not
+#   active (NotActive), one from a client holding `max_inflight_per_client` calls
+#   (Overloaded), one whose budget is spent (Timeout).
+#
+# Rule 4: idempotency is what the workers announced in READY. A method any worker of the
+#   service called non-idempotent stays so until the service has no worker; a method not
+#   (yet) known is non-idempotent. A client may lower it (`idempotent: false`), never raise
+#   it. A queued call's idempotency is decided again when it starts.
+#
+# Rule 5: a call goes to a worker of its service with a free slot (outstanding < capacity)
+#   that is not leaving; an ejected worker only when no other one can take it. The strategy
+#   chooses among those. The worker is sent the remaining budget, the idempotency decided
+#   here and the attempt number; a client's `probe` header is dropped (only the broker
+#   probes).
+#
+# Rule 6: with no free slot the call waits in its service's queue, bounded in calls
+#   (`queue_limit` per service) and in bytes (`queue_bytes` over all queues); past either
+#   bound it is answered Overloaded at once. A retried call goes to the front, over the
+#   bounds (it was held already). A freed slot takes the oldest queued call among the
+#   worker's services.
+#
+# Rule 7: every held call has exactly one live timer. A queued or probing call is answered
+#   Timeout at its deadline. A call still in flight `inflight_grace` after its deadline (its
+#   reply was lost) is answered Timeout if idempotent, CallStateUnknown if not, and its
+#   slot is freed.
+#
+# Rule 8: a service no worker serves (none registered, or all leaving) keeps its calls until
+#   `service_grace` after the broker started or after the service lost its last serving
+#   worker, then answers ServiceUnavailable (CallStateUnknown for a re-sent non-idempotent
+#   call: it may have run through the broker the client lost). Once the grace is over, a call
+#   for it is answered at once.
+#
+# Rule 9: a call for a method its serving service does not have is answered MethodNotFound,
+#   on arrival or when it leaves the queue.
+#
+# Rule 10: a lost worker's idempotent calls are retried elsewhere (same request id, attempt
+#   + 1), oldest first, while attempt + 1 < `max_attempts`, before the deadline, and while
+#   the broker-wide retry budget has a token (each accepted request adds `retry_ratio`, up to
+#   `retry_tokens`); otherwise ServiceUnavailable. Its non-idempotent calls are answered
+#   CallStateUnknown: they may have run. Nothing else is ever retried.
+#
+# Rule 11: at most once. A non-idempotent call this broker already sent to run, or one that
+#   was re-sent (it may have run elsewhere), is never run again once answered: a request for
+#   it is answered CallStateUnknown, unless it is re-sent again and never ran here (then it
+#   is probed, rule 12). What is known of answered calls (ran here, was re-sent, workers
+#   given it) is remembered for the last `recent_limit` calls.
+#
+# Rule 12: a re-sent (`resent: true`) non-idempotent call may have run through a broker that
+#   is gone. It is probed at every serving worker of its service (an empty body: a worker
+#   answers from its reply cache). The first answer other than NOT_SEEN decides it. It runs
+#   (once) only when every asked worker said NOT_SEEN and the view was complete: the broker
+#   was up, and no worker of the service joined, was lost or started leaving, for
+#   `probe_horizon` before the probe began, and none joined during it (one that does is
+#   probed too). Otherwise it is answered CallStateUnknown, as it is when an asked worker
+#   goes before it answers.
+#
+# Rule 13: while deactivated (Binary Star left ACTIVE) nothing new starts here: queued and
+#   probing calls, new requests and a lost worker's idempotent calls are answered NotActive
+#   (the client sends them to the peer); queues are not drained; in-flight calls complete
+#   and reach their clients.
+#
+# Rule 14: a leaving worker (DISCONNECT) is acknowledged, gets no new call, completes the
+#   ones it has, and is removed once it has none. A worker that left or was refused is not
+#   asked to register again for `left_memory`.
+#
+# Rule 15: a worker may answer only the calls it was given (to run or to probe). An answer
+#   from a worker the call moved away from is dropped (`late_replies`); any other is dropped
+#   and counted (`foreign_replies`, and `orphan_replies` for a call never seen here). A
+#   status the protocol does not define, or NOT_SEEN to a call it ran, reaches the client
+#   as ProtocolError.
+#
+# Rule 16: a held call ends in one place, `_settle`: out of every structure, counted once,
+#   remembered (rule 11), answered exactly once.
+#
+# Rule 17: a worker that announces READY again keeps its calls in flight; a service it no
+#   longer lists has lost it, one it newly lists has gained it (rules 8, 12).
+#
+# Rule 18: memory is bounded. A READY that would make the broker hold more than
+#   `max_services` services is refused; a service with no worker and nothing queued is
+#   forgotten after its grace; per-client calls, queues (calls and bytes), remembered answers,
+#   departed workers, dead timer entries and dead queue entries are all bounded.
+
 from __future__ import annotations
 
 import heapq
 import itertools
 import math
-from bisect import bisect_left
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from zrpc import _defaults as D
 from zrpc._core._clock import Clock, budget_ms, deadline_from_budget
 from zrpc._core._frames import (
     H_ATTEMPT,
@@ -27,9 +131,46 @@ from zrpc._core._frames import (
     WorkerReply,
     WorkerRequest,
 )
-from zrpc.broker._core._lb import Strategy, make_strategy
 from zrpc._core._serial import pack_error
-from zrpc.broker._core._monitor import ewma
+from zrpc.broker._core._lb import make_strategy
+from zrpc.broker._core._records import (
+    DONE,
+    HELD,
+    INFLIGHT,
+    PROBING,
+    QUEUED,
+    RAN_HERE,
+    WAS_RESENT,
+    Call,
+    CallState,
+    Key,
+    ServiceState,
+    WorkerState,
+    serving,
+)
+from zrpc.broker._core._stats import LATENCY_BUCKETS, new_counters, record_reply, snapshot
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "AckLeave",
+    "Action",
+    "Activated",
+    "Call",
+    "CallState",
+    "Deactivated",
+    "Dispatcher",
+    "Event",
+    "Notice",
+    "ReplyArrived",
+    "ReplyToClient",
+    "RequestArrived",
+    "SendToWorker",
+    "ServiceState",
+    "WorkerLeaving",
+    "WorkerLost",
+    "WorkerReady",
+    "WorkerState",
+]
 
 # --- events (inputs) ------------------------------------------------------------------------
 
@@ -116,141 +257,21 @@ class Notice:
 
 Action = Union[SendToWorker, ReplyToClient, AckLeave, Notice]  # noqa: UP007
 
-# --- state ----------------------------------------------------------------------------------
-
-QUEUED, INFLIGHT, DONE, PROBING, HELD = 0, 1, 2, 3, 4
-"""HELD: between two places (taken off a queue, or off a lost worker), for one step only."""
-
 _ANSWERS = frozenset(int(s) for s in Status) - {int(Status.NOT_SEEN)}
 """Statuses a worker may answer a call with (NOT_SEEN answers probes only)."""
 
-_Key = tuple[bytes, int]
-_RAN_HERE, _WAS_RESENT = 1, 2  # what is remembered of an answered call
 
-
-class Call:
-    """One client call while the broker holds it."""
-
-    __slots__ = (
-        "arrived", "attempt", "body", "client_id", "client_idem", "deadline", "expires",
-        "given", "headers", "idempotent", "method", "probed", "probes", "ran", "request_id",
-        "resent", "sent_at", "service", "state", "timer", "view_ok", "worker",
-    )
-
-    def __init__(self, client_id: bytes, req: ClientRequest, deadline: float, now: float) -> None:
-        self.client_id = client_id
-        self.request_id = req.request_id
-        self.service = req.service
-        self.method = req.method
-        self.headers = req.headers
-        self.body = req.body
-        self.deadline = deadline
-        self.expires = deadline
-        self.timer = -1  # sequence number of its live timer entry, -1 when none
-        # a client may lower idempotency, never raise it: the worker's announcement decides
-        self.client_idem = req.headers.get(H_IDEMPOTENT) is not False
-        self.idempotent = False
-        self.resent = bool(req.headers.get(H_RESENT))
-        self.attempt = int(req.headers.get(H_ATTEMPT, 0) or 0)
-        self.arrived = now
-        self.state = HELD
-        self.worker: WorkerState | None = None
-        self.sent_at = 0.0
-        self.given: tuple[bytes, ...] = ()  # workers sent this call or a probe for it
-        self.ran = False  # sent to run at least once (not only probed)
-        self.probes: set[bytes] = set()  # probed workers that have not answered yet
-        self.view_ok = False  # while probing: every worker that could have run it was asked
-        self.probed = False  # a probe found it never ran: it may now run once
-
-    @property
-    def key(self) -> _Key:
-        return (self.client_id, self.request_id)
-
-
-class WorkerState:
-    """What the broker knows of one worker; exposes the counters strategies read."""
-
-    __slots__ = (
-        "calls", "capacity", "ejected", "errors", "ewma", "id", "info", "joined", "leaving",
-        "name", "outstanding", "served", "services", "weight",
-    )
-
-    def __init__(self, wid: bytes, ready: Ready, now: float) -> None:
-        self.id = wid
-        self.name = ready.worker_id
-        self.services: tuple[str, ...] = tuple(ready.services)
-        self.capacity = ready.capacity
-        self.weight = ready.weight
-        self.info = ready.info
-        self.outstanding = 0
-        self.ewma = 0.0
-        self.calls: dict[_Key, Call] = {}
-        self.leaving = False
-        self.joined = now
-        self.served = 0
-        self.errors = 0
-        self.ejected = False  # an outlier kept out of dispatch for a while
-
-
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                   10.0, float("inf"))
-"""Upper bounds (seconds) of the per-service latency histogram (Prometheus-style buckets)."""
-
-
-class ServiceState:
-    __slots__ = ("buckets", "latency_sum", "calls", "changed_at", "empty_since", "errors", "max_workers",
-                 "methods", "name", "queue", "queued", "strategy", "workers")
-
-    def __init__(self, name: str, strategy: Strategy, empty_since: float, now: float) -> None:
-        self.name = name
-        self.workers: list[WorkerState] = []
-        self.queue: deque[Call] = deque()
-        self.queued = 0  # live entries in queue (answered ones are removed lazily)
-        self.methods: dict[str, bool] = {}
-        self.strategy = strategy
-        self.empty_since = empty_since  # no worker takes its calls since then
-        self.changed_at = now  # a worker last joined, left or was lost then
-        self.calls = 0  # replies from workers
-        self.errors = 0  # of which not OK
-        self.buckets = [0] * len(LATENCY_BUCKETS)  # latency histogram (not cumulative)
-        self.latency_sum = 0.0  # seconds, for Prometheus' _sum (average = sum / count)
-        self.max_workers = 0  # most workers seen at once: redundancy is judged against it
+def _error(status: int, why: str) -> bytes:
+    """The error body of a status the broker answers itself (CALL_STATE_UNKNOWN ->
+    CallStateUnknown: the name the client's exception has)."""
+    return pack_error(Status(status).name.title().replace("_", ""), why)
 
 
 class Dispatcher:
     """Least-outstanding (or another strategy) dispatch with bounded queues and deadlines.
 
-    Rules (DESIGN.md §4, docs/protocol.md §7-8):
-
-    1. A call goes to a worker with spare capacity, else waits in its service's bounded queue
-       until its deadline; a full queue answers Overloaded at once. A service no worker
-       serves (none registered, or all leaving) answers ServiceUnavailable once `service_grace`
-       has passed since the broker started or the service lost its last serving worker.
-    2. Idempotency is what the workers announced in READY: a method any worker of the
-       service called non-idempotent stays so until the service has no worker, and a method
-       not (yet) known is non-idempotent. A client may lower it, never raise it.
-    3. A lost worker's idempotent calls are retried elsewhere (same request id, attempt + 1,
-       within the deadline and a broker-wide retry budget); non-idempotent ones are answered
-       CallStateUnknown. A call still in flight `inflight_grace` after its deadline (its reply
-       was lost) is answered Timeout, or CallStateUnknown if not idempotent, and its slot freed.
-    4. A re-sent (`resent: true`) non-idempotent call may have run already through a broker
-       that is gone. It is probed at every worker of its service (an empty body: a worker
-       answers from its reply cache). A worker answering anything but NOT_SEEN decides it.
-       It runs only when every asked worker said NOT_SEEN and this broker's view of the
-       service is complete: the broker has been up, and no worker of the service was lost,
-       started leaving or joined, for at least `probe_horizon` before the probe began, and
-       no worker joined during the probe (one that does is probed too). Otherwise it is
-       answered CallStateUnknown: a worker this broker did not ask may have run it.
-    5. A non-idempotent call that this broker already sent to run, or that may have run
-       elsewhere, is never run again: a duplicate is answered CallStateUnknown.
-    6. While deactivated (Binary Star left ACTIVE) nothing new starts: queued and probing
-       calls and new requests are answered NotActive (the client sends them to the peer), a
-       lost worker's idempotent calls too; in-flight calls complete and reach their clients.
-    7. A worker may answer only the calls it was given (run or probed); other replies are
-       dropped and counted (`foreign_replies`), including replies for calls never seen here.
-    8. Memory is bounded: services with no worker are forgotten after their grace, a READY
-       that would hold more than `max_services` is refused, per-client calls, queues (calls
-       and bytes), recent answers, departed workers and timers are all bounded.
+    It follows the rules at the top of this module. `handle(event)` and `tick()` return the
+    actions for the loop; `next_deadline()` says when `tick()` has work.
     """
 
     def __init__(
@@ -258,16 +279,16 @@ class Dispatcher:
         clock: Clock,
         *,
         strategy: str = "least-outstanding",
-        queue_limit: int = 1000,
-        queue_bytes: int = 32 * 1024 * 1024,
-        service_grace: float = 1.0,
-        default_timeout: float = 10.0,
+        queue_limit: int = D.QUEUE_LIMIT,
+        queue_bytes: int = D.QUEUE_BYTES,
+        service_grace: float = D.SERVICE_GRACE,
+        default_timeout: float = D.CALL_TIMEOUT,
         max_attempts: int = 3,
         retry_ratio: float = 0.2,
         retry_tokens: float = 50.0,
         ewma_alpha: float = 0.2,
         recent_limit: int = 100_000,
-        max_inflight_per_client: int = 10_000,
+        max_inflight_per_client: int = D.MAX_INFLIGHT_PER_CLIENT,
         probe_horizon: float | None = None,
         inflight_grace: float = 2.0,
         max_services: int = 10_000,
@@ -282,9 +303,11 @@ class Dispatcher:
         self._queued_bytes = 0  # bodies waiting in all queues: memory is bounded, not just count
         self._grace = service_grace
         self._default_budget = int(default_timeout * 1000)
-        # the longest a call may live (its budget) bounds how long ago it can have been
-        # dispatched through another broker: the view must be stable for that long
-        self._horizon = max(default_timeout, 10.0) if probe_horizon is None else probe_horizon
+        # rule 12: the longest a call may live (its budget; a client's default is
+        # CALL_TIMEOUT) bounds how long ago it can have been dispatched through another
+        # broker: the view must be stable for that long
+        self._horizon = (max(default_timeout, D.CALL_TIMEOUT) if probe_horizon is None
+                         else probe_horizon)
         self._inflight_grace = inflight_grace
         self._max_attempts = max_attempts
         self._retry_ratio = retry_ratio
@@ -297,24 +320,29 @@ class Dispatcher:
         self._max_services = max_services
         self._forget: deque[tuple[float, str]] = deque()  # (when, service) to look at again
         self._workers: dict[bytes, WorkerState] = {}
-        self._calls: dict[_Key, Call] = {}
-        self._probing: dict[_Key, Call] = {}
+        self._calls: dict[Key, Call] = {}  # rule 1: every held call
+        self._probing: dict[Key, Call] = {}
         self._per_client: dict[bytes, int] = {}  # calls held per client
         self._client_limit = max_inflight_per_client
-        self._timers: list[tuple[float, int, Call]] = []
+        self._timers: list[tuple[float, int, Call]] = []  # (when, seq, call); seq == call.timer is live
         self._seq = itertools.count()
-        # answered calls: (RAN_HERE | WAS_RESENT, workers given it), or None for a call no
-        # worker was given and no client re-sent
-        self._recent: OrderedDict[_Key, tuple[int, tuple[bytes, ...]] | None] = OrderedDict()
+        # rule 11: answered calls: (RAN_HERE | WAS_RESENT, workers given it), or None for a
+        # call no worker was given and no client re-sent
+        self._recent: OrderedDict[Key, tuple[int, tuple[bytes, ...]] | None] = OrderedDict()
         self._recent_limit = recent_limit
         self._left: OrderedDict[bytes, float] = OrderedDict()  # workers gone on purpose, when
         self._left_memory = left_memory
         self._left_limit = left_limit
-        self.counters: dict[str, int] = dict.fromkeys(
-            ("requests", "replies", "duplicates", "late_replies", "orphan_replies", "retries",
-             "overloaded", "timeouts", "unavailable", "state_unknown", "method_not_found",
-             "probes", "foreign_replies", "not_active_calls", "inflight_expired",
-             "workers_refused", "bad_statuses"), 0)
+        self.counters: dict[str, int] = new_counters()
+
+    def __repr__(self) -> str:
+        """`<Dispatcher ACTIVE workers=3 inflight=5 queued=2>`: calls running at workers and
+        waiting in queues (`probing=N` follows while re-sent calls are being probed)."""
+        running = sum(w.outstanding for w in self._workers.values())
+        queued = sum(s.queued for s in self._services.values())
+        probing = f" probing={len(self._probing)}" if self._probing else ""
+        return (f"<Dispatcher {'ACTIVE' if self._active else 'INACTIVE'} "
+                f"workers={len(self._workers)} inflight={running} queued={queued}{probing}>")
 
     # --- the three verbs -----------------------------------------------------------------
 
@@ -346,13 +374,14 @@ class Dispatcher:
             if call.timer != seq:
                 continue  # superseded: the call moved on, or was answered
             call.timer = -1
-            if call.state == QUEUED:
+            state = call.state
+            if state is QUEUED:
                 out.extend(self._queued_due(call, now))
-            elif call.state == PROBING:
-                self.counters["timeouts"] += 1
-                out.append(self._answer(call, Status.TIMEOUT, "deadline passed while asking the "
-                                        "workers whether this re-sent call already ran"))
-            elif call.state == INFLIGHT:
+            elif state is PROBING:  # rule 7
+                out.append(self._settle(call, Status.TIMEOUT, "timeouts", why=(
+                    "deadline passed while asking the workers whether this re-sent call "
+                    "already ran")))
+            elif state is INFLIGHT:
                 out.extend(self._inflight_due(call, now))
         self._forget_services(now)
         return out
@@ -398,7 +427,7 @@ class Dispatcher:
     def wants_register(self, worker_id: bytes) -> bool:
         """Should an unknown worker be asked to send READY? Not one that left on purpose
         (DISCONNECT) or was refused within `left_memory`: it would only come back to leave,
-        or be refused, again."""
+        or be refused, again (rule 14)."""
         if worker_id in self._workers:
             return False
         t = self._left.get(worker_id)
@@ -406,41 +435,9 @@ class Dispatcher:
 
     def snapshot(self) -> dict[str, Any]:
         """Plain data for `zrpc.status` and metrics."""
-        services = [
-            {
-                "name": s.name,
-                "workers": sum(1 for w in s.workers if not w.leaving),
-                "outstanding": sum(w.outstanding for w in s.workers),
-                "queued": s.queued,
-                "methods": sorted(s.methods),
-                "calls": s.calls,
-                "errors": s.errors,
-                "latency_buckets": list(s.buckets),
-                "latency_sum": s.latency_sum,
-                "max_workers": s.max_workers,
-            }
-            for s in sorted(self._services.values(), key=lambda s: s.name)
-        ]
-        workers = [
-            {
-                "id": w.id.hex(),
-                "name": w.name,
-                "services": list(w.services),
-                "capacity": w.capacity,
-                "outstanding": w.outstanding,
-                "weight": w.weight,
-                "ewma_ms": round(w.ewma * 1000, 3),
-                "served": w.served,
-                "errors": w.errors,
-                "leaving": w.leaving,
-                "ejected": w.ejected,
-                **{k: v for k, v in w.info.items() if k in ("host", "pid")},
-            }
-            for w in sorted(self._workers.values(), key=lambda w: w.name)
-        ]
-        return {"services": services, "workers": workers, "counters": dict(self.counters),
-                "lb": self._strategy_name, "inflight": len(self._calls),
-                "queued_bytes": self._queued_bytes, "active": self._active}
+        return snapshot(self._services.values(), self._workers.values(), self.counters,
+                        lb=self._strategy_name, inflight=len(self._calls),
+                        queued_bytes=self._queued_bytes, active=self._active)
 
     def services_map(self) -> dict[str, dict[str, bool]]:
         return {s.name: dict(s.methods) for s in self._services.values() if s.workers}
@@ -450,51 +447,45 @@ class Dispatcher:
     def _on_request(self, client_id: bytes, req: ClientRequest) -> list[Action]:
         now = self._clock()
         key = (client_id, req.request_id)
-        if key in self._calls:  # a client re-sent a call we still hold: one copy is enough
+        if key in self._calls:  # rule 2: a client re-sent a call we still hold
             self.counters["duplicates"] += 1
             return []
-        if req.headers.get(H_RESENT):  # answered before it is held: still, it may have run
-            self._remember_key(key, _WAS_RESENT, ())
-        if not self._active:
-            self.counters["not_active_calls"] += 1
-            return [ReplyToClient(client_id, req.request_id, Status.NOT_ACTIVE, pack_error(
-                "NotActive", "this broker is not active: send the call to its peer"))]
-        if self._per_client.get(client_id, 0) >= self._client_limit:
-            self.counters["overloaded"] += 1
-            return [ReplyToClient(client_id, req.request_id, Status.OVERLOADED, pack_error(
-                "Overloaded", f"this client already has {self._client_limit} calls in flight"))]
+        if req.headers.get(H_RESENT):  # rule 11: answered before it is held, it may have run
+            self._remember_key(key, WAS_RESENT, ())
+        if not self._active:  # rules 3, 13
+            return [self._refuse(client_id, req.request_id, Status.NOT_ACTIVE, "not_active_calls",
+                                 "this broker is not active: send the call to its peer")]
+        if self._per_client.get(client_id, 0) >= self._client_limit:  # rule 3
+            return [self._refuse(client_id, req.request_id, Status.OVERLOADED, "overloaded",
+                                 f"this client already has {self._client_limit} calls in flight")]
         self.counters["requests"] += 1
-        self._retry_tokens = min(self._retry_max, self._retry_tokens + self._retry_ratio)
+        self._retry_tokens = min(self._retry_max, self._retry_tokens + self._retry_ratio)  # rule 10
         budget = req.headers.get(H_BUDGET)
         if budget is None:
             budget = self._default_budget
-        if budget <= 0:
-            self.counters["timeouts"] += 1
-            return [ReplyToClient(client_id, req.request_id, Status.TIMEOUT,
-                                  pack_error("Timeout", "deadline passed before dispatch"))]
+        if budget <= 0:  # rule 3
+            return [self._refuse(client_id, req.request_id, Status.TIMEOUT, "timeouts",
+                                 "deadline passed before dispatch")]
         svc = self._services.get(req.service)
         call = Call(client_id, req, deadline_from_budget(budget, now), now)
+        # rule 4 (as `_idempotent`, inline: this is the hot path)
         call.idempotent = idem = call.client_idem and svc is not None and svc.methods.get(req.method, False)
-        if not idem and self._may_have_run(key, call.resent):
-            # answered here already; running it again could charge twice
-            self.counters["duplicates"] += 1
-            return [self._answer(call, Status.CALL_STATE_UNKNOWN,
-                                 "this call was already answered; its reply may have been lost")]
-        if svc is None or not _serving(svc):
+        if not idem and self._may_have_run(key, call.resent):  # rule 11
+            return [self._settle(call, Status.CALL_STATE_UNKNOWN, "duplicates", why=(
+                "this call was already answered; its reply may have been lost"))]
+        if svc is None or not serving(svc):  # rule 8
             if not self._in_grace(svc, now):
                 return [self._unavailable(call)]
             if svc is None:
-                if len(self._services) >= self._max_services:
-                    self.counters["unavailable"] += 1
-                    return [self._answer(call, Status.SERVICE_UNAVAILABLE,
-                                         f"no worker serves {req.service!r}")]
+                if len(self._services) >= self._max_services:  # rule 18
+                    return [self._settle(call, Status.SERVICE_UNAVAILABLE, "unavailable",
+                                         why=f"no worker serves {req.service!r}")]
                 svc = self._new_service(req.service, -math.inf, now)
             return self._enqueue(svc, call)
-        if req.method not in svc.methods:
-            self.counters["method_not_found"] += 1
-            return [self._answer(call, Status.METHOD_NOT_FOUND,
-                                 f"service {req.service!r} has no method {req.method!r}")]
-        if call.resent and not idem:
+        if req.method not in svc.methods:  # rule 9
+            return [self._settle(call, Status.METHOD_NOT_FOUND, "method_not_found",
+                                 why=f"service {req.service!r} has no method {req.method!r}")]
+        if call.resent and not idem:  # rule 12
             return self._probe(svc, call, now)
         worker = self._pick(svc)
         if worker is not None:
@@ -502,17 +493,20 @@ class Dispatcher:
         return self._enqueue(svc, call)
 
     def _idempotent(self, svc: ServiceState | None, call: Call) -> bool:
+        """Rule 4: the workers' word, lowered by the client's."""
         return call.client_idem and svc is not None and svc.methods.get(call.method, False)
 
-    def _may_have_run(self, key: _Key, resent: bool) -> bool:
-        """Was this call, answered already, run here or perhaps elsewhere? A call re-sent
-        again that never ran here is probed again instead (a worker's cache may know)."""
+    def _may_have_run(self, key: Key, resent: bool) -> bool:
+        """Rule 11: was this call, answered already, run here or perhaps elsewhere? A call
+        re-sent again that never ran here is probed again instead (a worker's cache may
+        know)."""
         prev = self._recent.get(key)
         if prev is None:
             return False
-        return bool(prev[0] & _RAN_HERE or (prev[0] & _WAS_RESENT and not resent))
+        return bool(prev[0] & RAN_HERE or (prev[0] & WAS_RESENT and not resent))
 
     def _in_grace(self, svc: ServiceState | None, now: float) -> bool:
+        """Rule 8: may a call for a service nobody serves still wait for a worker?"""
         if svc is None:
             return now < self._started + self._grace
         return now < self._grace_end(svc)
@@ -524,11 +518,22 @@ class Dispatcher:
                      ) -> ServiceState:
         svc = self._services[name] = ServiceState(
             name, make_strategy(self._strategy_name), empty_since, now)
-        if not served:
-            self._forget.append((now + self._grace, name))  # forgotten then unless it is served
+        if not served:  # rule 18: forgotten then unless it is served
+            self._forget.append((now + self._grace, name))
         return svc
 
-    # --- probing re-sent calls -----------------------------------------------------------
+    def _unavailable(self, call: Call) -> ReplyToClient:
+        """Rule 8: no worker serves the service. A re-sent call that is not known to be
+        idempotent may have run through the broker the client lost, so "no worker" would
+        mislead: its fate is unknown."""
+        if call.resent and not call.idempotent:
+            return self._settle(call, Status.CALL_STATE_UNKNOWN, "state_unknown", why=(
+                f"no worker serves {call.service!r} here to ask whether this re-sent call "
+                "already ran"))
+        return self._settle(call, Status.SERVICE_UNAVAILABLE, "unavailable",
+                            why=f"no worker serves {call.service!r}")
+
+    # --- probing re-sent calls (rule 12) -------------------------------------------------
 
     def _probe(self, svc: ServiceState, call: Call, now: float) -> list[Action]:
         """A re-sent non-idempotent call may already have run on some worker (dispatched by a
@@ -542,7 +547,7 @@ class Dispatcher:
         call.view_ok = now - max(self._started, svc.changed_at) >= self._horizon
         self._hold(call)
         self._probing[call.key] = call
-        self._arm(call, call.deadline)
+        self._arm(call, call.deadline)  # rule 7
         msg = self._probe_message(call, now)
         return [SendToWorker(w, msg) for w in targets]
 
@@ -558,29 +563,15 @@ class Dispatcher:
         call.probes.discard(worker_id)
         if reply.status != Status.NOT_SEEN:  # it ran (or runs) there: that is the answer
             call.ran = True
-            self.counters["replies"] += 1
             status, body = self._checked_status(reply)
-            return [self._settle(call, status, body)]
+            return [self._settle(call, status, "replies", body=body)]
         if call.probes:
             return []
         if not call.view_ok:
-            self.counters["state_unknown"] += 1
-            return [self._answer(call, Status.CALL_STATE_UNKNOWN,
-                                 "cannot tell whether it already ran: a worker this broker did "
-                                 "not ask may have run it (workers joined or were lost lately)")]
+            return [self._settle(call, Status.CALL_STATE_UNKNOWN, "state_unknown", why=(
+                "cannot tell whether it already ran: a worker this broker did not ask may "
+                "have run it (workers joined or were lost lately)"))]
         return self._dispatch_probed(call, self._clock())
-
-    def _unavailable(self, call: Call) -> ReplyToClient:
-        """No worker serves the service. A re-sent call that is not known to be idempotent may
-        have run through the broker the client lost, so "no worker" would mislead: its fate is
-        unknown."""
-        if call.resent and not call.idempotent:
-            self.counters["state_unknown"] += 1
-            return self._answer(call, Status.CALL_STATE_UNKNOWN,
-                                f"no worker serves {call.service!r} here to ask whether this "
-                                "re-sent call already ran")
-        self.counters["unavailable"] += 1
-        return self._answer(call, Status.SERVICE_UNAVAILABLE, f"no worker serves {call.service!r}")
 
     def _dispatch_probed(self, call: Call, now: float) -> list[Action]:
         """No worker has seen it and every worker that could have was asked: it never ran, so
@@ -588,10 +579,9 @@ class Dispatcher:
         del self._probing[call.key]
         call.probed = True
         svc = self._services.get(call.service)
-        if svc is None or not _serving(svc):
-            self.counters["unavailable"] += 1
-            return [self._answer(call, Status.SERVICE_UNAVAILABLE,
-                                 f"no worker serves {call.service!r}")]
+        if svc is None or not serving(svc):  # rule 8
+            return [self._settle(call, Status.SERVICE_UNAVAILABLE, "unavailable",
+                                 why=f"no worker serves {call.service!r}")]
         worker = self._pick(svc)
         if worker is not None:
             return [self._send(call, worker, now)]
@@ -614,6 +604,7 @@ class Dispatcher:
         return out
 
     def _view_changed(self, svc: ServiceState, now: float) -> None:
+        """A worker of `svc` was lost or started leaving: the probe horizon starts again."""
         svc.changed_at = now
         for call in self._probing.values():
             if call.service == svc.name:
@@ -622,26 +613,25 @@ class Dispatcher:
     # --- queues and timers ---------------------------------------------------------------
 
     def _enqueue(self, svc: ServiceState, call: Call, front: bool = False) -> list[Action]:
-        if not front and svc.queued >= self._queue_limit:
-            self.counters["overloaded"] += 1
-            return [self._answer(call, Status.OVERLOADED,
-                                 f"queue of {svc.name!r} is full ({self._queue_limit} calls)")]
-        if not front and self._queued_bytes + len(call.body) > self._queue_bytes_limit:
-            self.counters["overloaded"] += 1
-            return [self._answer(call, Status.OVERLOADED,
-                                 f"queued calls hold {self._queued_bytes} bytes, the limit")]
-        if call.state == PROBING:
+        if not front and svc.queued >= self._queue_limit:  # rule 6
+            return [self._settle(call, Status.OVERLOADED, "overloaded",
+                                 why=f"queue of {svc.name!r} is full ({self._queue_limit} calls)")]
+        if not front and self._queued_bytes + len(call.body) > self._queue_bytes_limit:  # rule 6
+            return [self._settle(call, Status.OVERLOADED, "overloaded",
+                                 why=f"queued calls hold {self._queued_bytes} bytes, the limit")]
+        if call.state is PROBING:  # rule 1: out of the probing list, into the queue
             self._probing.pop(call.key, None)
         self._queued_bytes += len(call.body)
         call.state = QUEUED
         call.worker = None
         self._hold(call)
-        if front:
+        if front:  # rule 6: a retried call waited already
             svc.queue.appendleft(call)
         else:
             svc.queue.append(call)
         svc.queued += 1
-        self._arm(call, call.deadline if _serving(svc) else min(call.deadline, self._grace_end(svc)))
+        # rules 7, 8: it waits for its deadline, or for the grace's end if nobody serves
+        self._arm(call, call.deadline if serving(svc) else min(call.deadline, self._grace_end(svc)))
         return []
 
     def _unqueue(self, call: Call) -> None:
@@ -650,13 +640,13 @@ class Dispatcher:
         svc.queued -= 1
         self._queued_bytes -= len(call.body)
         call.state = HELD
-        if len(svc.queue) > 2 * svc.queued + 64:  # answered entries piled up behind a live one
-            svc.queue = deque(c for c in svc.queue if c.state == QUEUED)
+        if len(svc.queue) > 2 * svc.queued + 64:  # rule 18: answered entries piled up
+            svc.queue = deque(c for c in svc.queue if c.state is QUEUED)
 
     def _queued_due(self, call: Call, now: float) -> list[Action]:
         svc = self._services[call.service]
         if now < call.deadline:
-            if _serving(svc):  # queued in a grace, and a worker came: wait for the deadline
+            if serving(svc):  # rule 8: queued in a grace, and a worker came: wait for the deadline
                 self._arm(call, call.deadline)
                 return []
             end = self._grace_end(svc)
@@ -664,38 +654,38 @@ class Dispatcher:
                 self._arm(call, min(call.deadline, end))
                 return []
             return [self._unavailable(call)]
-        self.counters["timeouts"] += 1
-        return [self._answer(call, Status.TIMEOUT, "deadline passed while queued")]
+        return [self._settle(call, Status.TIMEOUT, "timeouts",  # rule 7
+                             why="deadline passed while queued")]
 
     def _inflight_due(self, call: Call, now: float) -> list[Action]:
-        """Its reply never came (too large for the socket, dropped on a full pipe, lost by the
-        worker): the client has timed out already; free the slot, and say what is known."""
+        """Rule 7: its reply never came (too large for the socket, dropped on a full pipe,
+        lost by the worker): the client has timed out already; free the slot, and say what is
+        known."""
         worker = call.worker
         self.counters["inflight_expired"] += 1
         if call.idempotent:
-            self.counters["timeouts"] += 1
-            out: list[Action] = [self._answer(call, Status.TIMEOUT,
-                                              "the worker did not reply by the deadline")]
+            out: list[Action] = [self._settle(call, Status.TIMEOUT, "timeouts",
+                                              why="the worker did not reply by the deadline")]
         else:
-            self.counters["state_unknown"] += 1
-            out = [self._answer(call, Status.CALL_STATE_UNKNOWN,
-                                "the worker did not reply by the deadline; the call may have run")]
+            out = [self._settle(call, Status.CALL_STATE_UNKNOWN, "state_unknown",
+                                why="the worker did not reply by the deadline; the call may have run")]
         if worker is not None:
             out.extend(self._slot_freed(worker, now))
         return out
 
     def _arm(self, call: Call, when: float) -> None:
-        """Gives `call` one live timer at `when`; older entries of it become dead."""
+        """Rule 7: gives `call` one live timer at `when`; older entries of it become dead."""
         seq = next(self._seq)
         call.expires = when
         call.timer = seq
         timers = self._timers
         heapq.heappush(timers, (when, seq, call))
-        if len(timers) > 2 * len(self._calls) + 1024:  # mostly dead: answered calls' entries
+        if len(timers) > 2 * len(self._calls) + 1024:  # rule 18: mostly dead entries
             timers[:] = [e for e in timers if e[2].timer == e[1]]
             heapq.heapify(timers)
 
     def _forget_services(self, now: float) -> None:
+        """Rule 18: a service with no worker and no queued call is dropped after its grace."""
         forget = self._forget
         while forget and forget[0][0] <= now:
             _, name = forget.popleft()
@@ -706,6 +696,7 @@ class Dispatcher:
     # --- dispatch ------------------------------------------------------------------------
 
     def _pick(self, svc: ServiceState) -> WorkerState | None:
+        """Rule 5: a worker with a free slot, not leaving, not ejected unless it must be."""
         ws = svc.workers
         if len(ws) == 1:
             w = ws[0]
@@ -715,13 +706,15 @@ class Dispatcher:
             cands = [w for w in ws if w.outstanding < w.capacity and not w.leaving]
         if not cands:
             return None
-        return svc.strategy.choose(cands)  # type: ignore[return-value]
+        chosen = svc.strategy.choose(cands)
+        assert isinstance(chosen, WorkerState)  # one of `cands`: its Protocol says Candidate
+        return chosen
 
     def _send(self, call: Call, worker: WorkerState, now: float) -> SendToWorker:
         call.state = INFLIGHT
         call.worker = worker
         call.sent_at = now
-        call.ran = True
+        call.ran = True  # rule 11: from now on it may have run here
         if not call.given:
             call.given = (worker.id,)
         elif worker.id not in call.given:
@@ -730,8 +723,8 @@ class Dispatcher:
         self._hold(call)
         worker.calls[key] = call
         worker.outstanding += 1
-        self._arm(call, call.deadline + self._inflight_grace)
-        headers = dict(call.headers)
+        self._arm(call, call.deadline + self._inflight_grace)  # rule 7
+        headers = dict(call.headers)  # rule 5: what the worker is told
         headers[H_BUDGET] = budget_ms(call.deadline, now)
         headers[H_IDEMPOTENT] = call.idempotent
         headers[H_ATTEMPT] = call.attempt
@@ -740,18 +733,19 @@ class Dispatcher:
                                                      call.method, headers, call.body))
 
     def _drain(self, worker: WorkerState, now: float) -> list[Action]:
-        """Fills a worker's free slots from the queues of its services, oldest call first."""
+        """Rule 6: fills a worker's free slots from the queues of its services, oldest call
+        first."""
         out: list[Action] = []
-        if not self._active:
+        if not self._active:  # rule 13
             return out
-        while worker.outstanding < worker.capacity and not worker.leaving:
+        while worker.outstanding < worker.capacity and not worker.leaving:  # rules 5, 14
             best: ServiceState | None = None
             for name in worker.services:
                 svc = self._services.get(name)
                 if svc is None:
                     continue
                 q = svc.queue
-                while q and q[0].state != QUEUED:
+                while q and q[0].state is not QUEUED:
                     q.popleft()
                 if q and (best is None or q[0].arrived < best.queue[0].arrived):
                     best = svc
@@ -764,54 +758,63 @@ class Dispatcher:
 
     def _start(self, svc: ServiceState, call: Call, worker: WorkerState, now: float) -> list[Action]:
         """A call off the queue, for `worker`: its method and idempotency are known now."""
-        if call.method not in svc.methods:
-            self.counters["method_not_found"] += 1
-            return [self._answer(call, Status.METHOD_NOT_FOUND,
-                                 f"service {svc.name!r} has no method {call.method!r}")]
-        call.idempotent = self._idempotent(svc, call)
+        if call.method not in svc.methods:  # rule 9
+            return [self._settle(call, Status.METHOD_NOT_FOUND, "method_not_found",
+                                 why=f"service {svc.name!r} has no method {call.method!r}")]
+        call.idempotent = self._idempotent(svc, call)  # rule 4
         if call.resent and not call.idempotent and not call.probed:
-            return self._probe(svc, call, now)  # it may have run before this broker started
+            return self._probe(svc, call, now)  # rule 12: it may have run before this broker started
         return [self._send(call, worker, now)]
 
     def _slot_freed(self, worker: WorkerState, now: float) -> list[Action]:
-        if worker.leaving:
+        if worker.leaving:  # rule 14: gone once its last call is answered
             return self._remove(worker, now) if worker.outstanding == 0 else []
         return self._drain(worker, now) if self._active else []
 
-    # --- answers and bookkeeping ---------------------------------------------------------
+    # --- the end of a call ---------------------------------------------------------------
 
-    def _answer(self, call: Call, status: int, message: str) -> ReplyToClient:
-        return self._settle(call, status,
-                            pack_error(Status(status).name.title().replace("_", ""), message))
-
-    def _settle(self, call: Call, status: int, body: bytes) -> ReplyToClient:
-        """The one way a call ends: out of every structure, remembered, answered once."""
+    def _settle(self, call: Call, status: int, counter: str, *, body: bytes | None = None,
+                why: str = "") -> ReplyToClient:
+        """Rule 16, the one way a held call ends: out of every structure, counted under
+        `counter`, remembered, answered once with `body` (a worker's), else an error saying
+        `why`."""
         state = call.state
-        if state == QUEUED:
+        if state is QUEUED:
             self._unqueue(call)
-        elif state == INFLIGHT and call.worker is not None:
+        elif state is INFLIGHT:
             w = call.worker
-            del w.calls[call.key]
-            w.outstanding -= 1
-        elif state == PROBING:
+            if w is not None:
+                del w.calls[call.key]
+                w.outstanding -= 1
+        elif state is PROBING:
             self._probing.pop(call.key, None)
         call.state = DONE
         call.worker = None
-        call.timer = -1
+        call.timer = -1  # rule 7: its timer entries are dead
         call.body = b""  # a DONE call may linger in a heap or queue: not its arguments
         key = call.key
         self._drop(key)
-        self._remember_key(key, (_RAN_HERE if call.ran else 0) | (_WAS_RESENT if call.resent else 0),
-                           call.given)
-        return ReplyToClient(call.client_id, call.request_id, status, body)
+        self._remember_key(key, (RAN_HERE if call.ran else 0) | (WAS_RESENT if call.resent else 0),
+                           call.given)  # rule 11
+        self.counters[counter] += 1
+        return ReplyToClient(call.client_id, call.request_id, status,
+                             _error(status, why) if body is None else body)
+
+    def _refuse(self, client_id: bytes, request_id: int, status: int, counter: str, why: str
+                ) -> ReplyToClient:
+        """Rule 3: a request turned away before it is held: counted, answered, nothing to
+        settle."""
+        self.counters[counter] += 1
+        return ReplyToClient(client_id, request_id, status, _error(status, why))
 
     def _hold(self, call: Call) -> None:
+        """Rule 1: the call is in `_calls`, counted once against its client."""
         key = call.key
         if key not in self._calls:
             self._per_client[call.client_id] = self._per_client.get(call.client_id, 0) + 1
         self._calls[key] = call
 
-    def _drop(self, key: _Key) -> None:
+    def _drop(self, key: Key) -> None:
         if self._calls.pop(key, None) is not None:
             n = self._per_client[key[0]] - 1
             if n:
@@ -819,8 +822,9 @@ class Dispatcher:
             else:
                 del self._per_client[key[0]]
 
-    def _remember_key(self, key: _Key, flags: int, given: tuple[bytes, ...]) -> None:
-        """What is known of an answered call, added to what was known of it before."""
+    def _remember_key(self, key: Key, flags: int, given: tuple[bytes, ...]) -> None:
+        """Rule 11: what is known of an answered call, added to what was known of it before
+        (rule 18: the last `recent_limit` calls)."""
         recent = self._recent
         prev = recent.pop(key, None) if key in recent else None
         if prev is not None:
@@ -833,6 +837,8 @@ class Dispatcher:
     # --- replies -------------------------------------------------------------------------
 
     def _checked_status(self, reply: WorkerReply) -> tuple[int, bytes]:
+        """Rule 15: a status a worker may not answer a call with reaches the client as
+        ProtocolError."""
         if reply.status in _ANSWERS:
             return reply.status, reply.body
         self.counters["bad_statuses"] += 1
@@ -846,40 +852,30 @@ class Dispatcher:
         worker = self._workers.get(worker_id)
         call = worker.calls.get(key) if worker is not None else None
         if worker is not None and call is not None:  # the answer to a call it was given
-            lat = now - call.sent_at
-            worker.ewma = ewma(worker.ewma, lat, self._alpha)
-            worker.served += 1
-            svc = self._services.get(call.service)
-            if svc is not None:
-                svc.calls += 1
-                svc.buckets[bisect_left(LATENCY_BUCKETS, lat)] += 1
-                svc.latency_sum += lat
-            if reply.status != Status.OK:
-                worker.errors += 1
-                if svc is not None:
-                    svc.errors += 1
-            self.counters["replies"] += 1
+            record_reply(worker, self._services.get(call.service), now - call.sent_at,
+                         reply.status == Status.OK, self._alpha)
             if reply.status in _ANSWERS:
-                out: list[Action] = [self._settle(call, reply.status, reply.body)]
+                out: list[Action] = [self._settle(call, reply.status, "replies", body=reply.body)]
             else:
-                out = [self._settle(call, *self._checked_status(reply))]
+                status, body = self._checked_status(reply)
+                out = [self._settle(call, status, "replies", body=body)]
             out.extend(self._slot_freed(worker, now))
             return out
         held = self._calls.get(key)
-        if held is not None and held.state == PROBING and worker_id in held.probes:
+        if held is not None and held.state is PROBING and worker_id in held.probes:
             return self._probe_answered(worker_id, held, reply)
         if held is not None:
             given: tuple[bytes, ...] = held.given
         else:
             remembered = self._recent.get(key)
             given = remembered[1] if remembered is not None else ()
-        if worker_id in given:
+        if worker_id in given:  # rule 15
             # its call once: retried elsewhere after it was lost, expired, or settled by
             # another worker's answer to a probe
             if reply.status != Status.NOT_SEEN:
                 self.counters["late_replies"] += 1
             return []
-        # not its call: a worker answers only what it was given (the client would take it)
+        # rule 15: not its call: a worker answers only what it was given (the client would take it)
         self.counters["foreign_replies"] += 1
         if held is None and key not in self._recent:
             self.counters["orphan_replies"] += 1  # a call this broker never saw
@@ -891,7 +887,7 @@ class Dispatcher:
         now = self._clock()
         worker = self._workers.get(worker_id)
         new = sum(1 for name in ready.services if name not in self._services)
-        if new and len(self._services) + new > self._max_services:
+        if new and len(self._services) + new > self._max_services:  # rule 18
             self.counters["workers_refused"] += 1
             if worker is None:
                 self._remember_left(worker_id, now)  # asking it again would be refused again
@@ -906,7 +902,7 @@ class Dispatcher:
             worker = self._workers[worker_id] = WorkerState(worker_id, ready, now)
             out.append(Notice("worker_joined", ready.worker_id,
                               {"services": sorted(ready.services), "capacity": ready.capacity}))
-        else:  # re-announced (reconnect, new settings): keep its in-flight calls
+        else:  # rule 17: re-announced (reconnect, new settings): keep its in-flight calls
             old, was_serving = set(worker.services), not worker.leaving
             for name in worker.services:
                 svc = self._services.get(name)
@@ -921,15 +917,16 @@ class Dispatcher:
             svc = self._services.get(name) or self._new_service(name, now, now, served=True)
             svc.workers.append(worker)
             known = svc.methods
-            for m, idem in methods.items():  # one worker saying "not idempotent" is enough
+            for m, idem in methods.items():  # rule 4: one worker saying "not idempotent" is enough
                 known[m] = known.get(m, True) and idem
             svc.max_workers = max(svc.max_workers, len(svc.workers))
             if name not in old or not was_serving:
-                out.extend(self._joined(svc, worker, now))
+                out.extend(self._joined(svc, worker, now))  # rule 12
         out.extend(self._drain(worker, now))
         return out
 
     def _on_leaving(self, worker_id: bytes) -> list[Action]:
+        """Rule 14: acknowledged at once; no new calls; removed when its last is answered."""
         now = self._clock()
         out: list[Action] = [AckLeave(worker_id)]
         self._remember_left(worker_id, now)
@@ -941,15 +938,16 @@ class Dispatcher:
             for name in worker.services:
                 svc = self._services.get(name)
                 if svc is not None:
-                    self._view_changed(svc, now)
-                    if not _serving(svc):
-                        self._emptied(svc, now)
+                    self._view_changed(svc, now)  # rule 12
+                    if not serving(svc):
+                        self._emptied(svc, now)  # rule 8
         out.append(Notice("worker_leaving", worker.name, {"outstanding": worker.outstanding}))
         if worker.outstanding == 0:
             out.extend(self._remove(worker, now))
         return out
 
     def _remember_left(self, worker_id: bytes, now: float) -> None:
+        """Rules 14, 18: not asked to register again for `left_memory`, at most `left_limit`."""
         left = self._left
         left.pop(worker_id, None)
         left[worker_id] = now
@@ -958,12 +956,12 @@ class Dispatcher:
             left.popitem(last=False)
 
     def _emptied(self, svc: ServiceState, now: float) -> None:
-        """No worker takes the service's calls from now on: the grace starts, and queued
-        calls wait for it rather than for their deadlines."""
+        """Rule 8: no worker takes the service's calls from now on: the grace starts, and
+        queued calls wait for it rather than for their deadlines."""
         svc.empty_since = now
         end = now + self._grace
         for call in svc.queue:
-            if call.state == QUEUED and call.expires > min(call.deadline, end):
+            if call.state is QUEUED and call.expires > min(call.deadline, end):
                 self._arm(call, min(call.deadline, end))
 
     def _remove(self, worker: WorkerState, now: float) -> list[Action]:
@@ -976,19 +974,18 @@ class Dispatcher:
             svc.workers.remove(worker)
             self._left_service(svc, not worker.leaving, now)
         for call in [c for c in self._probing.values() if worker.id in c.probes]:
-            # it might be the one that ran it: its fate cannot be known
-            self.counters["state_unknown"] += 1
-            out.append(self._answer(call, Status.CALL_STATE_UNKNOWN,
-                                    "a worker was gone before it said whether this call ran there"))
+            # rule 12: it might be the one that ran it: its fate cannot be known
+            out.append(self._settle(call, Status.CALL_STATE_UNKNOWN, "state_unknown", why=(
+                "a worker was gone before it said whether this call ran there")))
         return out
 
     def _left_service(self, svc: ServiceState, was_serving: bool, now: float) -> None:
         """A worker no longer serves `svc` (it is already off the service's list)."""
         if was_serving:
-            self._view_changed(svc, now)
-            if not _serving(svc):
-                self._emptied(svc, now)
-        if not svc.workers:
+            self._view_changed(svc, now)  # rule 12
+            if not serving(svc):
+                self._emptied(svc, now)  # rule 8
+        if not svc.workers:  # rule 4: its methods are forgotten; rule 18: so is it, later
             svc.methods.clear()
             self._forget.append((now + self._grace, svc.name))
 
@@ -1000,10 +997,10 @@ class Dispatcher:
         out: list[Action] = [Notice("worker_lost", worker.name,
                                     {"reason": reason, "inflight": len(worker.calls),
                                      "services": sorted(worker.services)})]
-        calls = sorted(worker.calls.values(), key=lambda c: c.arrived)
+        calls = sorted(worker.calls.values(), key=lambda c: c.arrived)  # rule 10: oldest first
         worker.calls.clear()
         worker.outstanding = 0
-        for call in calls:
+        for call in calls:  # rule 1: off the worker, not yet anywhere else
             call.worker = None
             call.state = HELD
         out.extend(self._remove(worker, now))
@@ -1012,30 +1009,27 @@ class Dispatcher:
         return out
 
     def _retry(self, call: Call, now: float) -> list[Action]:
-        """A lost worker's call: retry it if that is safe and affordable, else say why not."""
+        """Rule 10: a lost worker's call: retry it if that is safe and affordable, else say
+        why not."""
         if not call.idempotent:
-            self.counters["state_unknown"] += 1
-            return [self._answer(call, Status.CALL_STATE_UNKNOWN,
-                                 f"worker running {call.service}.{call.method} was lost; "
-                                 "the call is not idempotent, so it was not retried")]
-        if not self._active:
-            self.counters["not_active_calls"] += 1
-            return [self._answer(call, Status.NOT_ACTIVE,
-                                 "worker lost and this broker is no longer active: send the "
-                                 "call to its peer")]
+            return [self._settle(call, Status.CALL_STATE_UNKNOWN, "state_unknown", why=(
+                f"worker running {call.service}.{call.method} was lost; the call is not "
+                "idempotent, so it was not retried"))]
+        if not self._active:  # rule 13
+            return [self._settle(call, Status.NOT_ACTIVE, "not_active_calls", why=(
+                "worker lost and this broker is no longer active: send the call to its peer"))]
         if call.attempt + 1 >= self._max_attempts or now >= call.deadline or self._retry_tokens < 1:
             why = ("deadline passed" if now >= call.deadline else
                    "retry budget exhausted" if self._retry_tokens < 1 else "too many attempts")
-            self.counters["unavailable"] += 1
-            return [self._answer(call, Status.SERVICE_UNAVAILABLE,
-                                 f"worker lost and the call was not retried: {why}")]
+            return [self._settle(call, Status.SERVICE_UNAVAILABLE, "unavailable",
+                                 why=f"worker lost and the call was not retried: {why}")]
         self._retry_tokens -= 1
         self.counters["retries"] += 1
         call.attempt += 1
         notice = Notice("call_retried", call.service,
                         {"method": call.method, "attempt": call.attempt})
         svc = self._services.get(call.service)
-        if svc is not None and _serving(svc):
+        if svc is not None and serving(svc):
             worker = self._pick(svc)
             if worker is not None:
                 return [notice, self._send(call, worker, now)]
@@ -1043,7 +1037,7 @@ class Dispatcher:
             svc = self._new_service(call.service, now, now)
         return [notice, *self._enqueue(svc, call, front=True)]
 
-    # --- activation ----------------------------------------------------------------------
+    # --- activation (rule 13) ------------------------------------------------------------
 
     def _on_activated(self) -> list[Action]:
         if self._active:
@@ -1061,17 +1055,17 @@ class Dispatcher:
             return []
         self._active = False
         out: list[Action] = []
-        for call in [c for c in self._calls.values() if c.state in (QUEUED, PROBING)]:
-            self.counters["not_active_calls"] += 1
-            out.append(self._answer(call, Status.NOT_ACTIVE,
-                                    "this broker stepped down: send the call to its peer"))
+        for call in [c for c in self._calls.values() if c.state is QUEUED or c.state is PROBING]:
+            out.append(self._settle(call, Status.NOT_ACTIVE, "not_active_calls",
+                                    why="this broker stepped down: send the call to its peer"))
         return out
 
     # --- self-check ----------------------------------------------------------------------
 
     def _check(self) -> None:
-        """Raises AssertionError when the books do not balance: every counter and gauge
-        non-negative, gauges equal to what is held. Tests call it after every step."""
+        """Raises AssertionError when the books do not balance (rules 1, 7, 18): every
+        counter and gauge non-negative, gauges equal to what is held. Tests call it after
+        every step."""
 
         def need(ok: bool, what: str) -> None:
             if not ok:
@@ -1081,10 +1075,10 @@ class Dispatcher:
             need(n >= 0, f"counter {name} is {n}")
         need(self._queued_bytes >= 0, f"queued_bytes is {self._queued_bytes}")
         queued_bytes = 0
-        queued: set[_Key] = set()
+        queued: set[Key] = set()
         for name, svc in self._services.items():
             need(svc.name == name, f"service {name} filed as {svc.name}")
-            live = [c for c in svc.queue if c.state == QUEUED]
+            live = [c for c in svc.queue if c.state is QUEUED]
             need(svc.queued >= 0, f"{name}: queued is {svc.queued}")
             need(len(live) == svc.queued, f"{name}: queued {svc.queued}, live entries {len(live)}")
             need(len({id(c) for c in live}) == len(live), f"{name}: a call queued twice")
@@ -1103,16 +1097,17 @@ class Dispatcher:
         live_timers = {e[1] for e in self._timers if e[2].timer == e[1]}
         for key, c in self._calls.items():
             need(c.key == key, f"call filed as {key} is {c.key}")
-            need(c.state in (QUEUED, INFLIGHT, PROBING), f"{key} held in state {c.state}")
+            need(isinstance(c.state, CallState), f"{key} has state {c.state!r}")
+            need(c.state in (QUEUED, INFLIGHT, PROBING), f"{key} held in state {c.state.name}")
             need(c.timer in live_timers, f"{key} has no live timer")
-            if c.state == QUEUED:
+            if c.state is QUEUED:
                 need(key in queued, f"{key} QUEUED but in no queue")
-            elif c.state == INFLIGHT:
+            elif c.state is INFLIGHT:
                 need(c.worker is not None and c.worker.calls.get(key) is c, f"{key} not on its worker")
             else:
                 need(self._probing.get(key) is c, f"{key} probing but not listed")
         for key, c in self._probing.items():
-            need(self._calls.get(key) is c and c.state == PROBING, f"{key} listed as probing")
+            need(self._calls.get(key) is c and c.state is PROBING, f"{key} listed as probing")
         for wid, w in self._workers.items():
             need(w.id == wid, "worker filed under another id")
             need(w.outstanding == len(w.calls), f"{w.name}: outstanding {w.outstanding}, "
@@ -1124,9 +1119,3 @@ class Dispatcher:
                 need(of is not None and w in of.workers, f"{w.name}: not listed in {name}")
         need(len(self._recent) <= self._recent_limit, "recent answers over their bound")
         need(len(self._left) <= self._left_limit, "departed workers over their bound")
-
-
-def _serving(svc: ServiceState) -> bool:
-    """Does a worker take new calls of `svc` (registered and not leaving)?"""
-    ws = svc.workers
-    return bool(ws) and (not ws[0].leaving or any(not w.leaving for w in ws))

@@ -7,7 +7,8 @@ already filtered out full, leaving or ejected workers.
 from __future__ import annotations
 
 import random
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 
 class Candidate(Protocol):

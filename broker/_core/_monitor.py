@@ -14,9 +14,10 @@ import statistics
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from zrpc._core._clock import Clock
+from zrpc._defaults import HEARTBEAT_INTERVAL
 
 if TYPE_CHECKING:  # the dispatcher imports ewma() from here: no import back at load time
     from zrpc.broker._core._bstar import PeerAlert
@@ -71,11 +72,19 @@ class Eject:
     ejected: bool
 
 
-Output = Union[Alert, Eject]
+Output = Alert | Eject
 
 
 PHI_MAX = 300.0
 """phi's ceiling: a 1-in-10^300 chance is past every threshold, and stays a finite number."""
+
+MIN_STD_RATIO = 0.15
+MAX_STD_RATIO = 0.2
+"""The bounds of phi's standard deviation, in intervals (PhiAccrual says why)."""
+
+PAUSE_RATIO = 0.4
+"""The delay, in intervals, a beat may have without being news (Akka's acceptable heartbeat
+pause): measured, a loaded 2-core machine delays beats by ~100 ms at 250 ms intervals."""
 
 _LN10 = math.log(10.0)
 _MAX_GAP = 86_400.0  # a longer silence is "very long" all the same, and sums stay finite
@@ -107,10 +116,10 @@ class PhiAccrual:
     finite phi in [0, PHI_MAX], and phi never decreases as `now` grows.
     """
 
-    def __init__(self, first_interval: float, window: int = 100, min_std_ratio: float = 0.15,
+    def __init__(self, first_interval: float, window: int = 100, min_std_ratio: float = MIN_STD_RATIO,
                  acceptable_pause: float | None = None, min_samples: int = 4,
-                 max_std_ratio: float = 0.2) -> None:
-        interval = _clamp(first_interval, _MIN_INTERVAL, _MAX_GAP, 0.25)
+                 max_std_ratio: float = MAX_STD_RATIO) -> None:
+        interval = _clamp(first_interval, _MIN_INTERVAL, _MAX_GAP, HEARTBEAT_INTERVAL)
         self.min_samples = max(0, min_samples)
         self.samples = 0  # real gaps seen (counted up to the window)
         self._window = max(1, window, self.min_samples)
@@ -118,12 +127,10 @@ class PhiAccrual:
         self._gaps.extend([interval] * self.min_samples)
         self._last: float | None = None
         self._interval = interval
-        self._std_min = max(_clamp(min_std_ratio, 0.0, 100.0, 0.15) * interval, 1e-3)
-        self._std_max = max(_clamp(max_std_ratio, 0.0, 100.0, 0.2) * interval, self._std_min)
-        # as Akka's acceptable-heartbeat-pause: a busy loop delays a beat a little without
-        # that being news (measured: a loaded 2-core machine delays beats by ~100 ms)
-        pause = 0.4 * interval if acceptable_pause is None else acceptable_pause
-        self._pause = _clamp(pause, 0.0, _MAX_GAP, 0.4 * interval)
+        self._std_min = max(_clamp(min_std_ratio, 0.0, 100.0, MIN_STD_RATIO) * interval, 1e-3)
+        self._std_max = max(_clamp(max_std_ratio, 0.0, 100.0, MAX_STD_RATIO) * interval, self._std_min)
+        pause = PAUSE_RATIO * interval if acceptable_pause is None else acceptable_pause
+        self._pause = _clamp(pause, 0.0, _MAX_GAP, PAUSE_RATIO * interval)
         self._sum = math.fsum(self._gaps)
         self._sumsq = math.fsum(g * g for g in self._gaps)
         self._appended = 0
@@ -243,6 +250,7 @@ class Monitor:
     REFUSED_MAX = 10_000
     INTERNAL_WINDOW = 10.0  # one internal_error alert per subject in this many seconds
     INTERNAL_MAX = 1000
+    EJECT_MAX = 300.0  # seconds: a repeat offender's ejection doubles up to this
 
     def __init__(self, clock: Clock, interval: float, thresholds: Thresholds | None = None) -> None:
         self._clock = clock
@@ -262,6 +270,10 @@ class Monitor:
         self._internal: dict[str, _Tally] = {}  # subject -> its internal_error alerts
         self.unauthorized_repeats = 0
         """Refused connections not alerted (the same address and key within the minute)."""
+
+    def __repr__(self) -> str:
+        ejected = f" ejected={len(self._ejected)}" if self._ejected else ""
+        return f"<Monitor alerts=[{', '.join(self._subjects)}] workers={len(self._phi)}{ejected}>"
 
     # --- dedup ---------------------------------------------------------------------------
 
@@ -565,7 +577,7 @@ class Monitor:
         wid = bytes.fromhex(w["id"])
         duration = self._eject_next.get(wid, self.t.eject_time)
         self._ejected[wid] = now + duration
-        self._eject_next[wid] = min(duration * 2, 300.0)  # repeat offenders wait longer
+        self._eject_next[wid] = min(duration * 2, self.EJECT_MAX)  # repeat offenders wait longer
         return [Eject(wid, True), *self._raise("worker_ejected", w["name"], seconds=duration)]
 
     # --- metrics -------------------------------------------------------------------------

@@ -5,7 +5,6 @@ that raises, a thread that stalls, a pipe that is full)."""
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 import time
@@ -16,9 +15,6 @@ import msgpack
 import pytest
 import zmq
 
-from zrpc.broker import _loop
-from zrpc.broker._core._dispatch import RequestArrived, WorkerLost
-from zrpc.broker._loop import Broker, BrokerConfig
 from zrpc._core._frames import (
     CLIENT,
     WORKER,
@@ -34,6 +30,11 @@ from zrpc._core._frames import (
     encode,
 )
 from zrpc._core._serial import pack_call, pack_result, unpack_error, unpack_result
+from zrpc._io._sockets import Sent
+from zrpc.broker import _loop
+from zrpc.broker._core._broker import Publish
+from zrpc.broker._core._dispatch import RequestArrived, WorkerLost
+from zrpc.broker._loop import Broker, BrokerConfig
 from zrpc.testing import free_port, wait_until
 
 INTERVAL = 0.1
@@ -221,7 +222,7 @@ def test_a_bug_handling_a_request_is_answered_counted_alerted_and_the_broker_ser
                 failed.append(True)
                 raise RuntimeError("a bug in the dispatcher")
 
-        spy(monkeypatch, lb.broker.dispatcher, "handle", boom)
+        spy(monkeypatch, lb.broker.core.dispatcher, "handle", boom)
         r = c.call("calc", "add", 1, 2)
         assert r.status == Status.ERROR and unpack_error(r.body)["type"] == "InternalError"
         r = c.call("calc", "add", 2, 3)
@@ -240,7 +241,7 @@ def test_a_bug_handling_a_request_is_answered_counted_alerted_and_the_broker_ser
 def test_a_bug_in_a_timer_step_is_contained(ctx, monkeypatch):
     with LoopBroker(ctx) as lb:
         c = Client(ctx, lb.endpoint)
-        spy(monkeypatch, lb.broker.dispatcher, "tick",
+        spy(monkeypatch, lb.broker.core.dispatcher, "tick",
             lambda *a: (_ for _ in ()).throw(ValueError("a bug in a timer")))
         wait_until(lambda: c.status()["counters"]["internal_errors"] >= 3, 10,
                    what="the failing timer counted, the loop still serving")
@@ -256,7 +257,7 @@ def test_a_stalled_loop_with_a_big_backlog_loses_no_live_worker(ctx, monkeypatch
         c = Client(ctx, lb.endpoint)
         wait_until(lambda: len(workers_of(c)) == 2, 10, what="workers registered")
         lost = []
-        spy(monkeypatch, lb.broker.dispatcher, "handle",
+        spy(monkeypatch, lb.broker.core.dispatcher, "handle",
             lambda e: lost.append(e) if isinstance(e, WorkerLost) else None)
         release = threading.Event()
         blocked = threading.Event()
@@ -266,7 +267,7 @@ def test_a_stalled_loop_with_a_big_backlog_loses_no_live_worker(ctx, monkeypatch
                 blocked.set()
                 release.wait(30)
 
-        spy(monkeypatch, lb.broker.dispatcher, "tick", stall)
+        spy(monkeypatch, lb.broker.core.dispatcher, "tick", stall)
         assert blocked.wait(5)
         t0 = time.monotonic()
         flood = Client(ctx, lb.endpoint)
@@ -290,10 +291,10 @@ def test_a_loop_that_stalls_again_and_again_still_finds_a_dead_worker(ctx, monke
         dead = FakeWorker(ctx, lb.endpoint, "dead")
         dead.ready()  # and never a word after that
         wait_until(lambda: len(workers_of(c)) == 2, 10, what="workers registered")
-        lost = spy(monkeypatch, lb.broker.dispatcher, "handle")
+        lost = spy(monkeypatch, lb.broker.core.dispatcher, "handle")
         slow = threading.Event()
         # every timer step now takes longer than a heartbeat interval: a stall each time
-        spy(monkeypatch, lb.broker.dispatcher, "tick", lambda *a: slow.wait(1.5 * INTERVAL))
+        spy(monkeypatch, lb.broker.core.dispatcher, "tick", lambda *a: slow.wait(1.5 * INTERVAL))
         wait_until(lambda: [e for (e,) in list(lost) if isinstance(e, WorkerLost)], 30,
                    what="the dead worker declared lost")
         assert [e.worker_id for (e,) in list(lost) if isinstance(e, WorkerLost)] == [
@@ -347,7 +348,7 @@ def test_an_unknown_worker_is_asked_to_register(ctx):
 
 def test_worker_internal_errors_raise_an_alert_with_its_name(ctx, monkeypatch):
     with LoopBroker(ctx) as lb:
-        notices = spy(monkeypatch, lb.broker, "_notice")
+        notices = spy(monkeypatch, lb.broker.core.monitor, "notice")
         c = Client(ctx, lb.endpoint)
         with LiveWorker(ctx, lb.endpoint, "buggy", {"internal_errors": 0, "active_epoch": 0}) as lw:
             wait_until(lambda: len(workers_of(c)) == 1, 10, what="worker registered")
@@ -367,7 +368,7 @@ def test_worker_internal_errors_raise_an_alert_with_its_name(ctx, monkeypatch):
 
 def test_a_removed_worker_is_forgotten_by_the_monitor(ctx, monkeypatch):
     with LoopBroker(ctx) as lb:
-        forgotten = spy(monkeypatch, lb.broker.monitor, "forget")
+        forgotten = spy(monkeypatch, lb.broker.core.monitor, "forget")
         c = Client(ctx, lb.endpoint)
         leaver, silent = FakeWorker(ctx, lb.endpoint, "leaver"), FakeWorker(ctx, lb.endpoint, "silent")
         leaver.ready()
@@ -413,24 +414,30 @@ def test_an_active_broker_steps_down_when_a_worker_sees_a_higher_epoch(ctx):
 # --- 7. restarts ----------------------------------------------------------------------------------
 
 
+def published(batches: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """The alert events among the actions the loop carried out."""
+    return [a.event for (batch,) in list(batches) for a in batch
+            if isinstance(a, Publish) and a.topic.startswith("alert.")]
+
+
 def test_a_restarted_broker_says_so(ctx, monkeypatch):
     lb = LoopBroker(ctx, restarts=2)
-    outputs = spy(monkeypatch, lb.broker, "_monitor_outputs")
+    executed = spy(monkeypatch, lb.broker, "_execute")
     with lb:
         c = Client(ctx, lb.endpoint)
         assert c.status()["broker"]["restarts"] == 2
-        raised = [(o.name, o.severity, o.detail.get("restarts")) for (batch,) in outputs for o in batch]
+        raised = [(e["name"], e["severity"], e["detail"].get("restarts")) for e in published(executed)]
         assert ("broker_restarted", "warning", 2) in raised
         c.close()
 
 
 def test_a_broker_never_restarted_raises_nothing_about_it(ctx, monkeypatch):
     lb = LoopBroker(ctx)
-    outputs = spy(monkeypatch, lb.broker, "_monitor_outputs")
+    executed = spy(monkeypatch, lb.broker, "_execute")
     with lb:
         c = Client(ctx, lb.endpoint)
         assert c.status()["broker"]["restarts"] == 0
-        assert not [o for (batch,) in outputs for o in batch if o.name == "broker_restarted"]
+        assert not [e for e in published(executed) if e["name"] == "broker_restarted"]
         c.close()
 
 
@@ -448,15 +455,15 @@ def test_a_request_that_could_not_go_out_is_not_counted_as_sent(ctx, monkeypatch
         b.ready()
         wait_until(lambda: len(workers_of(c)) == 2, 10, what="workers registered")
         full: list[bytes] = []
-        real = _loop.send_frames
+        real = _loop.send_nowait
 
-        def send_frames(sock: Any, frames: list[bytes], flags: int = 0) -> None:
+        def send_nowait(sock: Any, frames: list[bytes]) -> Sent:
             if not full and len(frames) == 3 and msgpack.unpackb(frames[1])[1] == 1:
                 full.append(frames[0])  # the first REQUEST to a worker finds its pipe full
-                raise zmq.Again(errno.EAGAIN)
-            real(sock, frames, flags)
+                return Sent.FULL
+            return real(sock, frames)
 
-        monkeypatch.setattr(_loop, "send_frames", send_frames)
+        monkeypatch.setattr(_loop, "send_nowait", send_nowait)
         rid = c.request("calc", "add", [40, 2])
         seen: list[WorkerRequest] = []
         deadline = time.monotonic() + 10
@@ -555,7 +562,7 @@ def test_a_stalled_active_broker_serves_nothing_until_it_knows_its_peer_did_not_
                         blocked.set()
                         release.wait(30)
 
-                spy(monkeypatch, p.broker.dispatcher, "tick", stall)
+                spy(monkeypatch, p.broker.core.dispatcher, "tick", stall)
                 assert blocked.wait(5)
                 backlog = cp.request("calc", "add", [1, 2])  # waits in the stalled primary's socket
                 # the primary is silent: a client that cannot reach it votes on the backup
@@ -590,7 +597,7 @@ def test_a_refused_key_is_named_in_the_unauthorized_notice(ctx, monkeypatch, tmp
     keygen(tmp_path / "authorized", "friend")
     stranger_public, stranger_secret = keygen(tmp_path / "strangers", "stranger")
     lb = LoopBroker(ctx, curve_secret=str(server_secret), curve_authorized=str(tmp_path / "authorized"))
-    notices = spy(monkeypatch, lb.broker, "_notice")
+    notices = spy(monkeypatch, lb.broker.core.monitor, "notice")
     with lb:
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 0
@@ -618,7 +625,7 @@ def test_every_log_line_names_the_broker_role_and_state(ctx, monkeypatch, caplog
     with LoopBroker(ctx, role="primary", state=f"tcp://127.0.0.1:{free_port()}",
                     peer_state=f"tcp://127.0.0.1:{free_port()}") as lb:
         c = Client(ctx, lb.endpoint)
-        spy(monkeypatch, lb.broker.dispatcher, "snapshot",
+        spy(monkeypatch, lb.broker.core.dispatcher, "snapshot",
             lambda *a: (_ for _ in ()).throw(KeyError("a bug")))  # an internal error, logged
         c.request("zrpc", "status", [])
         c.sock.send_multipart([b"garbage"])  # a malformed message, logged

@@ -103,7 +103,7 @@ def test_broker_port_in_use_is_one_line(ep):
 
 
 def test_help_explains_every_command():
-    from zrpc._tools._cli import main
+    from zrpc._tools.cli import main
 
     documented = {"pair", "broker", "worker", "call", "status", "monitor", "demo", "keygen"}  # DESIGN.md §7
     assert documented <= set(main.commands)  # type: ignore[attr-defined]

@@ -172,7 +172,7 @@ def test_zrpc_debug_shows_the_traceback_behind_the_line(files):
 def test_a_bug_while_serving_shows_its_traceback(command, monkeypatch, tmp_path):
     """A ValueError escaping a running loop is a bug, not a user mistake: it must not be
     turned into a tidy 'error:' line that hides where it came from."""
-    from zrpc._tools._cli import main
+    from zrpc._tools.cli import main
 
     def crash(self):
         raise ValueError("a bug in the loop")

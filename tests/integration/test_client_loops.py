@@ -4,6 +4,7 @@ undecodable frames, a loop that dies, callbacks that call back, close() from any
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from concurrent.futures import Future
@@ -105,7 +106,7 @@ async def eventually(pred: Any, timeout: float, what: str) -> None:
     while not pred():
         if loop.time() >= deadline:
             raise TimeoutError(f"{what} not met within {timeout:g}s")
-        await asyncio.sleep(0.02)  # noqa: sleep (polling with a deadline)
+        await asyncio.sleep(0.02)  # deliberate sleep (polling with a deadline)
 
 
 BAD_EPOCHS = ["x", float("inf"), float("nan"), [1], {"e": 1}]
@@ -142,7 +143,13 @@ def test_async_client_survives_a_heartbeat_with_a_bad_epoch(fakes, epoch):
 # --- 7. undecodable frames ------------------------------------------------------------------------
 
 
-def test_undecodable_frames_are_counted_and_dropped(fakes, client_factory):
+def dropped_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "zrpc.client" and r.levelno == logging.WARNING and "malformed" in r.getMessage()]
+
+
+def test_undecodable_frames_are_counted_logged_and_dropped(fakes, client_factory, caplog):
+    caplog.set_level(logging.WARNING, logger="zrpc.client")
     a = fakes()
     c = client_factory([a.endpoint], timeout=3)
     heard_by(a, n=1)
@@ -150,19 +157,25 @@ def test_undecodable_frames_are_counted_and_dropped(fakes, client_factory):
     a.send([b"x", b"y", b"z"])
     wait_until(lambda: c.malformed >= 2, 5, what="malformed frames counted")
     assert c.call("calc", "add", 1, 1) == 2
+    lines = dropped_lines(caplog)
+    assert len(lines) == 2 and lines[0].startswith(f"dropped malformed message #1 from broker {a.endpoint}: ")
 
 
-def test_async_undecodable_frames_are_counted_and_dropped(fakes):
+def test_async_undecodable_frames_are_counted_logged_and_dropped(fakes, caplog):
+    caplog.set_level(logging.WARNING, logger="zrpc.client")
     a = fakes()
 
     async def main() -> None:
         async with zrpc.AsyncClient([a.endpoint], timeout=3) as c:
             assert await c.call("calc", "add", 1, 1) == 2
             a.send([b"\xc1garbage", b""])
-            await eventually(lambda: c.malformed >= 1, 5, what="malformed frames counted")
+            a.send([b"x", b"y", b"z"])
+            await eventually(lambda: c.malformed >= 2, 5, what="malformed frames counted")
             assert await c.call("calc", "add", 2, 1) == 3
 
     asyncio.run(asyncio.wait_for(main(), 10))
+    lines = dropped_lines(caplog)
+    assert len(lines) == 2 and lines[0].startswith(f"dropped malformed message #1 from broker {a.endpoint}: ")
 
 
 # --- 2. containment, and a loop that dies anyway ------------------------------------------------

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from zrpc._tools._demo import LedgerError, clean, read_ledger
 from tests import REPO
+from zrpc._tools._demo import LedgerError, clean, read_ledger
 
 
 def _summary(out: str) -> dict[str, str]:

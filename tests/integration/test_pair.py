@@ -7,8 +7,8 @@ import sys
 import pytest
 
 import zrpc
-from tests.conftest import broker_status
 from tests import REPO
+from tests.conftest import broker_status
 
 
 def test_pair_settles_and_serves_through_the_active_broker(cluster, client_factory):

@@ -14,9 +14,9 @@ import textwrap
 
 import pytest
 
+from tests import CHILD_ENV, REPO
 from tests.conftest import Cluster, broker_status
 from zrpc._io._internal import MARK
-from tests import CHILD_ENV, REPO
 from zrpc._tools._procs import RESTART_MARK, TRACEBACK, ProcessError, Processes
 from zrpc.testing import free_port, wait_until
 

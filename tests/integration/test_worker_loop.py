@@ -83,13 +83,13 @@ def charge(n: int) -> int:
 
 @svc.method
 async def aadd(a: int, b: int) -> int:
-    await asyncio.sleep(0)  # noqa: sleep (a real suspension point, as an async handler has)
+    await asyncio.sleep(0)  # deliberate sleep (a real suspension point, as an async handler has)
     return a + b
 
 
 @svc.method
 async def asurrogate() -> None:
-    await asyncio.sleep(0)  # noqa: sleep (a real suspension point, as an async handler has)
+    await asyncio.sleep(0)  # deliberate sleep (a real suspension point, as an async handler has)
     raise ValueError(os.fsdecode(b"caf\xe9"))
 
 
@@ -265,7 +265,7 @@ def test_a_result_that_cannot_be_packed_is_an_error_reply(run, method):
 
 def test_a_probe_for_a_call_whose_reply_is_gone_is_unknown_never_not_seen(run):
     r, (b,) = run()
-    r.worker._cache.max_entries = 0  # every reply is evicted at once: tombstones only
+    r.worker._core.cache.max_entries = 0  # every reply is evicted at once: tombstones only
     first = b.call("charge", 7, idempotent=False)
     assert unpack_result(first.body) == 7
     b.request(first.request_id, "charge", 7, idempotent=False, probe=True)
@@ -279,7 +279,7 @@ def test_a_probe_for_a_call_whose_reply_is_gone_is_unknown_never_not_seen(run):
 
 def test_a_header_cannot_make_a_non_idempotent_method_forgettable(run):
     r, (b,) = run()
-    r.worker._cache.max_entries = 0
+    r.worker._core.cache.max_entries = 0
     first = b.call("charge", 1, idempotent=True)  # the method says otherwise: it wins
     b.request(first.request_id, "charge", 1, probe=True)
     assert b.expect(WorkerReply).status == Status.CALL_STATE_UNKNOWN
@@ -322,7 +322,7 @@ def test_malformed_broker_heartbeats_never_hurt(run):
     assert unpack_result(b.call("add", 1, 2).body) == 3
     info = heartbeat_info(b, [b], clock)
     assert info == {"internal_errors": 0, "active_epoch": 0}
-    assert r.worker._tracker.interval == 1.0  # none of them was a setting to follow
+    assert r.worker._core.interval == 1.0  # none of them was a setting to follow
     assert [m for m in b.seen if isinstance(m, Ready)] == [b.seen[0]]  # no register ask obeyed
     assert r.worker.counters["internal_errors"] == 0
 
@@ -363,16 +363,16 @@ def test_active_epoch_is_the_current_announcement_of_active_brokers(run):
 
 def test_a_bug_in_handling_one_message_costs_that_message_only(run, monkeypatch, caplog):
     r, (b,) = run()
-    real = r.worker._follow
+    real = r.worker._core._follow
     calls = {"n": 0}
 
-    def broken(info: dict[str, Any]) -> None:
+    def broken(info: dict[str, Any]) -> list[Any]:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("a bug")
-        real(info)
+        return real(info)
 
-    monkeypatch.setattr(r.worker, "_follow", broken)
+    monkeypatch.setattr(r.worker._core, "_follow", broken)
     b.heartbeat()
     assert unpack_result(b.call("add", 4, 4).body) == 8  # the loop lived through it
     assert r.worker.counters["internal_errors"] == 1
@@ -409,8 +409,8 @@ def test_a_leaving_worker_does_not_register_again_when_a_broker_that_let_it_go_f
         clock.advance(1.0)
         b.heartbeat()  # b still watches it; this also wakes the loop
         b.expect(Heartbeat, skip=())
-    link_a = r.worker._links[0]
-    assert link_a.sock is None and link_a.reconnect_at is None  # it stays gone from a
+    link_a = r.worker._core.links[0]
+    assert link_a.state == "gone" and r.worker._socks[0] is None  # it stays gone from a
     release.set()
     assert b.expect(WorkerReply).request_id == 1
     r.thread.join(WAIT / 1000)
@@ -465,7 +465,7 @@ def polls_during(worker: zrpc.Worker, seconds: float) -> int:
     polls about once here (no deadline of a frozen clock comes due); one that spins, hundreds."""
     counter = CountingPoller(worker._poller)
     worker._poller = counter  # type: ignore[assignment]
-    time.sleep(seconds)  # noqa: sleep (a measurement window, not a synchronisation)
+    time.sleep(seconds)  # deliberate sleep (a measurement window, not a synchronisation)
     worker._poller = counter.inner
     return counter.polls
 
@@ -480,7 +480,7 @@ def test_a_draining_worker_sleeps_until_its_call_ends(run):
     clock = FakeClock()
     r, (b,) = run(clock=clock, heartbeat_interval=1.0, liveness=1000)  # drain grace: 4 s
     b.request(1, "blocked")
-    wait_until(lambda: r.worker._inflight == 1, 10, what="the call running")
+    wait_until(lambda: r.worker._core.inflight == 1, 10, what="the call running")
     r.worker.stop()
     b.expect(Disconnect)
     b.send(Disconnect())  # acknowledged, but a call is still running: it drains

@@ -9,6 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import zrpc.broker._core._bstar as bstar
+from zrpc._errors import ProtocolError
 from zrpc.broker._core._bstar import (
     MAX_EPOCH,
     RULES,
@@ -27,12 +29,11 @@ from zrpc.broker._core._bstar import (
     decode_state,
     encode_state,
 )
-from zrpc._errors import ProtocolError
 from zrpc.testing import FakeClock
 
 P, B, A, S = BStar.PRIMARY, BStar.BACKUP, BStar.ACTIVE, BStar.PASSIVE
-I = 0.25  # interval
-PEER_TIMEOUT = 2 * I
+INTERVAL = 0.25
+PEER_TIMEOUT = 2 * INTERVAL
 
 
 def other(role: str) -> str:
@@ -43,7 +44,7 @@ def reach(role: str, state: BStar, *, epoch: int = 1, peer_silent: bool = False)
     """A machine in `state` (with `epoch` once it has been ACTIVE or PASSIVE), its peer heard
     just now unless `peer_silent`; only events get it there."""
     clock = FakeClock()
-    m = BinaryStar(role, clock, I)
+    m = BinaryStar(role, clock, INTERVAL)
     peer = other(role)
     if state is P or state is B:
         # a waiting peer that causes no transition: a passive primary, or a passive backup
@@ -60,7 +61,7 @@ def reach(role: str, state: BStar, *, epoch: int = 1, peer_silent: bool = False)
     if state in (A, S):
         assert m.epoch == epoch
     if peer_silent:
-        clock.advance(3 * I)
+        clock.advance(3 * INTERVAL)
     return m, clock
 
 
@@ -126,8 +127,7 @@ def test_transition(role, state, event, silent, expected):
 
 
 def test_every_table_entry_is_covered():
-    covered = {(c[1], c[2].state if isinstance(c[2], PeerStateSeen) else "client_request")
-               for c in CASES if isinstance(c[2], (PeerStateSeen, ClientVoted))}
+    covered = {(c[1], c[2].state if isinstance(c[2], PeerStateSeen) else type(c[2])) for c in CASES}
     assert set(TRANSITIONS) <= covered
 
 
@@ -136,9 +136,69 @@ def test_every_rule_the_table_names_has_a_handler():
     assert named == set(RULES)
 
 
+def test_every_rule_is_one_of_the_numbered_rules_at_the_top_of_the_module():
+    doc = bstar.__doc__ or ""
+    for name in RULES:
+        assert f'"{name}"' in doc, name
+
+
+def test_a_pair_the_table_lacks_changes_nothing():
+    m, _ = reach("backup", S)
+    assert (S, HigherEpochSeen) not in TRANSITIONS and (S, A) not in TRANSITIONS
+    before = repr(m)
+    assert m.handle(HigherEpochSeen(9)) == [] and m.handle(PeerStateSeen(A, 1, "primary")) == []
+    assert repr(m) == before
+
+
+def test_unknown_events_are_a_bug_of_the_caller():
+    m, _ = reach("primary", A)
+    with pytest.raises(TypeError):
+        m.handle("client_request")
+
+
+# --- what a machine shows --------------------------------------------------------------------
+
+
+def test_repr_shows_role_state_epoch_and_peer():
+    m, clock = reach("backup", S, epoch=2)
+    assert repr(m) == "<BinaryStar backup PASSIVE epoch=2 peer=ACTIVE>"
+    clock.advance(3 * INTERVAL)
+    assert repr(m) == "<BinaryStar backup PASSIVE epoch=2 peer=silent>"
+    fresh = BinaryStar("primary", FakeClock(), INTERVAL)
+    assert repr(fresh) == "<BinaryStar primary PRIMARY epoch=0 peer=unheard>"
+
+
+def test_repr_shows_doubt_and_conflicts():
+    m, clock = reach("primary", A)
+    clock.advance(3.0)
+    m.handle(Stalled(3.0))
+    # the stall is no evidence against the peer: it still counts as alive
+    assert repr(m) == "<BinaryStar primary ACTIVE epoch=1 peer=BACKUP doubting>"
+    m, _ = reach("primary", P)
+    m.handle(PeerStateSeen(P, 0, "primary"))
+    assert repr(m) == "<BinaryStar primary PRIMARY epoch=0 peer=PRIMARY role_conflict>"
+    m, _ = reach("backup", A, epoch=3)
+    m.handle(PeerStateSeen(A, 2, "primary"))
+    assert repr(m) == "<BinaryStar backup ACTIVE epoch=3 peer=ACTIVE split_brain>"
+
+
+@pytest.mark.parametrize("name", ["role", "interval", "peer_timeout", "state", "epoch", "peer_state",
+                                  "peer_epoch", "peer_role", "accepts_clients", "peer_alive"])
+def test_state_is_read_only(name):
+    m, _ = reach("primary", A)
+    with pytest.raises(AttributeError):
+        setattr(m, name, getattr(m, name))
+
+
+def test_what_it_knows_of_its_peer_comes_from_its_messages():
+    m, _ = reach("backup", S, epoch=4)
+    assert (m.peer_state, m.peer_epoch, m.peer_role) == (A, 4, "primary")
+    assert m.peer_timeout == PEER_TIMEOUT and m.interval == INTERVAL and m.role == "backup"
+
+
 def test_passive_waits_two_intervals_of_silence_before_a_vote_counts():
     m, clock = reach("backup", S)
-    clock.advance(2 * I - 0.01)
+    clock.advance(2 * INTERVAL - 0.01)
     m.handle(ClientVoted())
     assert m.state is S
     clock.advance(0.02)
@@ -175,10 +235,10 @@ def test_split_brain_equal_epochs_backup_yields():
 def test_peer_lost_and_back_alerts_and_publishing():
     m, clock = reach("primary", A)
     m.tick()
-    clock.advance(I)
+    clock.advance(INTERVAL)
     assert any(isinstance(a, PublishState) for a in m.tick())
     assert not any(isinstance(a, PublishState) for a in m.tick())
-    clock.advance(I)
+    clock.advance(INTERVAL)
     out = m.tick()
     assert alerts(out, "peer_lost") and any(isinstance(a, PublishState) for a in out)
     assert not alerts(m.tick(), "peer_lost")  # raised once
@@ -279,7 +339,7 @@ def test_higher_epoch_from_a_worker_steps_down_with_a_split_brain_alert():
     assert [a.resolved for a in alerts(out, "split_brain")] == [False, True]
     assert serving(out) == [False]
     # a later takeover outbids the epoch it was fenced with
-    clock.advance(3 * I)
+    clock.advance(3 * INTERVAL)
     m.handle(ClientVoted())
     assert m.state is A and m.epoch == 5
 
@@ -300,7 +360,7 @@ def test_two_primaries_raise_role_conflict_once_and_never_serve():
     assert [(a.name, a.severity, a.resolved) for a in alerts(out)] == [("role_conflict", "critical", False)]
     assert "primary" in alerts(out)[0].detail["detail"]
     for _ in range(10):
-        clock.advance(I)
+        clock.advance(INTERVAL)
         assert not alerts(m.handle(PeerStateSeen(P, 0, "primary")), "role_conflict")
         m.handle(ClientVoted())
         assert m.state is P and not m.accepts_clients
@@ -348,7 +408,7 @@ def test_two_primaries_seeing_each_other_active_at_once_both_yield_and_stay_pass
 
 def test_backup_that_never_hears_its_primary_says_so_and_still_never_serves():
     clock = FakeClock()
-    m = BinaryStar("backup", clock, I)
+    m = BinaryStar("backup", clock, INTERVAL)
     wait = UNREACHABLE_TIMEOUTS * PEER_TIMEOUT
     clock.advance(wait - 0.01)
     assert not alerts(m.tick(), "peer_unreachable")
@@ -366,14 +426,14 @@ def test_backup_that_never_hears_its_primary_says_so_and_still_never_serves():
 
 def test_backup_alone_wakes_the_loop_for_its_alert():
     clock = FakeClock()
-    m = BinaryStar("backup", clock, I)
+    m = BinaryStar("backup", clock, INTERVAL)
     m.tick()
-    assert m.next_deadline() <= clock() + I
+    assert m.next_deadline() <= clock() + INTERVAL
 
 
 def test_primary_alone_raises_no_peer_unreachable():
     clock = FakeClock()
-    m = BinaryStar("primary", clock, I)
+    m = BinaryStar("primary", clock, INTERVAL)
     clock.advance(UNREACHABLE_TIMEOUTS * PEER_TIMEOUT * 2)
     assert not alerts(m.tick())
 
@@ -447,8 +507,8 @@ class Pair:
 
     def __init__(self, roles: tuple[str, str] = ("primary", "backup")) -> None:
         self.clock = FakeClock()
-        self.p = BinaryStar(roles[0], self.clock, I)
-        self.b = BinaryStar(roles[1], self.clock, I)
+        self.p = BinaryStar(roles[0], self.clock, INTERVAL)
+        self.b = BinaryStar(roles[1], self.clock, INTERVAL)
         self.link = True
         self.one_way: set[str] = set()  # "p->b" or "b->p": that direction is cut
         self.alerts: list[PeerAlert] = []
@@ -513,7 +573,7 @@ def test_primary_crash_then_vote_fails_over_and_restart_comes_back_passive():
     assert pair.b.state is S  # no vote yet: waits
     assert pair.vote(pair.b)
     assert pair.b.state is A and pair.b.epoch == 2
-    pair.p = BinaryStar("primary", pair.clock, I)  # restarted
+    pair.p = BinaryStar("primary", pair.clock, INTERVAL)  # restarted
     pair.down_since.pop("p")
     pair.run(1.0)
     assert (pair.p.state, pair.b.state) == (S, A)
@@ -590,3 +650,91 @@ def test_an_active_broker_that_stalls_over_and_over_still_serves():
         m.handle(Stalled(0.6))
         m.tick()
     assert m.accepts_clients  # one doubt, then the silent peer is not waited for again
+
+
+# --- invariants under any sequence of events ------------------------------------------------
+
+
+class Link:
+    """Two machines and the state messages in flight between them, which the test delivers
+    late, out of order or never; a worker's report and a restart may come at any time."""
+
+    def __init__(self, roles: tuple[str, str]) -> None:
+        self.clock = FakeClock()
+        self.roles = roles
+        self.m = [BinaryStar(roles[0], self.clock, INTERVAL), BinaryStar(roles[1], self.clock, INTERVAL)]
+        self.inbox: list[list[PublishState]] = [[], []]  # messages on their way to m[i]
+        self.epochs = [0, 0]
+
+    def _out(self, i: int, actions) -> None:
+        self.inbox[1 - i].extend(a for a in actions if isinstance(a, PublishState))
+
+    def step(self, op: str, i: int, n: int) -> None:
+        m = self.m[i]
+        if op == "advance":
+            self.clock.advance(n * 0.1)
+        elif op == "tick":
+            self._out(i, m.tick())
+        elif op == "vote":
+            self._out(i, m.handle(ClientVoted()))
+        elif op == "stall":
+            self.clock.advance(n * 0.1)
+            self._out(i, m.handle(Stalled(n * 0.1)))
+        elif op == "deliver" and self.inbox[i]:
+            msg = self.inbox[i].pop(n % len(self.inbox[i]))
+            self._out(i, m.handle(PeerStateSeen(msg.state, msg.epoch, self.roles[1 - i])))
+        elif op == "drop" and self.inbox[i]:
+            self.inbox[i].pop(n % len(self.inbox[i]))
+        elif op == "worker":  # what a worker saw the other announce, or something it misread
+            other = self.m[1 - i]
+            self._out(i, m.handle(HigherEpochSeen(other.epoch if other.state is A else n)))
+        elif op == "run":
+            self.run(n)
+        elif op == "restart":
+            self.m[i] = BinaryStar(self.roles[i], self.clock, INTERVAL)
+            self.inbox[i].clear()
+            self.epochs[i] = 0
+
+    def run(self, rounds: int) -> None:
+        """Both run for a while on a working link: every message delivered at once."""
+        for _ in range(rounds):
+            self.clock.advance(0.05)
+            for i in (0, 1):
+                self._out(i, self.m[i].tick())
+                while self.inbox[0] or self.inbox[1]:
+                    for j in (0, 1):
+                        while self.inbox[j]:
+                            msg = self.inbox[j].pop(0)
+                            self._out(j, self.m[j].handle(PeerStateSeen(msg.state, msg.epoch, self.roles[1 - j])))
+                    self.check()
+
+    def see_each_other(self) -> bool:
+        a, b = self.m
+        return (a.peer_state, a.peer_epoch) == (b.state, b.epoch) and (b.peer_state, b.peer_epoch) == (a.state, a.epoch)
+
+    def check(self) -> None:
+        for i, m in enumerate(self.m):
+            assert m.epoch >= self.epochs[i], "an epoch went down"
+            self.epochs[i] = m.epoch
+        if self.see_each_other():
+            assert [m.state for m in self.m].count(A) <= 1, self.m
+
+
+OPS = ["advance", "advance", "tick", "vote", "vote", "stall", "deliver", "deliver", "drop", "worker",
+       "restart", "run"]
+"""Sampled uniformly: time passing, votes and deliveries come most often, as they do."""
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([("primary", "backup"), ("primary", "primary"), ("backup", "backup")]),
+       st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 1), st.integers(0, 12)), min_size=5, max_size=60))
+def test_any_sequence_of_events_keeps_the_invariants(roles, steps):
+    """Epochs never decrease; while each knows the other's current state and epoch, at most
+    one is ACTIVE (however late, reordered or lost the state messages between them were)."""
+    link = Link(roles)
+    for op, i, n in steps:
+        link.step(op, i, n)
+        link.check()
+    link.run(40)  # the link heals: they come to know each other
+    assert link.see_each_other()
+    assert [m.state for m in link.m].count(A) <= 1

@@ -5,7 +5,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zrpc._errors import ProtocolError
 from zrpc._core._frames import (
     CLIENT,
     MAX_BUDGET_MS,
@@ -17,6 +16,7 @@ from zrpc._core._frames import (
     WorkerReply,
     decode,
 )
+from zrpc._errors import ProtocolError
 
 
 def pk(obj):

@@ -4,14 +4,20 @@ Every event and tick in these tests also runs the dispatcher's own bookkeeping c
 (`Dispatcher._check`): counters never negative, queue gauges equal to what is queued.
 """
 
+import inspect
 import itertools
 import random
+import re
 
 import pytest
 
+import zrpc.broker._core._dispatch as dispatch_module
+from zrpc._core._frames import ClientRequest, Ready, Status, WorkerReply
+from zrpc._core._serial import unpack_error
 from zrpc.broker._core._dispatch import (
     AckLeave,
     Activated,
+    CallState,
     Deactivated,
     Dispatcher,
     Notice,
@@ -23,8 +29,6 @@ from zrpc.broker._core._dispatch import (
     WorkerLost,
     WorkerReady,
 )
-from zrpc._core._frames import ClientRequest, Ready, Status, WorkerReply
-from zrpc._core._serial import unpack_error
 from zrpc.testing import FakeClock
 
 METHODS = {"calc": {"add": True, "charge": False}}
@@ -1018,3 +1022,45 @@ def test_a_client_cannot_ask_a_worker_for_a_probe():
     ready(d, b"w1")
     (s,) = sends(request(d, 1, probe=True))
     assert "probe" not in s.message.headers
+
+
+def test_repr_shows_activity_workers_and_where_calls_are():
+    d, clock = make()
+    assert repr(d) == "<Dispatcher ACTIVE workers=0 inflight=0 queued=0>"
+    ready(d, b"w1", capacity=1)
+    ready(d, b"w2", capacity=1)
+    for rid in range(3):
+        request(d, rid)
+    assert repr(d) == "<Dispatcher ACTIVE workers=2 inflight=2 queued=1>"
+    clock.advance(HORIZON)
+    request(d, 9, method="charge", resent=True)  # probed at both workers
+    assert repr(d) == "<Dispatcher ACTIVE workers=2 inflight=2 queued=1 probing=1>"
+    d.handle(Deactivated())  # the queued and the probing call are answered NotActive
+    assert repr(d) == "<Dispatcher INACTIVE workers=2 inflight=2 queued=0>"
+
+
+def test_every_call_state_kept_while_held_is_a_call_state():
+    """Rule 1: a held call is QUEUED, PROBING or INFLIGHT; an answered one is DONE."""
+    d, clock = make()
+    ready(d, b"w1", capacity=1)
+    request(d, 1)
+    request(d, 2)
+    clock.advance(HORIZON)
+    ready(d, b"w2", capacity=1)
+    states = {key[1]: c.state for key, c in d._calls.items()}
+    assert states == {1: CallState.INFLIGHT, 2: CallState.INFLIGHT}
+    call = d._calls[(b"c1", 1)]
+    reply(d, b"w1", 1)
+    assert call.state is CallState.DONE and call.body == b""
+
+
+def test_every_rule_of_the_dispatcher_is_enforced_somewhere():
+    """The numbered rules at the top of the module are each cited where the code enforces
+    them, and the code cites no rule that is not written down."""
+    source = inspect.getsource(dispatch_module)
+    head, code = source.split("\nfrom __future__", 1)
+    written = {int(n) for n in re.findall(r"^# Rule (\d+):", head, re.M)}
+    assert written == set(range(1, len(written) + 1))
+    cited = {int(n) for group in re.findall(r"[Rr]ules? (\d+(?:, \d+)*)", code)
+             for n in group.split(", ")}
+    assert cited == written

@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from zrpc._core._frames import ClientRequest, Ready, Status, WorkerReply
 from zrpc.broker._core._dispatch import (
     Activated,
     Deactivated,
@@ -43,7 +44,6 @@ from zrpc.broker._core._dispatch import (
     WorkerLost,
     WorkerReady,
 )
-from zrpc._core._frames import ClientRequest, Ready, Status, WorkerReply
 from zrpc.testing import FakeClock
 
 WORKERS = [b"w1", b"w2", b"w3", b"w4"]

@@ -7,22 +7,28 @@ message that is accepted says exactly what the head said.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, get_args
 
 import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zrpc._errors import ProtocolError
 from zrpc._core._frames import (
     CLIENT,
     MAX_HEAD,
+    READERS,
     WORKER,
+    WRITERS,
     ClientReply,
     ClientRequest,
+    Command,
     Disconnect,
     Heartbeat,
+    Message,
     Ready,
     Status,
     WorkerReply,
@@ -31,6 +37,7 @@ from zrpc._core._frames import (
     decode_frames,
     encode,
 )
+from zrpc._errors import ProtocolError
 
 ids = st.binary(min_size=1, max_size=32)
 rids = st.integers(min_value=0, max_value=2**64 - 1)
@@ -275,6 +282,44 @@ def test_status_and_command_numbers_are_the_spec_tables():
         "OVERLOADED": 5, "CALL_STATE_UNKNOWN": 6, "PROTOCOL_ERROR": 7, "NOT_ACTIVE": 8,
         "UNAUTHORIZED": 9, "NOT_SEEN": 10}
     assert (CLIENT, WORKER) == ("ZRPC1C", "ZRPC1W")
+
+
+def _spec_commands() -> dict[str, set[int]]:
+    """The command table of docs/protocol.md §2: dialect tag -> the commands it has."""
+    spec = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    spec = spec[spec.index("\n## 2."):spec.index("\n## 3.")]
+    out: dict[str, set[int]] = {CLIENT: set(), WORKER: set()}
+    for value, _, client, worker in re.findall(r"^\|\s*(\d+)\s*\|\s*([A-Z]+)\s*\|([^|]*)\|([^|]*)\|$", spec, re.M):
+        for tag, cell in ((CLIENT, client), (WORKER, worker)):
+            if cell.strip() != "—":
+                out[tag].add(int(value))
+    return out
+
+
+def test_the_decode_table_is_the_spec_command_table():
+    """READERS is the message list of docs/protocol.md: each dialect has exactly its commands."""
+    assert {tag: set(commands) for tag, commands in READERS.items()} == _spec_commands()
+    assert {tag: set(commands) for tag, commands in READERS.items()} == {
+        CLIENT: {Command.REQUEST, Command.REPLY, Command.HEARTBEAT}, WORKER: set(Command)}
+
+
+def test_every_message_class_has_a_writer():
+    assert set(WRITERS) == set(get_args(Message))
+    with pytest.raises(TypeError, match="not a ZRPC/1 message"):
+        encode(object())  # a bug of the sender, not a protocol error
+
+
+@pytest.mark.parametrize("tag", [["ZRPC1C"], {"ZRPC1C": 1}, b"ZRPC1C", None, 1, 1.5, "ZRPC1S", ""])
+def test_a_tag_that_is_no_dialect_is_refused_whatever_its_type(tag):
+    with pytest.raises(ProtocolError, match="unknown protocol tag"):
+        decode(msgpack.packb([tag, 4, {}], use_bin_type=True))
+
+
+@pytest.mark.parametrize("tag, cmd", [(CLIENT, 3), (CLIENT, 5), (CLIENT, 0), (WORKER, 6), (WORKER, -1),
+                                      (WORKER, 2**64 - 1)])
+def test_a_command_the_dialect_lacks_is_refused(tag, cmd):
+    with pytest.raises(ProtocolError, match=f"unknown command {cmd} for {tag}"):
+        decode(msgpack.packb([tag, cmd], use_bin_type=True))
 
 
 @settings(max_examples=300)

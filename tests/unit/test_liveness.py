@@ -129,3 +129,19 @@ def test_pause_forgives_again_after_the_peer_was_heard():
     clock.advance(2.0)
     t.pause(2.0)  # heard in between: this stall is forgiven too
     assert t.expired() == []
+
+
+def test_repr_shows_peers_silence_and_settings():
+    clock = FakeClock()
+    t = LivenessTracker(clock, 0.25, 3)
+    assert repr(t) == "<LivenessTracker peers=0 timeout=0.75s (0.25s x 3)>"
+    t.seen("a")
+    clock.advance(0.5)
+    t.seen("b")
+    assert repr(t) == "<LivenessTracker peers=2 most_silent=0.500s timeout=0.75s (0.25s x 3)>"
+
+
+def test_backoff_repr_shows_the_next_base_delay():
+    b = Backoff(0.25, 8.0, jitter=0.2, rng=random.Random(1))
+    b.next_delay()
+    assert repr(b) == "<Backoff next=0.5s initial=0.25s maximum=8s jitter=20%>"

@@ -1,8 +1,9 @@
 """A model of a whole deployment over the real sans-IO cores, explored by hypothesis.
 
-Two brokers (Dispatcher + BinaryStar + LivenessTracker each, glued as the broker loop glues
-them), three workers (a ReplyCache each, glued as the worker loop glues it) and two clients (a
-Session each) exchange real ZRPC/1 frames through a network that delivers messages in any
+Two brokers (a BrokerCore each: the broker's policy over its Dispatcher, BinaryStar and
+LivenessTracker, its actions carried out as the broker loop carries them out), three workers
+(a ReplyCache each, glued as the worker loop glues it) and two clients (a Session each)
+exchange real ZRPC/1 frames through a network that delivers messages in any
 order, loses them, duplicates them, and pauses peers. Hypothesis drives it with worker deaths,
 broker crashes and restarts, failovers and clock jumps, and checks after every step:
 
@@ -36,27 +37,11 @@ from hypothesis.stateful import (
 )
 
 import zrpc.broker._core._dispatch as dispatch
-from zrpc.broker._core._bstar import (
-    BinaryStar,
-    BStar,
-    ClientVoted,
-    HigherEpochSeen,
-    PeerStateSeen,
-    PublishState,
-    ServingChanged,
-    Stalled,
-    decode_state,
-    encode_state,
-)
 from zrpc import CallStateUnknown, RemoteError, ZrpcError
 from zrpc._core._frames import (
-    CLIENT,
     H_IDEMPOTENT,
     H_PROBE,
     WORKER,
-    ClientReply,
-    ClientRequest,
-    Disconnect,
     Heartbeat,
     Ready,
     Status,
@@ -65,10 +50,12 @@ from zrpc._core._frames import (
     decode_frames,
     encode,
 )
-from zrpc._core._liveness import LivenessTracker
 from zrpc._core._reply_cache import DONE, NEW, UNKNOWN, ReplyCache
-from zrpc._core._serial import pack_error, pack_result, unpack_call
+from zrpc._core._serial import pack_result, unpack_call
 from zrpc._core._session import Session, Transmit, settle
+from zrpc.broker._config import BrokerConfig
+from zrpc.broker._core._broker import Action, BrokerCore, PublishState, Send, SendCall
+from zrpc.broker._core._bstar import BinaryStar, BStar
 from zrpc.testing import FakeClock
 
 INTERVAL = 0.25
@@ -76,6 +63,7 @@ LIVENESS = 3
 TIMEOUT = 3.0  # every call's deadline, seconds
 SERVICES = {"svc": {"add": True, "charge": False}}
 CAPACITY = 2
+POLL = INTERVAL  # a model broker polls for up to an interval: a gap of more than two is a stall
 
 PROBE_HORIZON = float(os.environ.get("ZRPC_MODEL_HORIZON", "10"))  # 0 breaks rule 4 on purpose
 STEPS = int(os.environ.get("ZRPC_MODEL_STEPS", "60"))
@@ -84,10 +72,22 @@ EXAMPLES = int(os.environ.get("ZRPC_MODEL_EXAMPLES", "150"))
 Node = tuple[str, int]  # ("b", i) broker, ("w", i) worker, ("c", i) client
 
 
-class BrokerNode:
-    """A broker's cores, glued as broker/_loop.py glues them (policy included)."""
+class Strict:
+    """The model's InternalErrors: a bug the core would contain fails the run instead."""
 
-    def __init__(self, model: "Deployment", index: int) -> None:
+    count = 0
+    last: str | None = None
+    where = "model"
+
+    def record(self, exc: BaseException, what: str = "a message") -> bool:
+        raise exc
+
+
+class BrokerNode:
+    """A broker: the real BrokerCore, its actions carried out over the model's network as
+    broker/_loop.py carries them out over sockets."""
+
+    def __init__(self, model: Deployment, index: int) -> None:
         self.m = model
         self.index = index
         self.role = "primary" if index == 0 else "backup"
@@ -97,119 +97,52 @@ class BrokerNode:
 
     def boot(self) -> None:
         clock = self.m.clock
-        self.dispatcher = dispatch.Dispatcher(clock, service_grace=1.0, default_timeout=TIMEOUT, probe_horizon=PROBE_HORIZON)
-        self.bstar = BinaryStar(self.role, clock, INTERVAL)
-        self.liveness: LivenessTracker[bytes] = LivenessTracker(clock, INTERVAL, LIVENESS)
-        self.last_loop = clock()
-        self.drained = True
-        self.drain_until = 0.0
-        self.execute(self.dispatcher.handle(dispatch.Deactivated()))  # a pair member starts so
+        config = BrokerConfig(frontend=f"model://b{self.index}", role=self.role,
+                              state=f"model://s{self.index}", peer_state=f"model://s{1 - self.index}",
+                              service_grace=1.0, heartbeat_interval=INTERVAL, liveness=LIVENESS)
+        self.core = BrokerCore(config, clock, Strict(), dispatcher=dispatch.Dispatcher(
+            clock, service_grace=1.0, default_timeout=TIMEOUT, probe_horizon=PROBE_HORIZON))
+        self.last_tick = clock()
+        self.execute(self.core.start())  # a pair member starts deactivated
 
     @property
     def node(self) -> Node:
         return ("b", self.index)
 
-    def hello(self) -> dict[str, Any]:
-        return {"interval_ms": int(INTERVAL * 1000), "liveness": LIVENESS, "role": self.role,
-                "state": self.bstar.state.value, "epoch": self.bstar.epoch}
+    @property
+    def dispatcher(self) -> dispatch.Dispatcher:
+        return self.core.dispatcher
 
-    # --- input ------------------------------------------------------------------------
+    @property
+    def bstar(self) -> BinaryStar:
+        b = self.core.bstar
+        assert b is not None
+        return b
 
     def on_frames(self, src: Node, frames: list[bytes]) -> None:
         if src[0] == "s":  # the peer's state link
-            state, epoch, role = decode_state(frames)
-            self.bstar_actions(self.bstar.handle(PeerStateSeen(state, epoch, role)))
-            return
-        peer = self.m.ident(src)
-        msg = decode_frames(frames)
-        d = self.dispatcher
-        t = type(msg)
-        if t is ClientRequest:
-            if self.bstar.accepts_clients or self.vote():
-                self.execute(d.handle(dispatch.RequestArrived(peer, msg)))
-            else:
-                self.send(src, encode(ClientReply(msg.request_id, Status.NOT_ACTIVE,
-                                                  pack_error("NotActive", "passive"))))
-        elif t is WorkerReply:
-            self.execute(d.handle(dispatch.ReplyArrived(peer, msg)))
-            self.worker_seen(src, peer)
-        elif t is Ready:
-            self.execute(d.handle(dispatch.WorkerReady(peer, msg)))
-            self.liveness.seen(peer)
-            self.send(src, encode(Heartbeat(WORKER, self.hello())))
-        elif t is Heartbeat:
-            if msg.sender == WORKER:
-                self.worker_seen(src, peer)
-                epoch = msg.info.get("active_epoch")
-                if (d.has_worker(peer) and type(epoch) is int
-                        and self.bstar.state is BStar.ACTIVE and self.bstar.epoch < epoch):
-                    self.bstar_actions(self.bstar.handle(HigherEpochSeen(epoch)))
-            else:
-                self.send(src, encode(Heartbeat(CLIENT, self.hello())))
-        elif t is Disconnect:
-            self.execute(d.handle(dispatch.WorkerLeaving(peer)))
-            if d.has_worker(peer):
-                self.liveness.seen(peer)
-
-    def worker_seen(self, src: Node, peer: bytes) -> None:
-        d = self.dispatcher
-        if d.has_worker(peer):
-            self.liveness.seen(peer)
-            return
-        if d.wants_register(peer):
-            info = self.hello()
-            info["register"] = True
-            self.send(src, encode(Heartbeat(WORKER, info)))
-
-    def vote(self) -> bool:
-        self.bstar_actions(self.bstar.handle(ClientVoted()))
-        return self.bstar.accepts_clients
-
-    def bstar_actions(self, actions: list[Any]) -> None:
-        for a in actions:
-            if isinstance(a, PublishState):
-                self.m.post(("s", self.index), ("b", 1 - self.index),
-                            encode_state(a.state, a.epoch, self.role))
-            elif isinstance(a, ServingChanged):
-                self.execute(self.dispatcher.handle(
-                    dispatch.Activated() if a.serving else dispatch.Deactivated()))
-
-    # --- time -------------------------------------------------------------------------
+            self.execute(self.core.peer_state_received([frames]))
+        else:
+            self.execute(self.core.frames_received(self.m.ident(src), frames))
 
     def tick(self) -> None:
+        """One iteration of the loop: its poll waited (POLL at most: more is a stall of its
+        own, as a paused broker's is), it read the backlog if nothing is left, then timers."""
         now = self.m.clock()
-        gap, self.last_loop = now - self.last_loop, now
-        if gap > self.bstar.peer_timeout:  # we were stopped: our silence is no evidence
-            self.liveness.pause(gap)
-            self.drained = False
-            self.drain_until = now + 10 * self.liveness.timeout
-            self.bstar_actions(self.bstar.handle(Stalled(gap)))
-        self.execute(self.dispatcher.tick())
-        self.bstar_actions(self.bstar.tick())
-        if not self.drained:  # judge nobody before the backlog (their heartbeats) is read
-            self.drained = now >= self.drain_until or not any(
-                dst == self.node for _, dst, _ in self.m.net)
-            if not self.drained:
-                return
-        for wid in self.liveness.expired():
-            if self.dispatcher.has_worker(wid):
-                self.execute(self.dispatcher.handle(dispatch.WorkerLost(wid, "silent")))
-        if self.liveness.beat():
-            frames = encode(Heartbeat(WORKER, self.hello()))
-            for wid in self.dispatcher.worker_ids():
-                self.send(self.m.node_of(wid), frames)
+        waited, self.last_tick = now - self.last_tick, now
+        self.execute(self.core.checkpoint(min(waited, POLL)))
+        if not any(dst == self.node for _, dst, _ in self.m.net):
+            self.core.drained()
+        self.execute(self.core.tick())
 
-    # --- output -----------------------------------------------------------------------
-
-    def execute(self, actions: list[Any]) -> None:
+    def execute(self, actions: list[Action]) -> None:
         for a in actions:
-            if isinstance(a, dispatch.SendToWorker):
-                self.send(self.m.node_of(a.worker_id), encode(a.message))
-            elif isinstance(a, dispatch.ReplyToClient):
-                self.send(self.m.node_of(a.client_id),
-                          encode(ClientReply(a.request_id, a.status, a.body)))
-            elif isinstance(a, dispatch.AckLeave):
-                self.send(self.m.node_of(a.worker_id), encode(Disconnect()))
+            if type(a) is Send:
+                self.send(self.m.node_of(a.peer), a.frames)
+            elif type(a) is SendCall:
+                self.send(self.m.node_of(a.worker), a.frames)
+            elif type(a) is PublishState:
+                self.m.post(("s", self.index), ("b", 1 - self.index), a.frames)
 
     def send(self, dst: Node | None, frames: list[bytes]) -> None:
         if dst is not None:
@@ -219,7 +152,7 @@ class BrokerNode:
 class WorkerNode:
     """A worker's reply cache and calls, glued as zrpc/_worker.py glues them."""
 
-    def __init__(self, model: "Deployment", index: int) -> None:
+    def __init__(self, model: Deployment, index: int) -> None:
         self.m = model
         self.index = index
         self.up = True
@@ -254,7 +187,7 @@ class WorkerNode:
             state, entry = self.cache.probe(key, b)
             if state == NEW:
                 self.reply(b, msg.client_id, msg.request_id, Status.NOT_SEEN, b"")
-            elif state == DONE:
+            elif state == DONE and entry is not None and entry.status is not None:
                 self.reply(b, msg.client_id, msg.request_id, entry.status, entry.body)
             elif state == UNKNOWN:
                 self.reply(b, msg.client_id, msg.request_id, Status.CALL_STATE_UNKNOWN, b"")
@@ -262,7 +195,7 @@ class WorkerNode:
         # as the worker does: idempotent only if the broker says so and the method is
         idempotent = msg.headers.get(H_IDEMPOTENT) is True and SERVICES["svc"][msg.method]
         state, entry = self.cache.begin(key, b, idempotent=idempotent)
-        if state == DONE:
+        if state == DONE and entry is not None and entry.status is not None:
             self.reply(b, msg.client_id, msg.request_id, entry.status, entry.body)
             return
         if state == UNKNOWN:
@@ -296,7 +229,7 @@ class WorkerNode:
 
 
 class ClientNode:
-    def __init__(self, model: "Deployment", index: int) -> None:
+    def __init__(self, model: Deployment, index: int) -> None:
         self.m = model
         self.index = index
         self.session = Session(model.clock, 2, TIMEOUT, interval=INTERVAL, liveness=LIVENESS)

@@ -9,7 +9,7 @@ import pytest
 
 from zrpc.broker._core._bstar import PeerAlert
 from zrpc.broker._core._dispatch import LATENCY_BUCKETS, Notice
-from zrpc.broker._core._monitor import PHI_MAX, CATALOGUE, Alert, Eject, Monitor, PhiAccrual, Thresholds, quantile
+from zrpc.broker._core._monitor import CATALOGUE, PHI_MAX, Alert, Eject, Monitor, PhiAccrual, Thresholds, quantile
 from zrpc.testing import FakeClock
 
 
@@ -112,6 +112,7 @@ def test_ejection_never_takes_the_last_worker_and_readmits_later():
     clock.advance(0.5)
     out = m.evaluate(snap([service()], ws))
     assert Eject(b"\x02", True) in out and ("worker_ejected", "raised") in names(out)
+    assert repr(m) == "<Monitor alerts=[worker_degraded, worker_ejected] workers=0 ejected=1>"
     ws[1]["ejected"] = True
     clock.advance(5.1)
     out = m.evaluate(snap([service()], ws))
@@ -202,6 +203,20 @@ def test_worker_lost_is_resolved_when_a_worker_of_its_service_joins():
     out = m.notice(Notice("worker_joined", "w9", {"services": ["calc"], "capacity": 8}))
     assert names(out) == [("worker_joined", "event"), ("worker_lost", "resolved")]
     assert m.active == []
+
+
+def test_repr_shows_the_raised_alerts_and_the_workers_watched():
+    m = Monitor(FakeClock(), 0.25)
+    assert repr(m) == "<Monitor alerts=[] workers=0>"
+    ws = [worker("a", b"\x01"), worker("b", b"\x02"), worker("c", b"\x03")]
+    for w in ws:
+        m.worker_heartbeat(bytes.fromhex(w["id"]))
+    m.notice(Notice("worker_lost", "w1", {"services": ["calc"]}))
+    m.notice(Notice("worker_lost", "w2", {"services": ["calc"]}))  # one name for both
+    m.evaluate(snap([service(workers=1)], ws))
+    assert repr(m) == "<Monitor alerts=[worker_lost, redundancy_lost] workers=3>"
+    m.notice(Notice("worker_joined", "w9", {"services": ["calc"]}))
+    assert repr(m) == "<Monitor alerts=[redundancy_lost] workers=3>"
 
 
 def test_pair_events():

@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from zrpc._core._frames import CLIENT, ClientReply, ClientRequest, Heartbeat, Status, decode_frames, encode
+from zrpc._core._malformed import LOG_EVERY, LOG_FIRST
+from zrpc._core._session import Completed, Dropped, Expired, Session, Transmit, settle
 from zrpc._errors import ProtocolError, ZrpcError
-from zrpc._core._frames import CLIENT, ClientReply, Heartbeat, Status, decode_frames, encode
-from zrpc._core._session import Completed, Expired, Session, Transmit, settle
 from zrpc.testing import FakeClock
 
 
@@ -239,12 +240,22 @@ def test_an_undecodable_result_fails_the_call_with_a_protocol_error():
     assert call.future.outcome[0] == "error" and isinstance(call.future.outcome[1], ProtocolError)
 
 
-def test_malformed_messages_are_counted():
+def test_malformed_messages_are_counted_with_the_reason():
     s, _ = make()
-    assert s.malformed == 0
-    s.undecodable(0)
-    s.undecodable(1)
-    assert s.malformed == 2
+    assert s.malformed.count == 0
+    (d,) = s.frames_received(1, [b"\xc1garbage", b""])
+    assert isinstance(d, Dropped) and d.broker == 1 and d.count == 1 and d.reason
+    (d,) = s.received(0, ClientRequest(7, "calc", "add", {}, b""))  # no business at a client
+    assert d.count == 2 and "ClientRequest" in d.reason
+    assert s.malformed.count == 2 and s.malformed.last == d.reason
+    settle(d)  # nothing to settle: the loop logs it
+
+
+def test_a_flood_of_malformed_messages_asks_for_few_log_lines():
+    s, _ = make()
+    logged = [o for _ in range(3 * LOG_EVERY) for o in s.frames_received(0, [b"x", b"y", b"z"])]
+    assert s.malformed.count == 3 * LOG_EVERY
+    assert [d.count for d in logged] == [*range(1, LOG_FIRST + 1), LOG_EVERY, 2 * LOG_EVERY, 3 * LOG_EVERY]
 
 
 # --- headers the client sets -----------------------------------------------------------------
@@ -352,6 +363,38 @@ def test_a_broker_that_restarted_between_heartbeats_gets_its_calls_again():
 
 def test_frames_that_do_not_decode_are_counted_and_dropped():
     s, _ = make()
-    assert s.frames_received(0, [b"\xc1garbage", b""]) == [] and s.malformed == 1
+    call = s.table.prepare("calc", "add", (), {}, F())
+    s.submit(call)
+    out = s.frames_received(0, [b"\xc1garbage", b""])
+    assert [type(o) for o in out] == [Dropped] and s.malformed.count == 1
+    assert call.request_id in s.table.pending  # it matched no call: that one keeps its deadline
     s.frames_received(0, encode(Heartbeat(CLIENT, {"state": "active"})))
-    assert s.malformed == 1 and s.info[0]["state"] == "active"
+    assert s.malformed.count == 1 and s.info[0]["state"] == "active"
+
+
+# --- what a debugger shows ---------------------------------------------------------------------
+
+
+def test_repr_shows_the_brokers_the_active_one_and_the_calls():
+    s, clock = make()
+    assert repr(s) == "<Session brokers=[silent*, silent] calls=0 switches=0 malformed=0>"
+    heard(s, 0)
+    heard(s, 1, "passive")
+    for i in range(3):
+        s.submit(s.table.prepare("calc", "add", (i,), {}, F(), timeout=0.5))
+    assert repr(s) == "<Session brokers=[active*, passive] calls=3 switches=0 malformed=0>"
+    assert repr(s.table) == "<CallTable calls=3 next_deadline_in=0.500s timeout=1s>"
+    clock.advance(s.failover_timeout + 0.1)
+    heard(s, 1, "passive")
+    for o in s.tick():
+        settle(o)
+    assert repr(s) == "<Session brokers=[lost, passive*] calls=0 switches=1 malformed=0>"
+    assert repr(s.table) == "<CallTable calls=0 timeout=1s>"
+
+
+def test_repr_keeps_a_brokers_odd_state_short():
+    s, _ = make()
+    heard(s, 0, state="x" * 1000)
+    heard(s, 1, state=[1, 2])
+    s.handshake(1, "the broker refused this key")
+    assert repr(s) == f"<Session brokers=[{'x' * 16}*, refused] calls=0 switches=0 malformed=0>"

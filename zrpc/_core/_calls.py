@@ -6,12 +6,13 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from zrpc._core._clock import Clock, budget_ms
 from zrpc._core._frames import H_ATTEMPT, H_BUDGET, H_IDEMPOTENT, H_TRACE, MAX_BUDGET_MS, ClientRequest, encode
-from zrpc._errors import ProtocolError, Timeout, ZrpcError
 from zrpc._core._serial import outcome, pack_call
+from zrpc._errors import ProtocolError, Timeout, ZrpcError
 
 COMPACT_FACTOR = 4
 COMPACT_MIN = 256
@@ -61,6 +62,10 @@ class PendingCall:
                 f.set_result(result)
             except Exception:
                 pass
+
+    def __repr__(self) -> str:
+        return (f"<PendingCall {self.service}.{self.method} id={self.request_id}"
+                f" broker={self.broker} bounces={self.bounces}>")
 
     def timed_out(self) -> None:
         self.fail(Timeout(f"{self.service}.{self.method}: no reply before the deadline"))
@@ -143,5 +148,11 @@ class CallTable:
     def __len__(self) -> int:
         return len(self.pending)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[PendingCall]:
+        """A snapshot: the caller may pop calls while it iterates."""
         return iter(list(self.pending.values()))
+
+    def __repr__(self) -> str:
+        nxt = min((c.deadline for c in self.pending.values()), default=None)
+        due = "" if nxt is None else f" next_deadline_in={nxt - self._clock():.3f}s"
+        return f"<CallTable calls={len(self.pending)}{due} timeout={self.default_timeout:g}s>"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
-LOCAL_PAIR = ("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556")
+from zrpc._defaults import LOCAL_PAIR
+
 ENV = "ZRPC_BROKERS"
 
 _ENDPOINT = re.compile(r"^(tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-*]+):\d{1,5}|ipc://.+|inproc://.+)$")

@@ -1,16 +1,18 @@
 """ZRPC/1 codec: two frames (msgpack head, opaque body) <-> frozen dataclasses, sans-IO.
 
 Every malformed input raises `ProtocolError` and nothing else, so a loop can catch one type
-and stay up. The spec is docs/protocol.md; keep the two in step.
+and stay up. The spec is docs/protocol.md; keep the two in step: its message list is READERS
+(protocol tag -> command -> reader) and WRITERS (message class -> writer) below.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-import msgpack  # type: ignore[import-untyped]
+import msgpack
 
 from zrpc._errors import ProtocolError
 
@@ -33,6 +35,16 @@ MAX_SERVICES = 100
 
 MAX_METHODS = 1000
 """Methods one READY may announce per service."""
+
+MAX_CAPACITY = 100_000
+"""Calls one READY may offer at once: a larger capacity is a bug, and would let one worker
+take every queued call."""
+
+MAX_WEIGHT = 1e6
+"""A READY's weight for the weighted strategy: beyond this the shares stop making sense."""
+
+MAX_ATTEMPT = 1000
+"""The attempt header counts a call's retries: more than this is no client's retry loop."""
 
 
 class Command(enum.IntEnum):
@@ -143,28 +155,55 @@ def pack(obj: Any) -> bytes:
 
 
 # --- encoding -------------------------------------------------------------------------------
+# One writer per message class (docs/protocol.md §3): the head's fields in order, and the body.
+
+
+def _write_client_request(m: ClientRequest) -> list[bytes]:
+    return [pack([CLIENT, _REQUEST, m.request_id, m.service, m.method, m.headers]), m.body]
+
+
+def _write_client_reply(m: ClientReply) -> list[bytes]:
+    return [pack([CLIENT, _REPLY, m.request_id, m.status]), m.body]
+
+
+def _write_worker_request(m: WorkerRequest) -> list[bytes]:
+    return [pack([WORKER, _REQUEST, m.client_id, m.request_id, m.service, m.method, m.headers]), m.body]
+
+
+def _write_worker_reply(m: WorkerReply) -> list[bytes]:
+    return [pack([WORKER, _REPLY, m.client_id, m.request_id, m.status]), m.body]
+
+
+def _write_ready(m: Ready) -> list[bytes]:
+    return [pack([WORKER, _READY, m.worker_id, m.services, m.capacity, m.weight, m.info]), b""]
+
+
+def _write_heartbeat(m: Heartbeat) -> list[bytes]:
+    return [pack([m.sender, _HEARTBEAT, m.info]), b""]
+
+
+def _write_disconnect(m: Disconnect) -> list[bytes]:
+    return [pack([WORKER, _DISCONNECT]), b""]
+
+
+WRITERS: dict[type[Any], Callable[[Any], list[bytes]]] = {
+    ClientRequest: _write_client_request,
+    ClientReply: _write_client_reply,
+    WorkerRequest: _write_worker_request,
+    WorkerReply: _write_worker_reply,
+    Ready: _write_ready,
+    Heartbeat: _write_heartbeat,
+    Disconnect: _write_disconnect,
+}
+"""Message class -> its writer (each takes exactly the class it is filed under)."""
 
 
 def encode(msg: Message) -> list[bytes]:
     """Returns the two frames [head, body] for one message."""
-    if type(msg) is ClientRequest:
-        head = [CLIENT, _REQUEST, msg.request_id, msg.service, msg.method, msg.headers]
-    elif type(msg) is ClientReply:
-        head = [CLIENT, _REPLY, msg.request_id, msg.status]
-    elif type(msg) is WorkerRequest:
-        head = [WORKER, _REQUEST, msg.client_id, msg.request_id, msg.service, msg.method, msg.headers]
-    elif type(msg) is WorkerReply:
-        head = [WORKER, _REPLY, msg.client_id, msg.request_id, msg.status]
-    elif type(msg) is Ready:
-        head = [WORKER, _READY, msg.worker_id, msg.services, msg.capacity, msg.weight, msg.info]
-        return [pack(head), b""]
-    elif type(msg) is Heartbeat:
-        return [pack([msg.sender, _HEARTBEAT, msg.info]), b""]
-    elif type(msg) is Disconnect:
-        return [pack([WORKER, _DISCONNECT]), b""]
-    else:
+    writer = WRITERS.get(type(msg))
+    if writer is None:
         raise TypeError(f"not a ZRPC/1 message: {msg!r}")
-    return [pack(head), msg.body]
+    return writer(msg)
 
 
 # --- decoding -------------------------------------------------------------------------------
@@ -240,7 +279,7 @@ def _headers(v: Any) -> dict[str, Any]:
         if f is not None and type(f) is not bool:
             raise ProtocolError(f"header {flag} must be a boolean")
     a = v.get(H_ATTEMPT)
-    if a is not None and (type(a) is not int or not 0 <= a <= 1000):
+    if a is not None and (type(a) is not int or not 0 <= a <= MAX_ATTEMPT):
         raise ProtocolError(f"header {H_ATTEMPT} must be a small non-negative integer")
     return v
 
@@ -288,63 +327,101 @@ def _need(fields: list[Any], n: int, what: str) -> None:
         raise ProtocolError(f"{what} needs {n} head fields, got {len(fields)}")
 
 
+# One reader per (dialect, command) of docs/protocol.md §3. Each gets the head's fields, whose
+# first two (tag, command) were checked, and the body; it checks the rest of what it reads.
+
+
+def _read_client_request(fields: list[Any], body: bytes) -> ClientRequest:
+    _need(fields, 3, "client REQUEST")
+    rid = _int(fields[2], "request_id")
+    try:  # the id is readable: every later error can be answered
+        _need(fields, _REQUEST_FIELDS, "client REQUEST")
+        return ClientRequest(rid, _str(fields[3], "service"), _str(fields[4], "method"), _headers(fields[5]), body)
+    except ProtocolError as exc:
+        raise ProtocolError(str(exc), reply_to=rid) from None
+
+
+def _read_client_reply(fields: list[Any], body: bytes) -> ClientReply:
+    _need(fields, 4, "client REPLY")
+    return ClientReply(_int(fields[2], "request_id"), _status(fields[3]), body)
+
+
+def _read_client_heartbeat(fields: list[Any], body: bytes) -> Heartbeat:
+    return Heartbeat(CLIENT, _info(fields, 2))
+
+
+def _read_worker_request(fields: list[Any], body: bytes) -> WorkerRequest:
+    _need(fields, 7, "worker REQUEST")
+    return WorkerRequest(
+        _id(fields[2], "client_id"),
+        _int(fields[3], "request_id"),
+        _str(fields[4], "service"),
+        _str(fields[5], "method"),
+        _headers(fields[6]),
+        body,
+    )
+
+
+def _read_worker_reply(fields: list[Any], body: bytes) -> WorkerReply:
+    _need(fields, 5, "worker REPLY")
+    return WorkerReply(_id(fields[2], "client_id"), _int(fields[3], "request_id"), _any_status(fields[4]), body)
+
+
+def _read_ready(fields: list[Any], body: bytes) -> Ready:
+    _need(fields, 5, "READY")
+    weight = fields[5] if len(fields) > 5 else 1.0
+    if type(weight) not in (int, float) or not 0 < weight <= MAX_WEIGHT:
+        raise ProtocolError("weight must be a positive number")
+    return Ready(
+        _str(fields[2], "worker_id"),
+        _services(fields[3]),
+        _int(fields[4], "capacity", 1, MAX_CAPACITY),
+        float(weight),
+        _info(fields, 6),
+    )
+
+
+def _read_worker_heartbeat(fields: list[Any], body: bytes) -> Heartbeat:
+    return Heartbeat(WORKER, _info(fields, 2))
+
+
+def _read_disconnect(fields: list[Any], body: bytes) -> Disconnect:
+    return Disconnect()
+
+
+Reader = Callable[[list[Any], bytes], Message]
+
+READERS: dict[str, dict[int, Reader]] = {
+    CLIENT: {
+        _REQUEST: _read_client_request,  # client -> broker
+        _REPLY: _read_client_reply,  # broker -> client
+        _HEARTBEAT: _read_client_heartbeat,  # both ways
+    },
+    WORKER: {
+        _REQUEST: _read_worker_request,  # broker -> worker
+        _REPLY: _read_worker_reply,  # worker -> broker
+        _READY: _read_ready,  # worker -> broker
+        _HEARTBEAT: _read_worker_heartbeat,  # both ways
+        _DISCONNECT: _read_disconnect,  # both ways
+    },
+}
+"""Protocol tag -> command -> reader: the messages of ZRPC/1 (docs/protocol.md §2 and §3).
+A tag or a command missing here is a protocol error."""
+
+
 def decode(head: bytes, body: bytes = b"") -> Message:
     """Parses one message; raises ProtocolError (with `reply_to` when answerable)."""
     fields = _unpack_head(head)
     tag, cmd = fields[0], fields[1]
     if type(cmd) is not int:  # msgpack true is not command 1
         raise ProtocolError(f"command must be an integer, got {cmd!r}")
-    if tag == CLIENT:
-        if cmd == _REQUEST:
-            _need(fields, 3, "client REQUEST")
-            rid = _int(fields[2], "request_id")
-            try:  # the id is readable: every later error can be answered
-                _need(fields, _REQUEST_FIELDS, "client REQUEST")
-                return ClientRequest(
-                    rid, _str(fields[3], "service"), _str(fields[4], "method"), _headers(fields[5]), body
-                )
-            except ProtocolError as exc:
-                raise ProtocolError(str(exc), reply_to=rid) from None
-        if cmd == _REPLY:
-            _need(fields, 4, "client REPLY")
-            return ClientReply(_int(fields[2], "request_id"), _status(fields[3]), body)
-        if cmd == _HEARTBEAT:
-            return Heartbeat(CLIENT, _info(fields, 2))
-    elif tag == WORKER:
-        if cmd == _REQUEST:
-            _need(fields, 7, "worker REQUEST")
-            return WorkerRequest(
-                _id(fields[2], "client_id"),
-                _int(fields[3], "request_id"),
-                _str(fields[4], "service"),
-                _str(fields[5], "method"),
-                _headers(fields[6]),
-                body,
-            )
-        if cmd == _REPLY:
-            _need(fields, 5, "worker REPLY")
-            return WorkerReply(
-                _id(fields[2], "client_id"), _int(fields[3], "request_id"), _any_status(fields[4]), body
-            )
-        if cmd == _READY:
-            _need(fields, 5, "READY")
-            weight = fields[5] if len(fields) > 5 else 1.0
-            if type(weight) not in (int, float) or not 0 < weight <= 1e6:
-                raise ProtocolError("weight must be a positive number")
-            return Ready(
-                _str(fields[2], "worker_id"),
-                _services(fields[3]),
-                _int(fields[4], "capacity", 1, 100_000),
-                float(weight),
-                _info(fields, 6),
-            )
-        if cmd == _HEARTBEAT:
-            return Heartbeat(WORKER, _info(fields, 2))
-        if cmd == _DISCONNECT:
-            return Disconnect()
-    else:
-        raise ProtocolError(f"unknown protocol tag {tag!r}")
-    raise ProtocolError(f"unknown command {cmd!r} for {tag}")
+    try:
+        reader = READERS[tag][cmd]
+    except (KeyError, TypeError):  # TypeError: a tag that is a list or a map is no key
+        if type(tag) is not str or tag not in READERS:
+            raise ProtocolError(f"unknown protocol tag {tag!r}") from None
+        raise ProtocolError(f"unknown command {cmd!r} for {tag}") from None
+    return reader(fields, body)
 
 
 def decode_frames(frames: list[bytes]) -> Message:

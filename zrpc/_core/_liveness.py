@@ -4,9 +4,11 @@ how long to wait before reconnecting. Any traffic from a peer counts as a heartb
 from __future__ import annotations
 
 import random
-from typing import Generic, Hashable, TypeVar
+from collections.abc import Hashable
+from typing import Generic, TypeVar
 
 from zrpc._core._clock import Clock
+from zrpc._defaults import HEARTBEAT_INTERVAL, LIVENESS
 
 P = TypeVar("P", bound=Hashable)
 
@@ -17,7 +19,7 @@ class LivenessTracker(Generic[P]):
     Deadlines, not poll ticks: the verdict does not depend on how often the loop wakes.
     """
 
-    def __init__(self, clock: Clock, interval: float = 0.25, liveness: int = 3) -> None:
+    def __init__(self, clock: Clock, interval: float = HEARTBEAT_INTERVAL, liveness: int = LIVENESS) -> None:
         self._clock = clock
         self._last: dict[P, float] = {}
         self._shifted: dict[P, float] = {}  # peers a pause moved on, not heard since
@@ -56,6 +58,12 @@ class LivenessTracker(Generic[P]):
             if p in shifted:
                 continue  # moved on already, and not heard since
             last[p] = shifted[p] = min(t + seconds, now)
+
+    def __repr__(self) -> str:
+        now = self._clock()
+        quiet = f" most_silent={now - min(self._last.values()):.3f}s" if self._last else ""
+        return (f"<LivenessTracker peers={len(self._last)}{quiet} timeout={self.timeout:g}s"
+                f" ({self.interval:g}s x {self.liveness})>")
 
     def __contains__(self, peer: object) -> bool:
         return peer in self._last
@@ -108,3 +116,7 @@ class Backoff:
 
     def reset(self) -> None:
         self._next = self.initial
+
+    def __repr__(self) -> str:
+        return (f"<Backoff next={self._next:g}s initial={self.initial:g}s maximum={self.maximum:g}s"
+                f" jitter={self.jitter:.0%}>")

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
+
+
+class _Calls(Protocol):
+    """What a proxy needs of its client: Client and AsyncClient both have it."""
+
+    def _invoke(self, service: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                **options: Any) -> Any: ...
+
+    def _submit(self, service: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                timeout: float | None = None, idempotent: bool | None = None,
+                trace_id: str | None = None) -> Any: ...
 
 
 class MethodProxy:
@@ -10,7 +21,8 @@ class MethodProxy:
 
     __slots__ = ("_client", "_service", "_method", "_options")
 
-    def __init__(self, client: Any, service: str, method: str, options: dict[str, Any] | None = None):
+    def __init__(self, client: _Calls, service: str, method: str,
+                 options: dict[str, Any] | None = None) -> None:
         self._client = client
         self._service = service
         self._method = method
@@ -24,7 +36,7 @@ class MethodProxy:
         return self._client._submit(self._service, self._method, args, kwargs, **self._options)
 
     def with_options(self, *, timeout: float | None = None, idempotent: bool | None = None,
-                     trace_id: str | None = None) -> "MethodProxy":
+                     trace_id: str | None = None) -> MethodProxy:
         opts = dict(self._options)
         for k, v in (("timeout", timeout), ("idempotent", idempotent), ("trace_id", trace_id)):
             if v is not None:
@@ -36,9 +48,11 @@ class MethodProxy:
 
 
 class ServiceProxy:
+    """A remote service: each attribute is one of its methods."""
+
     __slots__ = ("_client", "_service")
 
-    def __init__(self, client: Any, service: str) -> None:
+    def __init__(self, client: _Calls, service: str) -> None:
         self._client = client
         self._service = service
 

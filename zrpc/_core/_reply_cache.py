@@ -19,8 +19,8 @@ the broker run a call twice.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Hashable
 
 from zrpc._core._clock import Clock
 

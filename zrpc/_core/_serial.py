@@ -6,6 +6,7 @@ from typing import Any
 
 import msgpack
 
+from zrpc._core._frames import Status, pack
 from zrpc._errors import (
     CallStateUnknown,
     MethodNotFound,
@@ -17,13 +18,12 @@ from zrpc._errors import (
     Unauthorized,
     ZrpcError,
 )
-from zrpc._core._frames import Status
 
 
 def pack_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """Raises TypeError at the caller, before anything is sent, for unserializable arguments."""
     try:
-        return msgpack.packb([list(args), kwargs], use_bin_type=True)
+        return pack([list(args), kwargs])
     except (TypeError, ValueError, OverflowError) as exc:
         raise TypeError(f"arguments cannot be sent with msgpack: {exc}") from None
 
@@ -45,7 +45,7 @@ def unpack_call(body: bytes) -> tuple[list[Any], dict[str, Any]]:
 
 
 def pack_result(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+    return pack(value)
 
 
 def unpack_result(body: bytes) -> Any:
@@ -53,7 +53,7 @@ def unpack_result(body: bytes) -> Any:
 
 
 def pack_error(kind: str, message: str, traceback: str | None = None) -> bytes:
-    return msgpack.packb({"type": kind, "message": message, "traceback": traceback}, use_bin_type=True)
+    return pack({"type": kind, "message": message, "traceback": traceback})
 
 
 def unpack_error(body: bytes) -> dict[str, Any]:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from zrpc._core._calls import CallTable, PendingCall
 from zrpc._core._clock import Clock
-from zrpc._errors import ProtocolError, Unauthorized
 from zrpc._core._frames import CLIENT, H_RESENT, ClientReply, Heartbeat, Message, Status, decode_frames, encode
 from zrpc._core._liveness import LivenessTracker
+from zrpc._core._malformed import Malformed
+from zrpc._defaults import HEARTBEAT_INTERVAL, LIVENESS
+from zrpc._errors import ProtocolError, Unauthorized
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +47,17 @@ class Refused:
     reason: str
 
 
-Output = Union[Transmit, Completed, Expired, Refused]
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """A message from a broker that did not decode, or has no business at a client: counted
+    in `Session.malformed`, and given to the loop only when it is worth a log line."""
+
+    broker: int
+    reason: str
+    count: int  # malformed messages so far, this one included
+
+
+Output = Transmit | Completed | Expired | Refused | Dropped
 
 
 def epoch_of(info: dict[str, Any]) -> int:
@@ -62,14 +74,14 @@ def epoch_of(info: dict[str, Any]) -> int:
 
 
 def settle(o: Output) -> None:
-    """Completes a call's future for every output but Transmit (which needs the loop's socket)."""
-    t = type(o)
-    if t is Completed:
-        o.call.resolve(o.status, o.body)  # type: ignore[union-attr]
-    elif t is Expired:
-        o.call.timed_out()  # type: ignore[union-attr]
-    elif t is Refused:
-        o.call.fail(Unauthorized(o.reason))  # type: ignore[union-attr]
+    """Completes a call's future for the outputs that end a call; Transmit needs the loop's
+    socket and Dropped its logger, so both are the loop's."""
+    if type(o) is Completed:
+        o.call.resolve(o.status, o.body)
+    elif type(o) is Expired:
+        o.call.timed_out()
+    elif type(o) is Refused:
+        o.call.fail(Unauthorized(o.reason))
 
 
 class Session:
@@ -83,8 +95,9 @@ class Session:
     takeover, and asks the workers' reply caches before running a non-idempotent one.
     """
 
-    def __init__(self, clock: Clock, brokers: int, timeout: float, *, interval: float = 0.25,
-                 liveness: int = 3, failover_timeout: float | None = None) -> None:
+    def __init__(self, clock: Clock, brokers: int, timeout: float, *,
+                 interval: float = HEARTBEAT_INTERVAL, liveness: int = LIVENESS,
+                 failover_timeout: float | None = None) -> None:
         self._clock = clock
         self.table = CallTable(clock, timeout)
         self.brokers = brokers
@@ -99,7 +112,7 @@ class Session:
         self.info: list[dict[str, Any]] = [{} for _ in range(brokers)]
         self.refused: list[str | None] = [None] * brokers  # why a broker refused our keys
         self.switches = 0
-        self.malformed = 0  # undecodable or unexpected messages from brokers, dropped
+        self.malformed = Malformed()  # undecodable or unexpected messages from brokers, dropped
         self._switched_at = clock()
         self._bounced: deque[tuple[float, PendingCall]] = deque()
         self._heartbeat = encode(Heartbeat(CLIENT, {}))
@@ -131,15 +144,9 @@ class Session:
         call keeps its deadline); they are counted and dropped."""
         try:
             msg = decode_frames(frames)
-        except ProtocolError:
-            self.undecodable(broker)
-            return []
+        except ProtocolError as exc:
+            return self._drop(broker, str(exc))
         return self.received(broker, msg)
-
-    def undecodable(self, broker: int) -> None:
-        """A broker sent frames that do not decode: dropped (no call can be matched to them),
-        but counted so that they are visible."""
-        self.malformed += 1
 
     def received(self, broker: int, msg: Message) -> list[Output]:
         """Any traffic from a broker shows it is alive; replies complete calls."""
@@ -150,16 +157,15 @@ class Session:
             self.lost[broker] = False
             if broker == self.active:  # it came back (restarted): what it held is gone
                 out.extend(self._resend([c for c in self.table if c.broker == broker]))
-        t = type(msg)
-        if t is ClientReply:
-            if msg.status == Status.NOT_ACTIVE:  # type: ignore[union-attr]
-                return out + self._bounce(broker, msg.request_id)  # type: ignore[union-attr]
-            call = self.table.pop(msg.request_id)  # type: ignore[union-attr]
+        if type(msg) is ClientReply:
+            if msg.status == Status.NOT_ACTIVE:
+                return out + self._bounce(broker, msg.request_id)
+            call = self.table.pop(msg.request_id)
             if call is None:
                 return out  # late or duplicate: already answered
-            out.append(Completed(call, msg.status, msg.body))  # type: ignore[union-attr]
-        elif t is Heartbeat:
-            info = dict(msg.info)  # type: ignore[union-attr]
+            out.append(Completed(call, msg.status, msg.body))
+        elif type(msg) is Heartbeat:
+            info = dict(msg.info)
             boot, before = info.get("boot"), self.info[broker].get("boot")
             if boot is not None and before is not None and boot != before:
                 # the broker restarted between two heartbeats (faster than failover_timeout):
@@ -168,8 +174,8 @@ class Session:
             self.info[broker] = info
             if broker != self.active and self._prefer(broker):
                 out.extend(self._switch(broker, "it says it is active"))
-        else:
-            self.malformed += 1  # a request or a worker's message has no business here
+        else:  # a request or a worker's message has no business here
+            out.extend(self._drop(broker, f"{type(msg).__name__} is not sent to a client"))
         return out
 
     def tick(self) -> list[Output]:
@@ -207,7 +213,32 @@ class Session:
     def close(self) -> list[PendingCall]:
         return self.table.drain()
 
+    def __repr__(self) -> str:
+        brokers = ", ".join(self._describe(b) + ("*" if b == self.active else "")
+                            for b in range(self.brokers))
+        return (f"<Session brokers=[{brokers}] calls={len(self.table)} switches={self.switches}"
+                f" malformed={self.malformed.count}>")
+
     # --- internals -----------------------------------------------------------------------
+
+    def _describe(self, broker: int) -> str:
+        """One word for what we know of a broker: refused our keys, lost (silent for
+        failover_timeout), silent (missed heartbeats), else the state it last announced."""
+        if self.refused[broker]:
+            return "refused"
+        if self.lost[broker]:
+            return "lost"
+        if not self.alive[broker]:
+            return "silent"
+        state = self.info[broker].get("state")
+        return state[:16] if type(state) is str else "alive"  # a broker's word, kept short
+
+    def _drop(self, broker: int, reason: str) -> list[Output]:
+        """Counts a malformed message; a Dropped for the loop to log when the count says so
+        (the first few, then one in many: a flood must not fill the disk)."""
+        if self.malformed.add(reason):
+            return [Dropped(broker, reason, self.malformed.count)]
+        return []
 
     def _prefer(self, other: int) -> bool:
         """Should we move to `other`? Only if it says it is active and ours does not (or is

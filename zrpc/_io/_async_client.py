@@ -1,7 +1,9 @@
 """AsyncClient: the Client's surface, awaitable, on zmq.asyncio (no threads).
 
 Done-callbacks of asyncio futures are scheduled by the event loop, never run inline by the
-reader task, so a callback may call the client again.
+reader task, so a callback may call the client again. Sends never wait: pyzmq completes a
+non-blocking send at once, and a full pipe's zmq.Again is read off its future here rather than
+left for nobody to read.
 """
 
 from __future__ import annotations
@@ -9,21 +11,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
 
 from zrpc._core._calls import PendingCall
-from zrpc._io._client import _quietly
 from zrpc._core._clock import Clock, monotonic, timeout_ms
 from zrpc._core._config import resolve_brokers
-from zrpc._errors import ZrpcError
-from zrpc._io._internal import InternalErrors
 from zrpc._core._proxy import ServiceProxy
+from zrpc._core._session import Dropped, Output, Session, Transmit, settle
+from zrpc._defaults import CALL_TIMEOUT, HEARTBEAT_INTERVAL, LIVENESS
+from zrpc._errors import ZrpcError
+from zrpc._io._client import _quietly, log_dropped
+from zrpc._io._internal import InternalErrors
 from zrpc._io._security import client_keys
-from zrpc._core._session import Output, Session, Transmit, settle
-from zrpc._io._sockets import HANDSHAKE_EVENTS, SocketOptions, make_socket, parse_handshake
+from zrpc._io._sockets import (
+    HANDSHAKE_EVENTS,
+    SocketOptions,
+    make_socket,
+    parse_handshake,
+)
 
 TICK = 0.05
 """Longest wait between deadline checks: a new call's deadline is honoured to within this."""
@@ -38,9 +47,9 @@ class AsyncClient:
         self,
         brokers: Sequence[str] | str | None = None,
         *,
-        timeout: float = 10.0,
-        heartbeat_interval: float = 0.25,
-        liveness: int = 3,
+        timeout: float = CALL_TIMEOUT,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        liveness: int = LIVENESS,
         failover_timeout: float | None = None,
         curve_server_key: str | None = None,
         curve_secret: str | None = None,
@@ -86,7 +95,7 @@ class AsyncClient:
     @property
     def malformed(self) -> int:
         """Messages from brokers that could not be decoded (or made no sense), dropped."""
-        return self._session.malformed
+        return self._session.malformed.count
 
     async def close(self) -> None:
         """Fails the calls still pending and releases the sockets and the context. Idempotent;
@@ -107,7 +116,7 @@ class AsyncClient:
         if self._own_ctx:
             self._ctx.term()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -202,9 +211,15 @@ class AsyncClient:
     def _apply(self, outputs: list[Output]) -> None:
         for o in outputs:
             if type(o) is Transmit:
-                try:
-                    self._socks[o.broker].send_multipart(o.frames, zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
+                # an asyncio socket's send returns a Future (pyzmq's stubs say otherwise)
+                sent = cast("asyncio.Future[Any]", self._socks[o.broker].send_multipart(o.frames, zmq.NOBLOCK))
+                if sent.done() and not sent.cancelled():
+                    # zmq.Again (that broker cannot take more now) is read here, not left for
+                    # nobody to read: the calls keep their deadlines; any other error is a bug
+                    exc = sent.exception()
+                    if exc is not None and not isinstance(exc, zmq.Again):
+                        raise exc
+            elif type(o) is Dropped:
+                log_dropped(self.brokers, o)
             else:
                 settle(o)

@@ -13,30 +13,37 @@ import queue
 import threading
 import uuid
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import zmq
 
 from zrpc._core._calls import PendingCall
 from zrpc._core._clock import Clock, monotonic, timeout_ms
 from zrpc._core._config import resolve_brokers
+from zrpc._core._proxy import ServiceProxy
+from zrpc._core._session import Dropped, Output, Session, Transmit, settle
+from zrpc._defaults import CALL_TIMEOUT, HEARTBEAT_INTERVAL, LIVENESS
 from zrpc._errors import Timeout, ZrpcError
 from zrpc._io._internal import InternalErrors
-from zrpc._core._proxy import ServiceProxy
 from zrpc._io._security import client_keys
-from zrpc._core._session import Output, Session, Transmit, settle
 from zrpc._io._sockets import (
     HANDSHAKE_EVENTS,
-    NOBLOCK,
     SocketOptions,
     Waker,
     handshake_outcome,
     make_socket,
-    send_frames,
+    recv_nowait,
+    send_nowait,
 )
 
 BATCH = 512
+"""Messages read from one socket before the loop looks at the others and at its timers."""
+
+POLL_CAP = HEARTBEAT_INTERVAL
+"""Longest wait in poll: the session's deadlines and the waker end it sooner; this bounds the
+wait should a wake-up ever be missed."""
 
 log = logging.getLogger("zrpc.client")
 _futures_log = logging.getLogger("concurrent.futures")  # where Future reports a failing callback
@@ -83,7 +90,7 @@ class CallFuture(Future[Any]):
     added to a future already done runs at once in the caller, as with any Future.
     """
 
-    def __init__(self, client: "Client") -> None:
+    def __init__(self, client: Client) -> None:
         super().__init__()
         self._client = client
 
@@ -106,9 +113,9 @@ class Client:
         self,
         brokers: Sequence[str] | str | None = None,
         *,
-        timeout: float = 10.0,
-        heartbeat_interval: float = 0.25,
-        liveness: int = 3,
+        timeout: float = CALL_TIMEOUT,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        liveness: int = LIVENESS,
         failover_timeout: float | None = None,
         curve_server_key: str | None = None,
         curve_secret: str | None = None,
@@ -165,7 +172,7 @@ class Client:
     @property
     def malformed(self) -> int:
         """Messages from brokers that could not be decoded (or made no sense), dropped."""
-        return self._session.malformed
+        return self._session.malformed.count
 
     def close(self) -> None:
         """Fails the calls still pending and releases the sockets and the context.
@@ -180,7 +187,7 @@ class Client:
         if threading.get_ident() != self._io_ident:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -235,7 +242,7 @@ class Client:
         contain = self._errors.contain
         while not self._closed.is_set():
             now = self._clock()
-            for sock, _ in poller.poll(timeout_ms(session.next_deadline(), now, cap=0.25)):
+            for sock, _ in poller.poll(timeout_ms(session.next_deadline(), now, cap=POLL_CAP)):
                 if sock is self._waker.socket:
                     continue
                 if sock in monitors:
@@ -246,9 +253,8 @@ class Client:
                     continue
                 b = index[sock]
                 for _ in range(BATCH):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
+                    frames = recv_nowait(sock)
+                    if frames is None:
                         break
                     with contain("a message from a broker"):
                         self._apply(session.frames_received(b, frames))
@@ -306,12 +312,18 @@ class Client:
     def _apply(self, outputs: list[Output]) -> None:
         for o in outputs:
             if type(o) is Transmit:
-                try:
-                    send_frames(self._socks[o.broker], o.frames, NOBLOCK)
-                except zmq.Again:
-                    pass  # that broker cannot take more now: its calls keep their deadlines
+                # not sent (FULL: that broker cannot take more now): its calls keep their deadlines
+                send_nowait(self._socks[o.broker], o.frames)
+            elif type(o) is Dropped:
+                log_dropped(self.brokers, o)
             else:
                 settle(o)
+
+
+def log_dropped(brokers: Sequence[str], o: Dropped) -> None:
+    """One line per malformed message the session says is worth it, the same for both clients."""
+    log.warning("dropped malformed message #%d from broker %s: %s", o.count, brokers[o.broker],
+                o.reason)
 
 
 def _quietly(fn: Callable[..., object], *args: Any) -> None:

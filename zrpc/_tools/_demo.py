@@ -25,12 +25,13 @@ from typing import Any
 
 import click
 
-from zrpc._io._client import Client
+from zrpc import _defaults as D
 from zrpc._errors import CallStateUnknown, ZrpcError
+from zrpc._io._client import Client
 from zrpc._io._internal import MARK as INTERNAL_ERROR
+from zrpc._tools._monitor_view import EventFeed
 from zrpc._tools._pair import DEFAULT_PORTS, PairPorts, broker_args, describe_exit
 from zrpc._tools._procs import TRACEBACK, Processes, free_port, marked_lines, port_free, wait_until
-from zrpc._tools._monitor_view import EventFeed
 
 WORKERS = 3
 DEMO_SERVICE = "zrpc.examples.calc:calc"
@@ -43,7 +44,7 @@ MAX_RESTARTS = 3
 def _ports() -> tuple[PairPorts, bool]:
     """The local pair's ports if free, else free ones (a pair may already be running)."""
     default = PairPorts()
-    if all(port_free("127.0.0.1", p) for p in (*default.frontend, *default.state, *default.monitor)):
+    if all(port_free(D.LOCAL_HOST, p) for p in (*default.frontend, *default.state, *default.monitor)):
         return default, True
     two = [(free_port(), free_port()) for _ in DEFAULT_PORTS]
     return PairPorts(*two), False
@@ -164,7 +165,7 @@ class Demo:
         self.tmp = Path(tempfile.mkdtemp(prefix="zrpc-demo-"))
         self.procs = Processes(log_dir=self.tmp / "logs")
         self.ports, self.default_ports = _ports()
-        self.eps = [f"tcp://127.0.0.1:{p}" for p in self.ports.frontend]
+        self.eps = [f"tcp://{D.LOCAL_HOST}:{p}" for p in self.ports.frontend]
         self.ledger = self.tmp / "ledger.txt"
         self.unplanned: list[str] = []  # children that died without the demo killing them
         self.restarts: collections.Counter[str] = collections.Counter()  # role -> unplanned restarts
@@ -231,7 +232,7 @@ class Demo:
 
     def start_broker(self, role: str) -> None:
         restarts = ["--restarts", str(self.restarts[role])] if self.restarts[role] else []
-        self.brokers[role] = self.procs.zrpc("broker", *broker_args(role, "127.0.0.1", self.ports),
+        self.brokers[role] = self.procs.zrpc("broker", *broker_args(role, D.LOCAL_HOST, self.ports),
                                              "--log-level", "error", *restarts, name=role)
 
     def start_worker(self) -> Any:
@@ -287,14 +288,14 @@ class Demo:
         while time.monotonic() < end:
             self.watch()
             self.print_new_alerts()
-            time.sleep(0.1)  # noqa: sleep (the story's pacing)
+            time.sleep(0.1)  # deliberate sleep (the story's pacing)
 
     def run(self) -> dict[str, Any]:
         where = "the local pair" if self.default_ports else "free ports (the local pair's are in use)"
         self.say(f"starting a primary and a backup broker on {where}: {', '.join(self.eps)}")
         self.start_broker("primary")
         self.start_broker("backup")
-        self.feed = EventFeed(*(f"tcp://127.0.0.1:{p}" for p in self.ports.monitor))
+        self.feed = EventFeed(*(f"tcp://{D.LOCAL_HOST}:{p}" for p in self.ports.monitor))
         self.wait(lambda: [(_status(ep) or {}).get("broker", {}).get("state") for ep in self.eps]
                   == ["active", "passive"], 15, what="pair settled")
         self.say(f"starting {WORKERS} workers of {DEMO_SERVICE}, each connected to both brokers")

@@ -10,17 +10,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 
 import click
 import msgpack
 import zmq
 
+from zrpc import _defaults as D
 from zrpc._io._security import CurveKeys
 from zrpc._io._sockets import SocketOptions, make_socket
 
-LOCAL_MONITORS = ("tcp://127.0.0.1:5575", "tcp://127.0.0.1:5576")
+LOCAL_MONITORS = D.LOCAL_MONITORS
 
 
 class EventFeed:
@@ -60,7 +62,7 @@ class EventFeed:
 
     def latest_metrics(self) -> dict[str, Any] | None:
         with self._lock:
-            for _, topic, e in reversed(self.events):
+            for _, topic, e in self.events[::-1]:  # (reversed() loses the type)
                 if topic == "metrics" and e.get("broker_state") == "active":
                     return e
         return None
@@ -104,7 +106,7 @@ def post_webhook(url: str, event: dict[str, Any], timeout: float = 5.0, attempts
             last = f"HTTP {exc.code}"
         except (urllib.error.URLError, OSError) as exc:
             last = str(getattr(exc, "reason", exc))
-        time.sleep(0.5 * 2**attempt)  # noqa: sleep (retry backoff)
+        time.sleep(0.5 * 2**attempt)  # deliberate sleep (retry backoff)
     return f"--webhook {url}: {last} after {attempts} attempts"
 
 

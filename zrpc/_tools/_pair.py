@@ -13,15 +13,16 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import click
 
+from zrpc import _defaults as D
 from zrpc._tools._procs import RESTART_MARK, Processes, port_free
 
-DEFAULT_PORTS = {"frontend": (5555, 5556), "state": (5565, 5566), "monitor": (5575, 5576)}
-ROLES = ("primary", "backup")
+DEFAULT_PORTS = {"frontend": D.FRONTEND_PORTS, "state": D.STATE_PORTS, "monitor": D.MONITOR_PORTS}
+ROLES = D.ROLES
 
 BACKOFF_FIRST = 1.0
 """Seconds before the first restart of a broker that died."""

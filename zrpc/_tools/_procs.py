@@ -15,10 +15,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Iterator, Sequence
+from typing import IO
 
+from zrpc import _defaults as D
 from zrpc._io._internal import MARK as INTERNAL_ERROR
 
 TRACEBACK = "Traceback (most recent call last)"
@@ -34,7 +36,7 @@ EXIT_SIGNALS = frozenset({signal.SIGTERM, signal.SIGKILL, signal.SIGINT})
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((D.LOCAL_HOST, 0))
         return int(s.getsockname()[1])
 
 
@@ -73,7 +75,7 @@ def wait_until(pred: Callable[[], object], timeout: float, interval: float = 0.0
             return value
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{what} not met within {timeout:g}s")
-        time.sleep(interval)  # noqa: sleep (polling with a deadline)
+        time.sleep(interval)  # deliberate sleep (polling with a deadline)
 
 
 def tail(path: Path | None, lines: int = TAIL_LINES) -> str:
@@ -321,7 +323,7 @@ class Processes:
                 self.kill(p)
         self.procs.clear()
 
-    def __enter__(self) -> "Processes":
+    def __enter__(self) -> Processes:
         # SIGTERM would end this process without unwinding, leaving the children (in their
         # own sessions) running: turn it into an exception so close() runs
         import threading

@@ -1,0 +1,747 @@
+"""BrokerCore: one broker's policy, sans-IO: what every message, timer and stall means, and
+what to send, publish and log because of it.
+
+It composes the Dispatcher, the BinaryStar machine (a pair member only: a lone broker has
+none), the Monitor and the workers' LivenessTracker, with an injected clock. The socket loop
+(broker/_loop.py) hands it what it read and carries out the actions it returns; it decides
+nothing. The verbs: `start`, `frames_received`, `peer_state_received`, `call_not_sent`,
+`refused`, `checkpoint`, `drained`, `tick`, `next_deadline`.
+
+Rules (DESIGN.md §3-5, docs/protocol.md §7-8):
+
+1. Input is decoded here, at its entry point. What does not decode is counted (`malformed`,
+   one Malformed for the frontend and the state link) and logged, rate-limited; a client
+   REQUEST whose request id is readable is answered PROTOCOL_ERROR. A message of a kind a
+   broker is never sent is malformed too.
+2. Requests to the reserved service `zrpc` (status, services, ping) are answered here, in
+   every state, and are never a vote.
+3. Any other client REQUEST is dispatched while this broker serves (a lone broker always).
+   Otherwise it is Binary Star's client vote (ClientVoted); if the vote does not make this
+   broker serve, it is answered NOT_ACTIVE and counted (`not_active`).
+4. Serving follows Binary Star: when it flips, the dispatcher is activated or deactivated,
+   once for all the news read in one go (a backlog of state messages flips it once).
+5. Any traffic from a registered worker is a heartbeat. An unknown worker is asked to
+   register, unless it left (or was refused) within the dispatcher's memory. A worker that is
+   lost (silent, or a call to it did not go out) or removed is forgotten everywhere:
+   liveness, monitor, the internal errors it reported.
+6. A registered worker's heartbeat `info` is read for two things: a rise in its internal
+   errors (an `internal_error` notice naming it), and an `active_epoch` above ours while we
+   are ACTIVE (HigherEpochSeen: a broker we cannot hear took over).
+7. Our own stall (more time between checkpoints than the poll was allowed, by more than a
+   heartbeat interval) is no evidence against anyone: every worker's silence is shortened by
+   it, nobody is judged before the frontend's backlog is drained (or DRAIN_TIMEOUTS liveness
+   timeouts passed), and Binary Star hears of it before any request is served.
+8. Alerts: notices about calls and workers, the monitor's evaluation and the metrics' alerts
+   go out only while this broker is active (the passive one would only repeat its peer's);
+   notices about this broker itself (ALWAYS_NOTICED) and Binary Star's go out in every
+   state. Every alert is logged and published on `alert.<name>`; an unpublished notice is
+   logged at debug level.
+9. Timers: the monitor evaluates every min(EVAL_PERIOD, interval / 2); every METRICS_PERIOD
+   the metrics go out on `metrics` (in every state), the stored status is refreshed and
+   memory is released; workers are sent a heartbeat every interval; `broker_restarted`
+   stays raised for RESTART_ALERT_S after a restarted broker starts.
+10. A bug costs one message or one step, never the broker: it is recorded, the other steps
+    still run, a client REQUEST it cost is answered ERROR ("InternalError"), and each tick
+    turns the internal errors since the last one into one `internal_error` notice.
+
+Counters: the core counts what it sees (`received`, `malformed`, `not_active`); the loop,
+which alone sees sends, counts `sent`, `unroutable` and `send_full` in the same `counters`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from zrpc._core._clock import Clock
+from zrpc._core._frames import (
+    CLIENT,
+    WORKER,
+    ClientReply,
+    ClientRequest,
+    Disconnect,
+    Heartbeat,
+    Ready,
+    Status,
+    WorkerReply,
+    decode,
+    encode,
+)
+from zrpc._core._liveness import LivenessTracker
+from zrpc._core._malformed import Malformed
+from zrpc._core._serial import pack_error, pack_result
+from zrpc._core._service import RESERVED
+from zrpc._errors import ProtocolError
+from zrpc.broker._core._bstar import (
+    MAX_EPOCH,
+    BinaryStar,
+    BStar,
+    ClientVoted,
+    HigherEpochSeen,
+    PeerAlert,
+    PeerStateSeen,
+    ServingChanged,
+    Stalled,
+    StateChanged,
+    decode_state,
+    encode_state,
+)
+from zrpc.broker._core._bstar import Action as BStarAction
+from zrpc.broker._core._bstar import PublishState as BStarPublish
+from zrpc.broker._core._dispatch import (
+    AckLeave,
+    Activated,
+    Deactivated,
+    Dispatcher,
+    Notice,
+    ReplyArrived,
+    ReplyToClient,
+    RequestArrived,
+    SendToWorker,
+    WorkerLeaving,
+    WorkerLost,
+    WorkerReady,
+)
+from zrpc.broker._core._dispatch import Action as DispatchAction
+from zrpc.broker._core._monitor import Eject, Monitor, Thresholds
+from zrpc.broker._core._monitor import Output as MonitorOutput
+
+DRAIN_TIMEOUTS = 10
+"""After a stall of our own, liveness is judged once the frontend is drained, or after this
+many liveness timeouts of draining (a flood that never drains must not hide a dead worker)."""
+
+RESTART_ALERT_S = 60.0
+"""How long `broker_restarted` stays raised after a restarted broker starts: a subscriber that
+reconnects to the new run still sees it."""
+
+EVAL_PERIOD = 0.1
+"""The longest between two evaluations of the monitor's conditions (seconds)."""
+
+METRICS_PERIOD = 1.0
+"""Seconds between `metrics` snapshots (and refreshes of the status Prometheus reads)."""
+
+ALWAYS_NOTICED = frozenset({"unauthorized", "internal_error", "broker_restarted"})
+"""Notices a passive broker reports too: they are about this broker, not about the calls the
+active one serves."""
+
+_LEVELS = {"info": logging.INFO, "warning": logging.WARNING}
+
+
+class Settings(Protocol):
+    """What the core reads of its configuration: zrpc.broker.BrokerConfig (a layer above the
+    cores, so named here by shape, not imported)."""
+
+    @property
+    def frontend(self) -> str: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def state(self) -> str | None: ...
+    @property
+    def peer_state(self) -> str | None: ...
+    @property
+    def lb(self) -> str: ...
+    @property
+    def queue_limit(self) -> int: ...
+    @property
+    def queue_bytes(self) -> int: ...
+    @property
+    def service_grace(self) -> float: ...
+    @property
+    def heartbeat_interval(self) -> float: ...
+    @property
+    def liveness(self) -> int: ...
+    @property
+    def max_inflight_per_client(self) -> int: ...
+    @property
+    def thresholds(self) -> Thresholds: ...
+    @property
+    def restarts(self) -> int: ...
+
+
+class Errors(Protocol):
+    """Where a loop counts its own bugs (zrpc._io._internal.InternalErrors is one)."""
+
+    count: int
+    last: str | None
+    where: str
+
+    def record(self, exc: BaseException, what: str = ...) -> bool: ...
+
+
+# --- actions (what the loop carries out) --------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Frames for a peer on the frontend (a client, or a worker when it is not a call)."""
+
+    peer: bytes
+    frames: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class SendCall:
+    """A call for a worker. One that does not go out is reported (`call_not_sent`), and no
+    later SendCall to that worker from the same list is sent: the loss dealt with its calls."""
+
+    worker: bytes
+    frames: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class PublishState:
+    """Our Binary Star state, for the peer (the state link)."""
+
+    frames: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """An event on the monitor socket: topic `alert.<name>` or `metrics`."""
+
+    topic: str
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    """A line for the broker's log (`msg % args`, formatted only if the level is on)."""
+
+    level: int
+    msg: str
+    args: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseMemory:
+    """The metrics step ran: a moment to hand memory freed by a burst back to the OS."""
+
+
+Action = Send | SendCall | PublishState | Publish | Log | ReleaseMemory
+
+
+class BrokerCore:
+    """One broker's cores and the policy between them; the rules are in the module docstring."""
+
+    def __init__(self, config: Settings, clock: Clock, errors: Errors, *,
+                 dispatcher: Dispatcher | None = None, wall: Callable[[], float] = time.time,
+                 pid: int = 0, host: str = "", boot: str = "") -> None:
+        """`dispatcher` replaces the one the config describes (a test tunes what BrokerConfig
+        does not carry); `wall` stamps published events; `boot` names this run of the broker
+        in heartbeats (a client that sees it change knows the broker restarted)."""
+        if (config.state is None) != (config.peer_state is None):
+            raise ValueError("--state and --peer-state go together (both for a pair, neither alone)")
+        self.config = config
+        self.role = config.role
+        self._clock = clock
+        self._wall = wall
+        self._errors = errors
+        self._pid, self._host, self._boot = pid, host, boot
+        interval = config.heartbeat_interval
+        # a lone broker serves at once; a pair member follows the Binary Star rules
+        self._bstar = BinaryStar(config.role, clock, interval) if config.peer_state else None
+        self._dispatcher = dispatcher or Dispatcher(
+            clock, strategy=config.lb, queue_limit=config.queue_limit,
+            queue_bytes=config.queue_bytes, service_grace=config.service_grace,
+            max_inflight_per_client=config.max_inflight_per_client)
+        self._liveness: LivenessTracker[bytes] = LivenessTracker(clock, interval, config.liveness)
+        self._monitor = Monitor(clock, interval, config.thresholds)
+        self.malformed = Malformed()
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("received", "sent", "malformed", "unroutable", "send_full", "not_active"), 0)
+        self.metrics: dict[str, Any] = {}  # the latest `metrics` snapshot
+        self.last_status: dict[str, Any] = {}  # refreshed every METRICS_PERIOD, for Prometheus
+        now = clock()
+        self._started = now
+        self._eval_every = min(EVAL_PERIOD, interval / 2)
+        self._next_eval = now
+        self._next_metrics = now + METRICS_PERIOD
+        self._serving = self._bstar is None  # what the dispatcher was last told
+        self._mark = now  # the last checkpoint
+        self._stall_min = interval
+        self._drained = True
+        self._drain_until: float | None = None
+        self._errors_reported = 0
+        self._worker_errors: dict[bytes, int] = {}  # internal errors each worker last reported
+        self._restart_resolved = False
+
+    # --- read-only views -----------------------------------------------------------------
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self._dispatcher
+
+    @property
+    def bstar(self) -> BinaryStar | None:
+        return self._bstar
+
+    @property
+    def monitor(self) -> Monitor:
+        return self._monitor
+
+    @property
+    def liveness(self) -> LivenessTracker[bytes]:
+        return self._liveness
+
+    @property
+    def state(self) -> str:
+        """active, passive, primary or backup (a lone broker is always active)."""
+        return "active" if self._bstar is None else self._bstar.state.value
+
+    @property
+    def serving(self) -> bool:
+        """Whether the dispatcher was last told to serve."""
+        return self._serving
+
+    def __repr__(self) -> str:
+        b = self._bstar
+        epoch = b.epoch if b is not None else 0
+        doubt = "" if b is None or b.accepts_clients or b.state is not BStar.ACTIVE else " in-doubt"
+        queued = sum(s["queued"] for s in self._dispatcher.snapshot()["services"])
+        return (f"<BrokerCore {self.role} {self.state.upper()}{doubt} epoch={epoch} "
+                f"workers={len(self._dispatcher.worker_ids())} queued={queued}>")
+
+    # --- verbs ---------------------------------------------------------------------------
+
+    def start(self) -> list[Action]:
+        """The loop starts serving: a lone broker dispatches at once, a pair member only once
+        it is ACTIVE; a broker a supervisor had to restart says so."""
+        out: list[Action] = []
+        with self._contain("the start"):
+            self._activate(self._serving, out)
+            n = self.config.restarts
+            if n > 0:
+                out.append(Log(logging.WARNING, "started again after %d restart(s) by its "
+                               "supervisor: the previous run died (see its log)", (n,)))
+                self._notice(Notice("broker_restarted", self._errors.where, {"restarts": n}), out)
+        self._mark = self._clock()
+        return out
+
+    def frames_received(self, peer: bytes, frames: list[bytes]) -> list[Action]:
+        """A message from the frontend: `frames` after the routing id `peer`."""
+        self.counters["received"] += 1
+        out: list[Action] = []
+        try:
+            self._on_frames(peer, frames, out)
+        except Exception as exc:  # noqa: BLE001 - a bug costs this one message (rule 10)
+            self._failed(exc, peer, frames, out)
+        return out
+
+    def peer_state_received(self, messages: Sequence[list[bytes]]) -> list[Action]:
+        """Every state message read from the peer in one go (rule 4: serving flips once)."""
+        out: list[Action] = []
+        bstar = self._bstar
+        if bstar is None:
+            return out
+        actions: list[BStarAction] = []
+        for frames in messages:
+            with self._contain("a state message from the peer"):
+                try:
+                    state, epoch, role = decode_state(frames)
+                except ProtocolError as exc:
+                    self._malformed(b"peer", f"state message: {exc}", out)
+                    continue
+                actions.extend(bstar.handle(PeerStateSeen(state, epoch, role)))
+        with self._contain("the peer's state"):
+            self._bstar_actions(actions, out)
+        return out
+
+    def call_not_sent(self, worker: bytes, full: bool) -> list[Action]:
+        """A SendCall did not go out (the worker is gone, or its pipe is `full`): the worker is
+        lost, and its calls are retried or answered by the rules for a lost worker."""
+        out: list[Action] = []
+        with self._contain("a call that did not go out"):
+            if self._dispatcher.has_worker(worker):
+                self._lose(worker, "its queue is full (the call did not go out)" if full
+                           else "unreachable", out)
+        return out
+
+    def refused(self, address: str, key: str | None, reason: str) -> list[Action]:
+        """The security layer refused a peer's key (rule 8: noticed in every state)."""
+        out: list[Action] = []
+        self._notice(Notice("unauthorized", address, {"reason": reason, "key": key}), out)
+        return out
+
+    def checkpoint(self, allowed: float = 0.0) -> list[Action]:
+        """The loop runs again; its poll was allowed to wait `allowed` seconds (rule 7)."""
+        out: list[Action] = []
+        with self._contain("a stall of the loop"):
+            self._checkpoint(allowed, out)
+        return out
+
+    def drained(self) -> None:
+        """The frontend had nothing more to read: what peers sent meanwhile has been heard."""
+        self._drained = True
+
+    def tick(self) -> list[Action]:
+        """Every timer, each step contained on its own: one failing never skips the others."""
+        out: list[Action] = []
+        contain = self._contain
+        with contain("a stall of the loop"):
+            self._checkpoint(0.0, out)  # before any timer acts on a clock that jumped under it
+        with contain("the dispatcher's timers"):
+            self._carry_out(self._dispatcher.tick(), out)
+        with contain("a stall of the loop"):
+            self._checkpoint(0.0, out)
+        if self._bstar is not None:
+            with contain("the Binary Star timers"):
+                self._bstar_actions(self._bstar.tick(), out)
+        now = self._clock()
+        if now >= self._next_eval:
+            self._next_eval = now + self._eval_every
+            if self.state == "active":  # the passive broker's view would only repeat it
+                with contain("the monitor's evaluation"):
+                    self._monitor_outputs(self._monitor.evaluate(self._dispatcher.snapshot()), out)
+        if now >= self._next_metrics:
+            self._next_metrics = now + METRICS_PERIOD
+            with contain("the metrics snapshot"):
+                self._metrics_step(out)
+        with contain("a stall of the loop"):
+            self._checkpoint(0.0, out)  # a slow step above is a stall too: before anyone is judged
+        with contain("a silent worker"):
+            self._judge_liveness(out)
+        with contain("heartbeats to workers"):
+            if self._liveness.beat():
+                frames = encode(Heartbeat(WORKER, self._hello()))
+                out.extend(Send(wid, frames) for wid in self._dispatcher.worker_ids())
+        self._report_errors(out)
+        return out
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of any core (the loop polls until then, or less)."""
+        try:
+            nxt = min(self._liveness.next_deadline(), self._next_eval, self._next_metrics)
+            dd = self._dispatcher.next_deadline()
+            if dd is not None:
+                nxt = min(nxt, dd)
+            if self._bstar is not None:
+                nxt = min(nxt, self._bstar.next_deadline())
+        except Exception as exc:  # noqa: BLE001 - a core's bug must not end the loop
+            self._errors.record(exc, "the next deadline")
+            return self._clock() + 0.01
+        return nxt
+
+    def status(self) -> dict[str, Any]:
+        """The answer to `zrpc.status` (docs/protocol.md §6)."""
+        snap = self._dispatcher.snapshot()
+        pair = self._bstar.snapshot() if self._bstar is not None else {}
+        snap["broker"] = {
+            "endpoint": self.config.frontend,
+            "role": self.role,
+            "state": self.state,
+            "serving": self._serving,
+            "peer_state": pair.get("peer_state"),
+            "epoch": pair.get("epoch"),
+            "pid": self._pid,
+            "host": self._host,
+            "uptime_s": round(self._clock() - self._started, 3),
+            "restarts": self.config.restarts,
+        }
+        snap["counters"].update(self.counters)
+        snap["counters"]["internal_errors"] = self._errors.count
+        snap["alerts"] = [{"name": a.name, "severity": a.severity, "subject": a.subject,
+                           "detail": a.detail} for a in self._monitor.active]
+        for w in snap["workers"]:
+            w["phi"] = round(self._monitor.phi(bytes.fromhex(w["id"])), 2)
+        return snap
+
+    def refresh_status(self) -> None:
+        """Stores a fresh status for readers on other threads (a new dict each time)."""
+        self.last_status = self.status()
+
+    # --- input ---------------------------------------------------------------------------
+
+    def _on_frames(self, peer: bytes, frames: list[bytes], out: list[Action]) -> None:
+        if len(frames) != 2:
+            self._malformed(peer, f"{len(frames)} frames, expected 2", out)
+            return
+        try:
+            msg = decode(frames[0], frames[1])
+        except ProtocolError as exc:
+            if exc.reply_to is not None:
+                out.append(Send(peer, encode(ClientReply(exc.reply_to, Status.PROTOCOL_ERROR,
+                                                         pack_error("ProtocolError", str(exc))))))
+            self._malformed(peer, str(exc), out)
+            return
+        d = self._dispatcher
+        if type(msg) is ClientRequest:
+            bstar = self._bstar
+            if msg.service == RESERVED:
+                self._internal(peer, msg, out)
+            elif bstar is None or bstar.accepts_clients or self._vote(bstar, out):
+                self._carry_out(d.handle(RequestArrived(peer, msg)), out)
+            else:
+                self.counters["not_active"] += 1
+                out.append(Send(peer, encode(ClientReply(msg.request_id, Status.NOT_ACTIVE,
+                                                         pack_error("NotActive", self._not_active())))))
+        elif type(msg) is WorkerReply:
+            self._worker_seen(peer, out)
+            self._worker_event(peer, ReplyArrived(peer, msg), out)
+        elif type(msg) is Ready:
+            self._carry_out(d.handle(WorkerReady(peer, msg)), out)
+            self._liveness.seen(peer)
+            out.append(Send(peer, encode(Heartbeat(WORKER, self._hello()))))
+        elif type(msg) is Heartbeat:
+            if msg.sender == WORKER:
+                self._worker_seen(peer, out)
+                if d.has_worker(peer):
+                    self._monitor.worker_heartbeat(peer)
+                    if msg.info:
+                        self._worker_info(peer, msg.info, out)
+            else:
+                out.append(Send(peer, encode(Heartbeat(CLIENT, self._hello()))))
+        elif type(msg) is Disconnect:
+            self._worker_event(peer, WorkerLeaving(peer), out)
+            if d.has_worker(peer):  # still finishing calls: still watched
+                self._liveness.seen(peer)
+        else:
+            self._malformed(peer, f"{type(msg).__name__} is not sent to a broker", out)
+
+    def _failed(self, exc: Exception, peer: bytes, frames: list[bytes], out: list[Action]) -> None:
+        """A message this broker failed on (its own bug): recorded, and a client request is
+        answered rather than left to time out."""
+        self._errors.record(exc, "a frontend message")
+        try:
+            if len(frames) != 2:
+                return
+            msg = decode(frames[0], frames[1])
+            if type(msg) is ClientRequest:
+                out.append(Send(peer, encode(ClientReply(msg.request_id, Status.ERROR, pack_error(
+                    "InternalError", "the broker failed while handling this request (an internal "
+                    "error, logged there); it may have been dispatched")))))
+        except Exception as again:  # noqa: BLE001 - nothing more to do for this message
+            self._errors.record(again, "the answer to a failed message")
+
+    def _vote(self, bstar: BinaryStar, out: list[Action]) -> bool:
+        """A client request to a broker that does not serve: a vote for takeover (rule 3)."""
+        self._bstar_actions(bstar.handle(ClientVoted()), out)
+        return bstar.accepts_clients
+
+    def _not_active(self) -> str:
+        if self._bstar is not None and self._bstar.state is BStar.ACTIVE:
+            return "broker is active but stalled: it waits to hear its peer before it serves"
+        return f"broker is {self.state}"
+
+    def _internal(self, peer: bytes, req: ClientRequest, out: list[Action]) -> None:
+        """Answers the reserved `zrpc` service (as Majordomo's mmi.*); never a vote."""
+        if req.method == "status":
+            body, status = pack_result(self.status()), Status.OK
+        elif req.method == "services":
+            body, status = pack_result(self._dispatcher.services_map()), Status.OK
+        elif req.method == "ping":
+            body, status = pack_result("pong"), Status.OK
+        else:
+            body = pack_error("MethodNotFound", f"the broker has no method zrpc.{req.method}")
+            status = Status.METHOD_NOT_FOUND
+        out.append(Send(peer, encode(ClientReply(req.request_id, status, body))))
+
+    def _worker_seen(self, peer: bytes, out: list[Action]) -> None:
+        """Any traffic from a worker is a heartbeat; an unknown one is asked to register
+        (this broker restarted, or declared it dead while it was only stopped), unless it
+        is one that left cleanly: it is gone on purpose."""
+        d = self._dispatcher
+        if d.has_worker(peer):
+            self._liveness.seen(peer)
+        elif d.wants_register(peer):
+            info = self._hello()
+            info["register"] = True
+            out.append(Send(peer, encode(Heartbeat(WORKER, info))))
+
+    def _worker_event(self, peer: bytes, event: ReplyArrived | WorkerLeaving,
+                      out: list[Action]) -> None:
+        """A worker's message for the dispatcher; a worker it removed (its last reply after
+        DISCONNECT) is forgotten everywhere else too."""
+        d = self._dispatcher
+        known = d.has_worker(peer)
+        self._carry_out(d.handle(event), out)
+        if known and not d.has_worker(peer):
+            self._forget(peer)
+
+    def _worker_info(self, peer: bytes, info: dict[str, Any], out: list[Action]) -> None:
+        """A registered worker's heartbeat `info` (rule 6)."""
+        n = info.get("internal_errors")
+        if type(n) is int and n >= 0:
+            before = self._worker_errors.get(peer, 0)
+            if n != before:
+                self._worker_errors[peer] = n
+            if n > before:
+                w = self._dispatcher.workers.get(peer)
+                name = w.name if w is not None else peer.hex()
+                self._notice(Notice("internal_error", name, {
+                    "error": f"the worker reports {n - before} new internal error(s); see its log",
+                    "count": n, "worker": peer.hex()}), out)
+        epoch = info.get("active_epoch")
+        bstar = self._bstar
+        if (bstar is not None and type(epoch) is int and bstar.state is BStar.ACTIVE
+                and bstar.epoch < epoch <= MAX_EPOCH):
+            self._bstar_actions(bstar.handle(HigherEpochSeen(epoch)), out)
+
+    def _malformed(self, peer: bytes, why: str, out: list[Action]) -> None:
+        m = self.malformed
+        if m.add(why):
+            out.append(Log(logging.WARNING, "dropped malformed message #%d from %s: %s",
+                           (m.count, peer.hex()[:16], why)))
+        self.counters["malformed"] = m.count
+
+    # --- time ----------------------------------------------------------------------------
+
+    def _checkpoint(self, allowed: float, out: list[Action]) -> None:
+        now = self._clock()
+        gap = now - self._mark - allowed
+        self._mark = now
+        if gap > self._stall_min:
+            self._stalled(gap, out)
+
+    def _stalled(self, seconds: float, out: list[Action]) -> None:
+        """Rule 7: peers get the time back, nobody is judged before the backlog (their
+        heartbeats may be in it) is read, and Binary Star hears of it first."""
+        live = self._liveness
+        level = logging.WARNING if seconds >= live.timeout else logging.DEBUG
+        out.append(Log(level, "the loop stalled for %.2fs (stopped, or starved of CPU): peers "
+                       "are given that time back", (seconds,)))
+        live.pause(seconds)
+        self._drained = False
+        if self._drain_until is None:  # not moved by the next stall: a dead worker is found
+            self._drain_until = self._clock() + DRAIN_TIMEOUTS * live.timeout
+        if self._bstar is not None:
+            self._bstar_actions(self._bstar.handle(Stalled(seconds)), out)
+
+    def _judge_liveness(self, out: list[Action]) -> None:
+        if self._drain_until is not None:
+            if not self._drained and self._clock() < self._drain_until:
+                return  # after our own stall: their heartbeats may still be in the backlog
+            self._drain_until = None
+        live = self._liveness
+        for wid in live.expired():
+            with self._contain("a silent worker"):
+                if self._dispatcher.has_worker(wid):
+                    self._lose(wid, f"silent for {live.timeout:.2f}s", out)
+
+    def _metrics_step(self, out: list[Action]) -> None:
+        self._restart_settled(out)
+        d = self._dispatcher
+        snap = d.snapshot()
+        metrics, alerts = self._monitor.metrics(snap)
+        metrics.update(self._identity(), counters={**snap["counters"], **self.counters,
+                                                   "internal_errors": self._errors.count})
+        self.metrics = metrics
+        self.last_status = self.status()
+        out.append(Publish("metrics", metrics))
+        if self.state == "active":
+            self._monitor_outputs(alerts, out)
+        for wid in [w for w in self._worker_errors if not d.has_worker(w)]:
+            del self._worker_errors[wid]  # bounded by the workers we know, whatever path removed one
+        out.append(ReleaseMemory())
+
+    def _restart_settled(self, out: list[Action]) -> None:
+        if (self.config.restarts > 0 and not self._restart_resolved
+                and self._clock() - self._started >= RESTART_ALERT_S):
+            self._restart_resolved = True
+            self._notice(Notice("broker_restarted", self._errors.where,
+                                {"restarts": self.config.restarts, "resolved": True}), out)
+
+    def _report_errors(self, out: list[Action]) -> None:
+        """Internal errors since the last tick become one `internal_error` alert."""
+        errors = self._errors
+        if errors.count == self._errors_reported:
+            return
+        self._errors_reported = errors.count
+        self._notice(Notice("internal_error", errors.where, {"error": errors.last,
+                                                             "count": errors.count}), out)
+        self._errors_reported = errors.count  # an alert that failed too is not alerted again
+
+    # --- between the cores ---------------------------------------------------------------
+
+    def _carry_out(self, actions: list[DispatchAction], out: list[Action]) -> None:
+        """The dispatcher's actions as frames and alerts."""
+        for a in actions:
+            if type(a) is SendToWorker:
+                out.append(SendCall(a.worker_id, encode(a.message)))
+            elif type(a) is ReplyToClient:
+                out.append(Send(a.client_id, encode(ClientReply(a.request_id, a.status, a.body))))
+            elif type(a) is AckLeave:
+                out.append(Send(a.worker_id, encode(Disconnect())))
+            elif type(a) is Notice:
+                self._notice(a, out)
+
+    def _lose(self, wid: bytes, reason: str, out: list[Action]) -> None:
+        """The dispatcher's answer to a lost worker; the worker is forgotten everywhere."""
+        self._carry_out(self._dispatcher.handle(WorkerLost(wid, reason)), out)
+        self._forget(wid)
+
+    def _forget(self, wid: bytes) -> None:
+        self._monitor.forget(wid)
+        self._liveness.forget(wid)
+        self._worker_errors.pop(wid, None)
+
+    def _activate(self, serving: bool, out: list[Action]) -> None:
+        self._carry_out(self._dispatcher.handle(Activated() if serving else Deactivated()), out)
+
+    def _bstar_actions(self, actions: list[BStarAction], out: list[Action]) -> None:
+        serving: bool | None = None
+        for a in actions:
+            if isinstance(a, BStarPublish):
+                out.append(PublishState(encode_state(a.state, a.epoch, self.role)))
+            elif isinstance(a, StateChanged):
+                out.append(Log(logging.INFO, "%s -> %s: %s", (a.old.value, a.new.value, a.reason)))
+                if a.new is BStar.ACTIVE:
+                    self._monitor_outputs(self._monitor.became_active(), out)
+            elif isinstance(a, ServingChanged):
+                serving = a.serving
+                out.append(Log(logging.INFO, "%s clients: %s",
+                               ("serving" if a.serving else "not serving", a.reason)))
+            elif isinstance(a, PeerAlert):
+                if a.name == "role_conflict" and not a.resolved:
+                    out.append(Log(logging.ERROR, "role conflict: %s",
+                                   (a.detail.get("detail", a.detail),)))
+                self._monitor_outputs(self._monitor.peer(a), out)
+        if serving is not None and serving != self._serving:
+            # leaving ACTIVE (or doubting it): nothing new goes to workers from here, and the
+            # queue is answered NOT_ACTIVE, so that no call runs on both brokers
+            self._serving = serving
+            self._activate(serving, out)
+
+    def _notice(self, n: Notice, out: list[Action]) -> None:
+        """Rule 8: published while active, or always for notices about this broker."""
+        try:
+            outputs = (self._monitor.notice(n) if self.state == "active" or n.name in ALWAYS_NOTICED
+                       else [])
+            if not outputs:
+                out.append(Log(logging.DEBUG, "%s %s %s", (n.name, n.subject, n.detail)))
+            self._monitor_outputs(outputs, out)
+        except Exception as exc:  # noqa: BLE001 - an alert's bug must not cost the calls around it
+            self._errors.record(exc, f"the {n.name} notice")
+
+    def _monitor_outputs(self, outputs: list[MonitorOutput], out: list[Action]) -> None:
+        for o in outputs:
+            if isinstance(o, Eject):
+                self._dispatcher.set_ejected(o.worker_id, o.ejected)
+                continue
+            level = logging.INFO if o.state == "resolved" else _LEVELS.get(o.severity, logging.ERROR)
+            out.append(Log(level, "alert %s %s: %s %s", (o.name, o.state, o.subject, o.detail)))
+            out.append(Publish("alert." + o.name, {
+                "name": o.name, "severity": o.severity, "state": o.state,
+                "resolved": o.state == "resolved", "subject": o.subject, "detail": o.detail,
+                **self._identity()}))
+
+    def _identity(self) -> dict[str, Any]:
+        return {"time": self._wall(), "broker": self.config.frontend, "role": self.role,
+                "broker_state": self.state}
+
+    def _hello(self) -> dict[str, Any]:
+        b = self._bstar
+        return {"interval_ms": int(self.config.heartbeat_interval * 1000),
+                "liveness": self.config.liveness, "role": self.role, "state": self.state,
+                "epoch": b.epoch if b is not None else 0, "boot": self._boot}
+
+    @contextmanager
+    def _contain(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - rule 10
+            self._errors.record(exc, what)

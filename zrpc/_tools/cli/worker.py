@@ -1,0 +1,100 @@
+"""`zrpc worker`: serve the services a Python module defines, through the brokers, until told
+to stop."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+import click
+
+from zrpc import _defaults as D
+from zrpc._core._service import Service
+from zrpc._tools.cli._options import (
+    broker_endpoints,
+    brokers_option,
+    curve_client_options,
+    log_option,
+    serving,
+    setup_logging,
+)
+
+
+def load_services(specs: Sequence[str]) -> list[Service]:
+    """MODULE:ATTR (a Service or a list of them) or MODULE (every Service it defines)."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    out: list[Service] = []
+    for spec in specs:
+        modname, _, attr = spec.partition(":")
+        if not modname or modname.startswith("."):
+            raise click.BadParameter(f"{spec!r}: expected MODULE or MODULE:SERVICE, e.g. examples.calc:calc",
+                                     param_hint="SERVICE")
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError as exc:
+            raise click.BadParameter(f"cannot import {modname!r}: {exc}", param_hint="SERVICE") from None
+        except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
+            if os.environ.get("ZRPC_DEBUG"):
+                raise
+            raise click.BadParameter(f"importing {modname!r} failed: {_where(exc)} "
+                                     "(ZRPC_DEBUG=1 shows the traceback)", param_hint="SERVICE") from None
+        if attr:
+            try:
+                obj = getattr(mod, attr)
+            except AttributeError:
+                raise click.BadParameter(f"module {modname!r} has no attribute {attr!r}",
+                                         param_hint="SERVICE") from None
+            found = list(obj) if isinstance(obj, (list, tuple)) else [obj]
+        else:
+            found = [v for v in vars(mod).values() if isinstance(v, Service)]
+        if not found or not all(isinstance(s, Service) for s in found):
+            raise click.BadParameter(f"{spec!r} is not a zrpc.Service", param_hint="SERVICE")
+        out.extend(found)
+    return out
+
+
+def _where(exc: BaseException) -> str:
+    """'Type: message (file, line N)' for an exception raised in a user's module."""
+    if isinstance(exc, SyntaxError):
+        return f"{type(exc).__name__}: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    at = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{at}"
+
+
+@click.command("worker")
+@click.argument("services", nargs=-1, required=True, metavar="MODULE[:SERVICE]...")
+@brokers_option
+@click.option("--concurrency", type=click.IntRange(1, 10_000), default=D.WORKER_CONCURRENCY, show_default=True,
+              help="Calls handled at once (thread pool size; the capacity announced).")
+@click.option("--weight", type=click.FloatRange(0.001, 1e6), default=1.0, show_default=True,
+              help="Relative share of calls under --lb weighted.")
+@click.option("--heartbeat-interval", type=click.FloatRange(0.01, 60), default=D.HEARTBEAT_INTERVAL,
+              show_default=True, help="Seconds between heartbeats to each broker (a broker's own setting wins).")
+@click.option("--liveness", type=click.IntRange(1, 100), default=D.LIVENESS, show_default=True,
+              help="Silent intervals after which a broker is presumed dead and reconnected.")
+@click.option("--send-tracebacks/--no-send-tracebacks", default=None,
+              help="Send handlers' tracebacks to clients (default: only when every broker is on loopback).")
+@curve_client_options
+@log_option
+def command(services: tuple[str, ...], brokers: str | None, concurrency: int, weight: float,
+            heartbeat_interval: float, liveness: int, send_tracebacks: bool | None,
+            curve_server_key: str | None, curve_secret: str | None, log_level: str) -> None:
+    """Serve the services defined in MODULE (e.g. `zrpc worker examples.calc:calc`).
+
+    SIGTERM or Ctrl-C finishes the calls in flight, then leaves; a second one stops at once.
+    """
+    from zrpc._io._worker import Worker
+
+    setup_logging(log_level)
+    w = Worker(load_services(services), broker_endpoints(brokers), concurrency=concurrency,
+               weight=weight, heartbeat_interval=heartbeat_interval, liveness=liveness,
+               send_tracebacks=send_tracebacks, curve_server_key=curve_server_key,
+               curve_secret=curve_secret)
+    serving()
+    w.run()
