@@ -60,13 +60,14 @@ Thresholds'); the others keep their defaults."""
 
 @dataclass
 class BrokerConfig:
-    """Fields are in the order `zrpc broker --help` lists them."""
+    """One broker's settings. The field order is the historical one (positional use keeps
+    working); `zrpc broker --help` lists them in HELP_ORDER."""
 
-    role: str = field(default=D.ROLES[0], metadata=flag(
-        "This broker's place in a Binary Star pair.", choices=D.ROLES))
     frontend: str = field(default=local_frontend(D.ROLES[0]), metadata=flag(
         f"Endpoint clients and workers connect to (default {local_frontend(D.ROLES[0])} for "
         f"primary, :{D.FRONTEND_PORTS[1]} for backup).", kind="endpoint", unset=True))
+    role: str = field(default=D.ROLES[0], metadata=flag(
+        "This broker's place in a Binary Star pair.", choices=D.ROLES))
     state: str | None = field(default=None, metadata=flag(
         "Endpoint where this broker publishes its state to its peer.", kind="endpoint"))
     peer_state: str | None = field(default=None, metadata=flag(
@@ -92,13 +93,36 @@ class BrokerConfig:
         range=(1024, 2**31 - 1)))
     metrics_port: int | None = field(default=None, metadata=flag(
         f"Serve Prometheus metrics on http://{D.LOCAL_HOST}:PORT/metrics.", range=(1, 65535)))
-    thresholds: Thresholds = field(default_factory=Thresholds, metadata={FLAG: THRESHOLD_FLAGS})
-    max_inflight_per_client: int = field(default=D.MAX_INFLIGHT_PER_CLIENT, metadata=flag(
-        "Calls one client may have queued or running; beyond, Overloaded.", range=(1, 10_000_000)))
     curve_secret: str | None = field(default=None, metadata=flag(
         "This broker's key pair (NAME.key_secret): encrypts every socket.", kind="file"))
     curve_authorized: str | None = field(default=None, metadata=flag(
         "Directory of public keys (*.key) admitted; reloaded on SIGHUP.", kind="dir"))
+    max_inflight_per_client: int = field(default=D.MAX_INFLIGHT_PER_CLIENT, metadata=flag(
+        "Calls one client may have queued or running; beyond, Overloaded.", range=(1, 10_000_000)))
+    thresholds: Thresholds = field(default_factory=Thresholds, metadata={FLAG: THRESHOLD_FLAGS})
     restarts: int = field(default=0, metadata=flag(
         "How many times a supervisor (zrpc pair) has restarted this broker.", range=(0, None),
         hidden=True))
+
+
+HELP_ORDER = (
+    "role",
+    "frontend",
+    "state",
+    "peer_state",
+    "monitor",
+    "lb",
+    "queue_limit",
+    "queue_bytes",
+    "service_grace",
+    "heartbeat_interval",
+    "liveness",
+    "max_message",
+    "metrics_port",
+    "thresholds",
+    "max_inflight_per_client",
+    "curve_secret",
+    "curve_authorized",
+    "restarts",
+)
+"""The order `zrpc broker --help` lists the settings in (role first: it sets the others' defaults)."""

@@ -292,32 +292,47 @@ class Broker:
     # --- output --------------------------------------------------------------------------
 
     def _execute(self, actions: list[Action]) -> None:
+        """Carries out the core's actions. One that fails costs itself only: the rest of the
+        batch (heartbeats, replies, calls the Dispatcher counts as sent) still goes out."""
         pending = actions
         not_sent: set[bytes] = set()  # workers a call did not reach, in this batch
+        record = self._errors.record
         while pending:
             more: list[Action] = []
             for a in pending:
-                if type(a) is Send:
-                    self._send(a.peer, a.frames)
-                elif type(a) is SendCall:
-                    wid = a.worker
-                    if wid in not_sent:
-                        continue  # lost earlier in this batch: its calls were dealt with then
-                    sent = self._send(wid, a.frames)
-                    if sent is not Sent.OK:
-                        not_sent.add(wid)
-                        more.extend(self.core.call_not_sent(wid, full=sent is Sent.FULL))
-                elif type(a) is Log:
-                    self.log.log(a.level, a.msg, *a.args)
-                elif type(a) is Publish:
-                    if self._mon is not None:  # a monitor must never slow the broker down
-                        send_nowait(self._mon, [a.topic.encode(), pack_result(a.event)])
-                elif type(a) is PublishState:
-                    if self._pub is not None:
-                        send_nowait(self._pub, a.frames)
-                elif type(a) is ReleaseMemory:
-                    _release_memory()
+                # a plain try: it costs nothing on this path until something raises
+                try:
+                    if type(a) is Send:
+                        self._send(a.peer, a.frames)
+                    elif type(a) is SendCall:
+                        wid = a.worker
+                        if wid in not_sent:
+                            continue  # lost earlier in this batch: its calls were dealt with then
+                        sent = self._send(wid, a.frames)
+                        if sent is not Sent.OK:
+                            not_sent.add(wid)
+                            more.extend(self.core.call_not_sent(wid, full=sent is Sent.FULL))
+                    elif type(a) is Log:
+                        self.log.log(a.level, a.msg, *a.args)
+                    elif type(a) is Publish:
+                        self._publish(self._mon, [a.topic.encode(), pack_result(a.event)])
+                    elif type(a) is PublishState:
+                        self._publish(self._pub, a.frames)
+                    elif type(a) is ReleaseMemory:
+                        _release_memory()
+                except Exception as exc:  # noqa: BLE001 - a bug costs one action, never the broker
+                    record(exc, f"an action ({type(a).__name__})")
             pending = more
+
+    @staticmethod
+    def _publish(sock: zmq.Socket[Any] | None, frames: list[bytes]) -> None:
+        """Monitor and state messages: a monitor or a peer never slows the broker down, so no
+        zmq error of theirs is the broker's (the peer's silence is Binary Star's to judge)."""
+        if sock is not None:
+            try:
+                send_nowait(sock, frames)
+            except zmq.ZMQError:
+                pass
 
     def _send(self, peer: bytes, frames: list[bytes]) -> Sent:
         """GONE when the peer is gone (ROUTER_MANDATORY), FULL when its pipe is full: either

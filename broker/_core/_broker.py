@@ -4,7 +4,8 @@ what to send, publish and log because of it.
 It composes the Dispatcher, the BinaryStar machine (a pair member only: a lone broker has
 none), the Monitor and the workers' LivenessTracker, with an injected clock. The socket loop
 (broker/_loop.py) hands it what it read and carries out the actions it returns; it decides
-nothing. The verbs: `start`, `frames_received`, `peer_state_received`, `call_not_sent`,
+nothing but to skip the later SendCalls to a worker one of them failed to reach. The verbs:
+`start`, `frames_received`, `peer_state_received`, `call_not_sent`,
 `refused`, `checkpoint`, `drained`, `tick`, `next_deadline`.
 
 Rules (DESIGN.md §3-5, docs/protocol.md §7-8):

@@ -32,7 +32,7 @@ from zrpc._core._frames import (
 from zrpc._core._serial import pack_call, pack_result, unpack_error, unpack_result
 from zrpc._io._sockets import Sent
 from zrpc.broker import _loop
-from zrpc.broker._core._broker import Publish
+from zrpc.broker._core._broker import Publish, Send
 from zrpc.broker._core._dispatch import RequestArrived, WorkerLost
 from zrpc.broker._loop import Broker, BrokerConfig
 from zrpc.testing import free_port, wait_until
@@ -247,6 +247,28 @@ def test_a_bug_in_a_timer_step_is_contained(ctx, monkeypatch):
                    what="the failing timer counted, the loop still serving")
         assert lb.thread.is_alive()
         c.close()
+
+
+def test_an_action_that_fails_costs_only_itself(ctx, monkeypatch):
+    """A monitor message that cannot go out (here: a bug publishing) costs itself only: the
+    replies and heartbeats after it in the same batch still go out, and the bug is counted."""
+    broker = Broker(BrokerConfig(frontend=f"tcp://127.0.0.1:{free_port()}",
+                                 monitor=f"tcp://127.0.0.1:{free_port()}"), context=ctx)
+    broker.bind()
+    try:
+        def broken(*a: Any) -> None:
+            raise RuntimeError("a bug publishing")
+
+        monkeypatch.setattr(_loop.Broker, "_publish", staticmethod(broken))
+        sent: list[bytes] = []
+        monkeypatch.setattr(broker, "_send", lambda peer, frames: sent.append(peer) or _loop.Sent.OK)
+        broker._execute([Publish("metrics", {}), Send(b"client-1", [b"a"]),
+                         Publish("alert.x", {}), Send(b"worker-1", [b"b"])])
+        assert sent == [b"client-1", b"worker-1"]
+        assert broker._errors.count == 2
+    finally:
+        broker._front.close(linger=0)  # never run: close what bind() opened
+        broker._mon.close(linger=0)
 
 
 # --- 3. a stall of our own is no evidence against workers ----------------------------------------

@@ -150,7 +150,8 @@ class BrokerNode:
 
 
 class WorkerNode:
-    """A worker's reply cache and calls, glued as zrpc/_worker.py glues them."""
+    """A worker's reply cache and calls, glued as the worker glues them (a model of
+    zrpc/_core/_worker.py's admission: the reply cache decides what runs)."""
 
     def __init__(self, model: Deployment, index: int) -> None:
         self.m = model

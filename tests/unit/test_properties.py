@@ -161,7 +161,7 @@ def test_quantile_survives_any_counts_and_q(buckets, q):
     assert v is None or (math.isfinite(v) and 0.0 <= v <= LATENCY_BUCKETS[-2])
 
 
-# --- budgets and deadlines (zrpc/_clock.py) -------------------------------------------------------
+# --- budgets and deadlines (zrpc/_core/_clock.py) -------------------------------------------------
 
 
 @relaxed
@@ -215,7 +215,7 @@ def test_deadline_from_budget_is_total(budget, now):
     assert isinstance(d, float) and not math.isnan(d)
 
 
-# --- reconnect backoff (zrpc/_liveness.py) ----------------------------------------------------------
+# --- reconnect backoff (zrpc/_core/_liveness.py) ----------------------------------------------------
 
 
 @relaxed
@@ -243,7 +243,7 @@ def test_backoff_delays_stay_within_bounds_and_reset(initial, factor, jitter, se
         assert base * (1 - jitter) * (1 - 1e-12) <= d <= base * (1 + jitter) * (1 + 1e-12)
 
 
-# --- the Binary Star state message (broker/_bstar.py) --------------------------------------------
+# --- the Binary Star state message (broker/_core/_bstar.py) --------------------------------------
 
 msgpack_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)

@@ -215,6 +215,7 @@ class Worker:
         if any(m.is_async for s in self.services.values() for m in s.methods.values()):
             self._aloop = asyncio.new_event_loop()
             threading.Thread(target=self._aloop.run_forever, name="zrpc-async", daemon=True).start()
+        self._take_stops()  # stopped before run(): the links open with DISCONNECT, never READY
         for action in self._core.start():  # not contained: a broker that cannot be opened at
             self._do(action)               # all is the caller's error
         self.ready.set()

@@ -53,7 +53,8 @@ def _ports() -> tuple[PairPorts, bool]:
 def _status(ep: str, timeout: float = 0.5) -> dict[str, Any] | None:
     try:
         with Client([ep], timeout=timeout) as c:
-            return c.call("zrpc", "status")  # type: ignore[no-any-return]
+            status: dict[str, Any] = c.call("zrpc", "status")
+            return status
     except ZrpcError:
         return None
 
@@ -152,9 +153,6 @@ class Load:
         with self.lock:
             charged = set(self.charged)
         return read_ledger(self.ledger, charged, self.charges)
-
-    def double_executions(self) -> int:
-        return sum(n - 1 for n in self.ledger_runs().values() if n > 1)
 
 
 class Demo:

@@ -83,13 +83,18 @@ class ConfigOptions:
 
     A default, a range and a help text are then written once, on the field."""
 
-    def __init__(self, cls: type[Any], only: Sequence[str] | None = None, *, help: bool = True) -> None:
+    def __init__(self, cls: type[Any], only: Sequence[str] | None = None, *, help: bool = True,
+                 order: Sequence[str] | None = None) -> None:
+        """`order`: the field names in the order the options are listed (default: the fields')."""
         self._options: list[tuple[str, str, dict[str, Any]]] = []  # flag, parameter, click keywords
         self._paths: dict[str, tuple[str, ...]] = {}  # click parameter -> field (, subfield)
         self._nested: dict[str, type[Any]] = {}
         self._help = help
         hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
+        fields = dataclasses.fields(cls)
+        if order is not None:
+            fields = tuple(sorted(fields, key=lambda f: order.index(f.name)))
+        for f in fields:
             meta = f.metadata.get(FLAG)
             if meta is None or (only is not None and f.name not in only):
                 continue

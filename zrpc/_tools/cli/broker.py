@@ -10,9 +10,9 @@ import click
 
 from zrpc._core._config import is_loopback
 from zrpc._tools.cli._options import ConfigOptions, log_option, serving, setup_logging
-from zrpc.broker._config import BrokerConfig, local_frontend
+from zrpc.broker._config import HELP_ORDER, BrokerConfig, local_frontend
 
-OPTIONS = ConfigOptions(BrokerConfig)
+OPTIONS = ConfigOptions(BrokerConfig, order=HELP_ORDER)
 
 
 @click.command("broker")
