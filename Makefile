@@ -30,8 +30,17 @@ SOAK_SECONDS ?= 600
 soak: $(STAMP)
 	ZRPC_SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/python -m pytest tests/chaos/test_soak.py -s
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/throughput.py
+# zrpc (one broker, a pair) beside a raw pyzmq forwarder, zerorpc, Pyro5 and gRPC, about two
+# minutes; `make bench BENCH_ARGS="--seconds 1 --json bench.json"`. A peer that did not install
+# is skipped with a note.
+BENCH_ARGS ?=
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]' && touch $@ || \
+		echo "bench: the bench extra did not install; the peers it lacks are skipped"
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/throughput.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -1,13 +1,16 @@
-"""zrpc beside raw pyzmq, in one run, on this machine.
+"""zrpc beside a raw pyzmq forwarder and the Python RPC peers, in one run, on this machine.
 
-raw:  client DEALER -> Python ROUTER/ROUTER forwarder (batch drain) -> worker DEALER, msgpack
-      bodies, the handler inline: the least a broker in Python can do.
-zrpc: zrpc.Client -> zrpc broker -> zrpc worker (examples.calc), the same calls.
+Systems: the raw forwarder (the least a broker in Python can do), zrpc through one broker,
+zrpc through a pair (primary and backup, heartbeats on), and zerorpc, Pyro5 (msgpack), gRPC
+sync and gRPC aio when they are importable (`pip install -e '.[bench]'`). Workloads: add(1, 2)
+sequential, add with 128 in flight, add from 256 asyncio tasks (AsyncClient, gRPC aio), echo
+of 1 KiB and of 64 KiB with 16 in flight. Every server runs as a child process.
 
-Rows: sequential add(1, 2) (calls/s, p50, p99), pipelined add with 256 in flight, 64 KiB echo
-with 16 in flight. Prints a table and the zrpc/raw ratio per row.
+Each row prints calls/s, p50/p99 latency (sequential rows) and the CPU µs per call of each
+process (client, broker(s), worker or server); a second table holds zrpc's ratios to the
+forwarder and to each peer.
 
-    python benchmarks/throughput.py [--seconds 3] [--json]
+    python benchmarks/throughput.py [--seconds 3] [--json [PATH]] [--systems a,b] [--workloads a,b]
 """
 
 from __future__ import annotations
@@ -15,199 +18,213 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
+import tempfile
 import time
-from pathlib import Path
+from functools import partial
+from importlib import metadata
+from typing import Any
 
-import msgpack
 import zmq
+from _measure import Meter, Row, sequential
+from _systems import ECHO1K, ECHO64K, SEQ, SYSTEMS, WORKLOADS, Client, System
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from zrpc.testing import Processes
 
-from zrpc.testing import Processes, free_port, wait_until  # noqa: E402
-
-PAYLOAD = os.urandom(64 * 1024)
-
-
-# --- raw pieces (run as child processes of this script) -------------------------------------
-
-
-def raw_forwarder(front_ep: str, back_ep: str) -> None:
-    ctx = zmq.Context()
-    front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
-    front.bind(front_ep)
-    back.bind(back_ep)
-    workers: list[bytes] = []
-    turn = 0
-    poller = zmq.Poller()
-    poller.register(front, zmq.POLLIN)
-    poller.register(back, zmq.POLLIN)
-    while True:
-        for sock, _ in poller.poll():
-            for _ in range(512):
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if sock is back:
-                    if len(frames) == 2:  # [wid, b"READY"]
-                        workers.append(frames[0])
-                    else:  # [wid, cid, head, body]
-                        front.send_multipart(frames[1:])
-                elif workers:
-                    turn = (turn + 1) % len(workers)
-                    back.send_multipart([workers[turn], *frames])
+PAYLOADS = {ECHO1K: os.urandom(1024), ECHO64K: os.urandom(64 * 1024)}
+DEFAULT_SECONDS = 3.0
+"""Per row: 28 rows of warm-up and measurement, plus start-ups, come to about two minutes."""
+ZRPC_SYSTEMS = ("zrpc", "zrpc-pair")
+PACKAGES = ("pyzmq", "msgpack", "zerorpc", "gevent", "Pyro5", "grpcio")
 
 
-def raw_worker(back_ep: str) -> None:
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.connect(back_ep)
-    s.send(b"READY")
-    while True:
-        cid, head, body = s.recv_multipart()
-        args, kwargs = msgpack.unpackb(body)
-        result = args[0] + args[1] if len(args) == 2 else args[0]
-        s.send_multipart([cid, head, msgpack.packb(result)])
+def warm_up(seconds: float) -> float:
+    """A warm-up long enough to fill queues and caches, short beside the row."""
+    return min(1.0, max(0.1, seconds / 4))
 
 
-class RawClient:
-    def __init__(self, ep: str) -> None:
-        self.ctx = zmq.Context()
-        self.s = self.ctx.socket(zmq.DEALER)
-        self.s.connect(ep)
-        self.rid = 0
-
-    def call(self, *args: object) -> object:
-        self.rid += 1
-        self.s.send_multipart([msgpack.packb(self.rid), msgpack.packb([list(args), {}])])
-        head, body = self.s.recv_multipart()
-        return msgpack.unpackb(body)
-
-    def ready(self) -> bool:
-        """One probe call; False if the forwarder had no worker yet (it drops the call)."""
-        self.rid += 1
-        self.s.send_multipart([msgpack.packb(self.rid), msgpack.packb([[1, 2], {}])])
-        if not self.s.poll(200):
-            return False
-        self.s.recv_multipart()
-        return True
-
-    def pipelined(self, n: int, window: int, *args: object) -> None:
-        sent = done = 0
-        body = msgpack.packb([list(args), {}])
-        while done < n:
-            while sent < n and sent - done < window:
-                self.rid += 1
-                self.s.send_multipart([msgpack.packb(self.rid), body])
-                sent += 1
-            self.s.recv_multipart()
-            done += 1
-
-    def close(self) -> None:
-        self.ctx.destroy(linger=0)
+def args_for(key: str) -> tuple[Any, ...]:
+    return (PAYLOADS[key],) if key in PAYLOADS else (1, 2)
 
 
-# --- measurement ----------------------------------------------------------------------------
+def check(system: System, client: Client) -> None:
+    """The calls must return what calc returns, or the figures measure something else."""
+    got = client.call("add", 1, 2), client.call("echo", PAYLOADS[ECHO1K])
+    if got != (3, PAYLOADS[ECHO1K]):
+        raise RuntimeError(f"{system.label} answered add(1, 2) and echo wrongly: {str(got)[:80]}")
 
 
-def sequential(call, seconds: float) -> dict[str, float]:
-    for _ in range(200):
-        call()
-    lat = []
-    end = time.perf_counter() + seconds
-    while True:
-        t = time.perf_counter()
-        call()
-        lat.append(time.perf_counter() - t)
-        if t > end:
-            break
-    lat.sort()
-    return {"calls_s": len(lat) / sum(lat), "p50_us": lat[len(lat) // 2] * 1e6,
-            "p99_us": lat[int(len(lat) * 0.99)] * 1e6}
+def measure(system: System, keys: list[str], procs: Processes, seconds: float, counter: list[int],
+            total: int) -> list[Row]:
+    """Starts one system, runs its rows, and stops its processes (whatever happens)."""
+    started = len(procs.procs)
+    try:
+        found, client = system.launch(procs)
+    except BaseException:
+        for p in procs.procs[started:]:
+            procs.kill(p)
+        raise
+    rows = []
+    try:
+        check(system, client)
+        for key in keys:
+            wl = WORKLOADS[key]
+            counter[0] += 1
+            print(f"[{counter[0]}/{total}] {system.label}: {wl.label} ...", end="", file=sys.stderr, flush=True)
+            meter = Meter(found)
+            call_args = args_for(key)
+            if key == SEQ:
+                row = sequential(partial(client.call, wl.method, *call_args), warm_up(seconds),
+                                 seconds, meter, system.key, key)
+            else:
+                calls = client.flood(wl, call_args, warm_up(seconds), seconds, meter.start)
+                row = meter.stop(system.key, key, calls)
+            print(f" {row.calls_s:,.0f} calls/s", file=sys.stderr)
+            rows.append(row)
+    finally:
+        client.close()
+        for p in procs.procs[started:]:
+            procs.terminate(p, timeout=5)
+    return rows
 
 
-def rate(run, n: int) -> float:
-    run(min(n, 1000))  # warm up
-    t = time.perf_counter()
-    run(n)
-    return n / (time.perf_counter() - t)
+def fmt(value: float | None, digits: int = 0) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
 
 
-def zrpc_pipelined(client, n: int, window: int, method: str, *args: object) -> None:
-    from collections import deque
+def results_table(rows: list[Row], labels: dict[str, str], box_style: box.Box) -> Table:
+    t = Table(title="calls/s, latency and CPU µs per call of each process", box=box_style)
+    for name in ("system", "workload"):
+        t.add_column(name)
+    for name in ("calls/s", "p50 µs", "p99 µs", "client µs", "broker µs", "server µs", "total µs"):
+        t.add_column(name, justify="right")
+    last = None
+    for r in rows:
+        if last is not None and r.system != last:
+            t.add_section()
+        last = r.system
+        cpu = [r.cpu_role(role) for role in ("client", "broker", "server")]
+        t.add_row(labels[r.system], WORKLOADS[r.workload].label, fmt(r.calls_s), fmt(r.p50_us), fmt(r.p99_us),
+                  *(fmt(c, 1) for c in cpu), fmt(sum(c for c in cpu if c is not None), 1))
+    return t
 
-    fn = getattr(client.proxy("calc"), method).future
-    q: deque = deque()
-    for _ in range(n):
-        if len(q) >= window:
-            q.popleft().result()
-        q.append(fn(*args))
-    for f in q:
-        f.result()
+
+def ratios(rows: list[Row]) -> dict[str, dict[str, dict[str, float]]]:
+    """zrpc system -> workload -> other system -> zrpc calls/s over the other's."""
+    rate = {(r.system, r.workload): r.calls_s for r in rows}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for z in ZRPC_SYSTEMS:
+        for (system, workload), zv in rate.items():
+            if system != z:
+                continue
+            for (other, owl), ov in rate.items():
+                if owl == workload and other not in ZRPC_SYSTEMS and ov:
+                    out.setdefault(z, {}).setdefault(workload, {})[other] = zv / ov
+    return out
+
+
+def ratio_table(rows: list[Row], labels: dict[str, str], box_style: box.Box) -> Table:
+    table = ratios(rows)
+    others = [s.key for s in SYSTEMS if s.key not in ZRPC_SYSTEMS and any(r.system == s.key for r in rows)]
+    t = Table(title="zrpc calls/s ÷ the other's (above 1: zrpc does more)", box=box_style)
+    t.add_column("zrpc")
+    t.add_column("workload")
+    for o in others:
+        t.add_column(f"÷ {labels[o]}", justify="right")
+    for z in ZRPC_SYSTEMS:
+        for wl, by in table.get(z, {}).items():
+            t.add_row(labels[z], WORKLOADS[wl].label, *(fmt(by.get(o), 2) for o in others))
+    return t
+
+
+def environment(seconds: float) -> dict[str, Any]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": platform.python_version(), "libzmq": zmq.zmq_version(), "packages": versions,
+            "cpus": os.cpu_count(), "seconds_per_row": seconds,
+            "when": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+
+
+def parse_keys(text: str | None, allowed: list[str], what: str) -> list[str]:
+    if not text:
+        return allowed
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in keys if k not in allowed]
+    if bad:
+        raise SystemExit(f"unknown {what}: {', '.join(bad)} (choose from {', '.join(allowed)})")
+    return keys
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=3.0, help="per sequential row")
-    ap.add_argument("--calls", type=int, default=30000, help="per pipelined row")
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--role", help=argparse.SUPPRESS)
-    ap.add_argument("--ep", nargs="*", help=argparse.SUPPRESS)
+    ap.add_argument("--seconds", type=float, default=DEFAULT_SECONDS, help="measured seconds per row")
+    ap.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                    help="write every figure as JSON to PATH (no PATH: to stdout, instead of the tables)")
+    ap.add_argument("--systems", help=f"only these, comma-separated: {','.join(s.key for s in SYSTEMS)}")
+    ap.add_argument("--workloads", help=f"only these, comma-separated: {','.join(WORKLOADS)}")
+    ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     a = ap.parse_args()
-    if a.role == "forwarder":
-        raw_forwarder(*a.ep)
-        return 0
-    if a.role == "worker":
-        raw_worker(*a.ep)
-        return 0
+    systems = parse_keys(a.systems, [s.key for s in SYSTEMS], "system")
+    workloads = parse_keys(a.workloads, list(WORKLOADS), "workload")
 
-    import zrpc
-    from tests.conftest import broker_status
+    plan: list[tuple[System, list[str]]] = []
+    notes: list[str] = []
+    for s in SYSTEMS:
+        keys = [k for k in s.workloads if k in workloads]
+        if s.key not in systems or not keys:
+            continue
+        why = s.missing()
+        if why:
+            notes.append(f"{s.label}: skipped, {why}")
+            print(f"skipping {s.label}: {why}", file=sys.stderr)
+            continue
+        plan.append((s, keys))
+    total = sum(len(keys) for _, keys in plan)
+    labels = {s.key: s.label for s in SYSTEMS}
+    rows: list[Row] = []
+    counter = [0]
+    with tempfile.TemporaryDirectory(prefix="zrpc-bench-") as logs, Processes(log_dir=logs) as procs:
+        for system, keys in plan:
+            try:
+                rows += measure(system, keys, procs, a.seconds, counter, total)
+            except Exception as exc:  # one system failing leaves the others' figures
+                counter[0] = sum(len(k) for s, k in plan[:plan.index((system, keys)) + 1])
+                note = f"{system.label}: failed, {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                notes.append(note)
+                print(f"\n{note}", file=sys.stderr)
+                for problem in procs.problems():
+                    print(problem, file=sys.stderr)
 
-    results: dict[str, dict[str, float]] = {}
-    with Processes() as procs:
-        front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-        procs.spawn([sys.executable, __file__, "--role", "forwarder", "--ep", front, back])
-        procs.spawn([sys.executable, __file__, "--role", "worker", "--ep", back])
-        raw = RawClient(front)
-        wait_until(raw.ready, 10, what="raw path up")
-        print("measuring raw pyzmq ...", file=sys.stderr)
-        r = sequential(lambda: raw.call(1, 2), a.seconds)
-        r["pipelined_s"] = rate(lambda n: raw.pipelined(n, 256, 1, 2), a.calls)
-        r["echo64k_s"] = rate(lambda n: raw.pipelined(n, 16, PAYLOAD), a.calls // 10)
-        results["raw"] = r
-        raw.close()
-
-        ep = f"tcp://127.0.0.1:{free_port()}"
-        procs.zrpc("broker", "--frontend", ep, "--log-level", "warning")
-        wait_until(lambda: broker_status(ep), 10, what="broker up")
-        procs.zrpc("worker", "zrpc.examples.calc:calc", "--brokers", ep, "--log-level", "warning")
-        wait_until(lambda: (broker_status(ep) or {}).get("workers"), 10, what="worker up")
-        print("measuring zrpc ...", file=sys.stderr)
-        with zrpc.Client([ep], timeout=30) as c:
-            add = c.proxy("calc").add
-            z = sequential(lambda: add(1, 2), a.seconds)
-            z["pipelined_s"] = rate(lambda n: zrpc_pipelined(c, n, 256, "add", 1, 2), a.calls)
-            z["echo64k_s"] = rate(lambda n: zrpc_pipelined(c, n, 16, "echo", PAYLOAD), a.calls // 10)
-        results["zrpc"] = z
-
-    rows = [("sequential add calls/s", "calls_s", True), ("sequential p50 us", "p50_us", False),
-            ("sequential p99 us", "p99_us", False), ("pipelined (256) add calls/s", "pipelined_s", True),
-            ("64 KiB echo (16) calls/s", "echo64k_s", True)]
-    if a.json:
-        print(json.dumps(results, indent=2))
-        return 0
-    print(f"{'row':32} {'raw pyzmq':>12} {'zrpc':>12} {'zrpc/raw':>9}")
-    for label, key, higher_better in rows:
-        rv, zv = results["raw"][key], results["zrpc"][key]
-        ratio = zv / rv if higher_better else rv / zv
-        print(f"{label:32} {rv:12,.0f} {zv:12,.0f} {ratio:9.2f}")
-    print("(ratio > 1 is zrpc faster; for latency rows the ratio is raw/zrpc)")
-    print(f"python {sys.version.split()[0]}, pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}, "
-          f"{os.cpu_count()} cpus; median of one run each")
-    return 0
+    report: dict[str, Any] = {"environment": environment(a.seconds), "rows": [r.as_dict() for r in rows],
+              "ratios": ratios(rows), "notes": notes}
+    if a.json and a.json != "-":
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=2)
+    if a.json == "-":
+        print(json.dumps(report, indent=2))
+        return 0 if rows else 1
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    style = box.MARKDOWN if a.markdown else box.SIMPLE_HEAD
+    console.print(results_table(rows, labels, style))
+    if any(r.system in ZRPC_SYSTEMS for r in rows):
+        console.print(ratio_table(rows, labels, style))
+    env = environment(a.seconds)
+    console.print(f"python {env['python']}, libzmq {env['libzmq']}, "
+                  + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
+                  + f"; {env['cpus']} cpus; {a.seconds:g} s per row, one run")
+    for note in notes:
+        console.print(note)
+    return 0 if rows else 1
 
 
 if __name__ == "__main__":
