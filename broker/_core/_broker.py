@@ -371,8 +371,10 @@ class BrokerCore:
     def checkpoint(self, allowed: float = 0.0) -> list[Action]:
         """The loop runs again; its poll was allowed to wait `allowed` seconds (rule 7)."""
         out: list[Action] = []
-        with self._contain("a stall of the loop"):
-            self._checkpoint(allowed, out)
+        try:  # plain tries here and in tick(): they run on every wake-up, and a try costs
+            self._checkpoint(allowed, out)  # nothing until it raises (_contain() a microsecond)
+        except Exception as exc:  # noqa: BLE001 - rule 10
+            self._errors.record(exc, "a stall of the loop")
         return out
 
     def drained(self) -> None:
@@ -382,34 +384,52 @@ class BrokerCore:
     def tick(self) -> list[Action]:
         """Every timer, each step contained on its own: one failing never skips the others."""
         out: list[Action] = []
-        contain = self._contain
-        with contain("a stall of the loop"):
+        record = self._errors.record
+        try:
             self._checkpoint(0.0, out)  # before any timer acts on a clock that jumped under it
-        with contain("the dispatcher's timers"):
+        except Exception as exc:  # noqa: BLE001 - rule 10, as every step below
+            record(exc, "a stall of the loop")
+        try:
             self._carry_out(self._dispatcher.tick(), out)
-        with contain("a stall of the loop"):
+        except Exception as exc:  # noqa: BLE001
+            record(exc, "the dispatcher's timers")
+        try:
             self._checkpoint(0.0, out)
+        except Exception as exc:  # noqa: BLE001
+            record(exc, "a stall of the loop")
         if self._bstar is not None:
-            with contain("the Binary Star timers"):
+            try:
                 self._bstar_actions(self._bstar.tick(), out)
+            except Exception as exc:  # noqa: BLE001
+                record(exc, "the Binary Star timers")
         now = self._clock()
         if now >= self._next_eval:
             self._next_eval = now + self._eval_every
             if self.state == "active":  # the passive broker's view would only repeat it
-                with contain("the monitor's evaluation"):
+                try:
                     self._monitor_outputs(self._monitor.evaluate(self._dispatcher.snapshot()), out)
+                except Exception as exc:  # noqa: BLE001
+                    record(exc, "the monitor's evaluation")
         if now >= self._next_metrics:
             self._next_metrics = now + METRICS_PERIOD
-            with contain("the metrics snapshot"):
+            try:
                 self._metrics_step(out)
-        with contain("a stall of the loop"):
+            except Exception as exc:  # noqa: BLE001
+                record(exc, "the metrics snapshot")
+        try:
             self._checkpoint(0.0, out)  # a slow step above is a stall too: before anyone is judged
-        with contain("a silent worker"):
+        except Exception as exc:  # noqa: BLE001
+            record(exc, "a stall of the loop")
+        try:
             self._judge_liveness(out)
-        with contain("heartbeats to workers"):
+        except Exception as exc:  # noqa: BLE001
+            record(exc, "a silent worker")
+        try:
             if self._liveness.beat():
                 frames = encode(Heartbeat(WORKER, self._hello()))
                 out.extend(Send(wid, frames) for wid in self._dispatcher.worker_ids())
+        except Exception as exc:  # noqa: BLE001
+            record(exc, "heartbeats to workers")
         self._report_errors(out)
         return out
 

@@ -240,6 +240,7 @@ class Client:
         poller.register(self._waker.socket, zmq.POLLIN)
         session = self._session
         contain = self._errors.contain
+        record = self._errors.record
         while not self._closed.is_set():
             now = self._clock()
             for sock, _ in poller.poll(timeout_ms(session.next_deadline(), now, cap=POLL_CAP)):
@@ -256,16 +257,23 @@ class Client:
                     frames = recv_nowait(sock)
                     if frames is None:
                         break
-                    with contain("a message from a broker"):
+                    # a plain try per message and per call: free until something raises
+                    try:
                         self._apply(session.frames_received(b, frames))
+                    except Exception as exc:  # noqa: BLE001 - a bug costs this one message
+                        record(exc, "a message from a broker")
             self._waker.clear()
             outbox = self._outbox
             while outbox:
                 call = outbox.popleft()
-                with contain("a new call"):
+                try:
                     self._send_new(call)
-            with contain("a timer step"):
+                except Exception as exc:  # noqa: BLE001 - a bug costs this one call
+                    record(exc, "a new call")
+            try:
                 self._apply(session.tick())
+            except Exception as exc:  # noqa: BLE001 - a bug costs this step, never the loop
+                record(exc, "a timer step")
 
     def _send_new(self, call: PendingCall) -> None:
         try:
