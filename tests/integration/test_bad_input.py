@@ -115,16 +115,22 @@ def test_worker_survives_garbage_from_a_broker(cluster, client_factory):
         fake.bind(fake_ep)
         w = cluster.worker(real, "--brokers", f"{real},{fake_ep}")
         wid = fake.recv_multipart()[0]  # its READY
-        # the fake never heartbeats, so the worker drops and re-opens this link now and then
-        # (Paranoid Pirate): send only right after it was heard from, over a link that is up
+        pk = lambda o: msgpack.packb(o, use_bin_type=True)  # noqa: E731
+        # the fake heartbeats the worker as a broker does: a silent link is dropped and re-opened
+        # (Paranoid Pirate), and whatever was sent to it meanwhile would be lost. A few rounds,
+        # each waiting for the worker's next message, so the garbage follows a fresh heartbeat
+        # on a link that is up
+        beat = [wid, pk([WORKER, 4, {}]), b""]
+        for _ in range(4):
+            fake.send_multipart(beat)
+            fake.recv_multipart()
         while True:
             try:
                 fake.recv_multipart(zmq.NOBLOCK)  # what it sent before now
             except zmq.Again:
                 break
-        fake.recv_multipart()  # a heartbeat sent just now
+        fake.send_multipart(beat)
         rng = random.Random(3)
-        pk = lambda o: msgpack.packb(o, use_bin_type=True)  # noqa: E731
         for i in range(2000):
             if i % 3 == 0:
                 frames = [rng.randbytes(rng.randrange(0, 40))]
