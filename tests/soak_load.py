@@ -510,7 +510,7 @@ class Faults:
                     self.stopped.add(w.pid)
                     self.procs.signal(w, signal.SIGSTOP)
                     try:
-                        time.sleep(pause)  # deliberate sleep (the length of the fault itself)
+                        time.sleep(pause)  # noqa: sleep (the length of the fault itself)
                     finally:
                         self.procs.signal(w, signal.SIGCONT)
                     self.counts["worker_sigstop"] += 1

@@ -118,10 +118,10 @@ class Phase:
                              broker_status, self.restart_broker,
                              restart_at=t0 + self.seconds * self.rng.uniform(0.3, 0.5), until=until)
         try:
-            time.sleep(self.warmup)  # deliberate sleep (warm-up load before the first fault)
+            time.sleep(self.warmup)  # noqa: sleep (warm-up load before the first fault)
             self.faults.start()
             while time.monotonic() < until and not load.crashed and not self.unplanned_exits():
-                time.sleep(0.2)  # deliberate sleep (the soak's length, not a synchronisation)
+                time.sleep(0.2)  # noqa: sleep (the soak's length, not a synchronisation)
             self.faults.stop()  # after the fault under way, if any
             if not self.faults.join(120):
                 self.problems.append("the fault thread did not finish its last fault within 120 s")
@@ -315,7 +315,7 @@ class PairPhase(Phase):
         wait_until(lambda: (broker_status(self.endpoints[1]) or {}).get("broker", {}).get("state") == "active",
                    20, interval=0.1, what="backup active after the primary died")
         self.faults.note("backup active")
-        time.sleep(self.rng.uniform(2.0, 5.0))  # deliberate sleep (how long the primary stays dead)
+        time.sleep(self.rng.uniform(2.0, 5.0))  # noqa: sleep (how long the primary stays dead)
         self.cluster.start_broker(self.pair, "primary")
         self.all_procs.append(self.pair.procs["primary"])
         self.rss.watch("primary (restarted)", self.pair.procs["primary"])

@@ -7,6 +7,7 @@ import msgpack
 import pytest
 import zmq
 
+from tests import run_to_end
 from tests.conftest import broker_status
 from zrpc._core._frames import CLIENT, WORKER
 from zrpc.testing import free_port, hostile_message, wait_until
@@ -167,26 +168,11 @@ def test_worker_survives_garbage_from_a_broker(cluster, client_factory):
 def test_fuzz_script_bounded_run():
     """benchmarks/fuzz_broker.py, smaller: broker and worker survive, serve, and stay lean."""
     import json
-    import subprocess
     import sys
 
-    from tests import REPO
-
-    p = subprocess.Popen([sys.executable, "benchmarks/fuzz_broker.py", "--messages", "20000", "--json"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        out, err = p.communicate(timeout=300)
-    finally:
-        if p.poll() is None:
-            # SIGTERM, not SIGKILL: the script then stops the broker and worker it started
-            # (they run in sessions of their own, which killing the script would leave behind)
-            p.terminate()
-            try:
-                p.communicate(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.communicate()
-    assert p.returncode == 0, out + err
+    code, out, err = run_to_end([sys.executable, "benchmarks/fuzz_broker.py", "--messages", "20000", "--json"],
+                                timeout=300)
+    assert code == 0, out + err
     report = json.loads(out)
     assert report["ok"]  # includes RSS growth within the script's bound
     assert report["call_after"] and all(report["alive"].values())

@@ -106,7 +106,7 @@ async def eventually(pred: Any, timeout: float, what: str) -> None:
     while not pred():
         if loop.time() >= deadline:
             raise TimeoutError(f"{what} not met within {timeout:g}s")
-        await asyncio.sleep(0.02)  # deliberate sleep (polling with a deadline)
+        await asyncio.sleep(0.02)  # noqa: sleep (polling with a deadline)
 
 
 BAD_EPOCHS = ["x", float("inf"), float("nan"), [1], {"e": 1}]

@@ -2,12 +2,11 @@
 hidden (an unplanned exit, a restart, an internal error or an unwritten ledger fail it)."""
 
 import re
-import subprocess
 import sys
 
 import pytest
 
-from tests import REPO
+from tests import run_to_end
 from zrpc._tools._demo import LedgerError, clean, read_ledger
 
 
@@ -17,22 +16,10 @@ def _summary(out: str) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_demo_plain_tells_the_whole_story():
-    # Popen, not run(timeout=): a demo killed outright would leave its brokers and workers
-    # (in sessions of their own) running; SIGTERM lets it stop them
-    p = subprocess.Popen([sys.executable, "-m", "zrpc", "demo", "--plain"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        out, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.communicate(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.communicate()
-    assert p.returncode == 0, out + err
-    for step in ("SIGSTOP worker", "kill -9 workers", "kill -9 the primary broker", "restarting the old primary"):
+    # not run(timeout=): a demo killed outright would leave its brokers and workers running
+    code, out, err = run_to_end([sys.executable, "-m", "zrpc", "demo", "--plain"], timeout=120)
+    assert code == 0, out + err
+    for step in ("SIGSTOP worker", "kill -9 workers", "kill -9 the primary broker", "bringing the old primary back"):
         assert step in out
     s = _summary(out)
     made, charges = int(s["calls made"]), int(s["non-idempotent calls"])

@@ -95,7 +95,7 @@ def test_slow_worker_is_degraded(tapped, cluster, client_factory, tmp_path):
         "lat = zrpc.Service('lat')\n"
         "@lat.method\n"
         "def work():\n"
-        "    time.sleep(float(os.environ.get('LAT_DELAY', '0')))  # deliberate sleep (a slow handler)\n"
+        "    time.sleep(float(os.environ.get('LAT_DELAY', '0')))  # noqa: sleep (a slow handler)\n"
         "    return os.getpid()\n")
     ep, tap, _ = tapped()
     env = {"PYTHONPATH": f"{tmp_path}:{cluster.procs.env['PYTHONPATH']}"}

@@ -83,13 +83,13 @@ def charge(n: int) -> int:
 
 @svc.method
 async def aadd(a: int, b: int) -> int:
-    await asyncio.sleep(0)  # deliberate sleep (a real suspension point, as an async handler has)
+    await asyncio.sleep(0)  # noqa: sleep (a real suspension point, as an async handler has)
     return a + b
 
 
 @svc.method
 async def asurrogate() -> None:
-    await asyncio.sleep(0)  # deliberate sleep (a real suspension point, as an async handler has)
+    await asyncio.sleep(0)  # noqa: sleep (a real suspension point, as an async handler has)
     raise ValueError(os.fsdecode(b"caf\xe9"))
 
 
@@ -465,7 +465,7 @@ def polls_during(worker: zrpc.Worker, seconds: float) -> int:
     polls about once here (no deadline of a frozen clock comes due); one that spins, hundreds."""
     counter = CountingPoller(worker._poller)
     worker._poller = counter  # type: ignore[assignment]
-    time.sleep(seconds)  # deliberate sleep (a measurement window, not a synchronisation)
+    time.sleep(seconds)  # noqa: sleep (a measurement window, not a synchronisation)
     worker._poller = counter.inner
     return counter.polls
 

@@ -286,7 +286,7 @@ class Demo:
         while time.monotonic() < end:
             self.watch()
             self.print_new_alerts()
-            time.sleep(0.1)  # deliberate sleep (the story's pacing)
+            time.sleep(0.1)  # noqa: sleep (the story's pacing)
 
     def run(self) -> dict[str, Any]:
         where = "the local pair" if self.default_ports else "free ports (the local pair's are in use)"
@@ -339,7 +339,8 @@ class Demo:
         gap = self.load.longest_gap(t_kill)
         self.say(f"failover done: the longest gap without a completed call was {gap * 1000:.0f} ms")
         self.pause(1)
-        self.say("restarting the old primary: it comes back passive, the pair is redundant again")
+        self.say("bringing the old primary back (a planned step, not a supervisor's restart): "
+                 "it comes back passive, the pair is redundant again")
         self.start_broker("primary")
         self.wait_alert("failover", "resolved", timeout=10)
         self.pause(2)

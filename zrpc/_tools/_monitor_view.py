@@ -106,7 +106,7 @@ def post_webhook(url: str, event: dict[str, Any], timeout: float = 5.0, attempts
             last = f"HTTP {exc.code}"
         except (urllib.error.URLError, OSError) as exc:
             last = str(getattr(exc, "reason", exc))
-        time.sleep(0.5 * 2**attempt)  # deliberate sleep (retry backoff)
+        time.sleep(0.5 * 2**attempt)  # noqa: sleep (retry backoff)
     return f"--webhook {url}: {last} after {attempts} attempts"
 
 

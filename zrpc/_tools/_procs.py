@@ -75,7 +75,7 @@ def wait_until(pred: Callable[[], object], timeout: float, interval: float = 0.0
             return value
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{what} not met within {timeout:g}s")
-        time.sleep(interval)  # deliberate sleep (polling with a deadline)
+        time.sleep(interval)  # noqa: sleep (polling with a deadline)
 
 
 def tail(path: Path | None, lines: int = TAIL_LINES) -> str:

@@ -80,7 +80,7 @@ def _watch_status(eps: list[str], timeout: float, every: float, keys: dict[str, 
     try:
         with Live(status_view(fetch_status(eps, timeout, **keys)), auto_refresh=False) as live:
             while True:
-                time.sleep(every)  # deliberate sleep (the refresh period)
+                time.sleep(every)  # noqa: sleep (the refresh period)
                 live.update(status_view(fetch_status(eps, timeout, **keys)), refresh=True)
     except KeyboardInterrupt:
         pass
