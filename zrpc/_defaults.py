@@ -17,7 +17,18 @@ CALL_TIMEOUT = 10.0
 """A client's default deadline per call (seconds): long enough for a failover and a retry."""
 
 WORKER_CONCURRENCY = 8
-"""Calls a worker runs at once: its handler threads, and the capacity it announces."""
+"""Calls a worker runs at once: its handler threads."""
+
+WORKER_PREFETCH = 0
+"""Calls a worker takes beyond those it runs, waiting for a thread (its capacity is concurrency
+plus prefetch). More keeps the next call at hand when a thread frees instead of a broker round
+trip away (measured: +30-40 % pipelined calls/s at 8), but a call held by a worker that dies
+cannot run elsewhere unless it is idempotent, and waits behind that worker's calls when another
+worker is free: so none by default."""
+
+INLINE_LIMIT = 0.02
+"""Seconds an inline handler (`@method(inline=True)`) may take: one that takes longer has held
+the worker's heartbeats back, so its method goes to the thread pool from then on."""
 
 DRAIN_TIMEOUT = 30.0
 """Seconds a stopping worker waits for its calls in flight before it leaves anyway."""

@@ -244,3 +244,16 @@ def test_a_draining_worker_ignores_requests_to_register(procs):
         assert w.wait(10) == 0
     finally:
         ctx.destroy(linger=0)
+
+
+def test_prefetch_holds_calls_at_the_worker_beyond_its_threads(cluster, client_factory):
+    ep = cluster.broker()
+    cluster.worker(ep, "--concurrency", "1", "--prefetch", "2")
+    assert broker_status(ep)["workers"][0]["capacity"] == 3  # what it announced
+    c = client_factory([ep], timeout=10)
+    futures = [c.proxy("calc").sleep.future(0.4) for _ in range(4)]
+    # three at the worker (one running, two waiting for its thread), one queued at the broker
+    wait_until(lambda: (lambda s: s and s["workers"][0]["outstanding"] == 3
+                        and s["services"][0]["queued"] == 1)(broker_status(ep)), 5,
+               what="3 calls held by the worker, 1 queued at the broker")
+    assert [f.result() for f in futures] == [0.4] * 4

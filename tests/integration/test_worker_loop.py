@@ -8,6 +8,7 @@ caused by a message or a wake-up. A reply that waits for a poll timeout never co
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -79,6 +80,17 @@ def blocked() -> str:
 @svc.method(idempotent=False)
 def charge(n: int) -> int:
     return n
+
+
+CLOCKS: list[FakeClock] = []  # the running worker's clock, for handlers that pretend to be slow
+
+
+@svc.method(inline=True)
+def where(seconds: float = 0.0) -> str:
+    """The thread it ran on; `seconds` moves the worker's fake clock, as a slow handler would."""
+    if seconds:
+        CLOCKS[0].advance(seconds)
+    return threading.current_thread().name
 
 
 @svc.method
@@ -492,3 +504,44 @@ def test_a_draining_worker_sleeps_until_its_call_ends(run):
     assert b.expect(WorkerReply).request_id == 1
     r.thread.join(WAIT / 1000)
     assert not r.thread.is_alive()
+
+
+# --- item: inline handlers and waiting calls' deadlines ----------------------------------------
+
+
+def test_inline_calls_run_on_the_loop_and_reply_on_the_wake_up(run):
+    r, (b,) = run(concurrency=1)
+    b.request(1000, "blocked")  # the pool's one thread is busy: inline calls do not wait for it
+    for _ in range(20):
+        reply = b.call("where")
+        assert (reply.status, unpack_result(reply.body)) == (Status.OK, "worker-under-test")
+    release.set()
+    assert unpack_result(b.expect(WorkerReply).body) == "released"
+    assert r.worker.counters["internal_errors"] == 0
+
+
+def test_a_slow_inline_method_is_moved_to_the_pool_with_a_warning(run, caplog):
+    clock = FakeClock()
+    CLOCKS[:] = [clock]
+    r, (b,) = run(clock=clock, concurrency=1)
+    with caplog.at_level(logging.WARNING, logger="zrpc.worker"):
+        assert unpack_result(b.call("where", 0.001).body) == "worker-under-test"  # fast enough
+        assert unpack_result(b.call("where", 0.5).body) == "worker-under-test"  # answered, then moved
+        assert unpack_result(b.call("where").body) == "zrpc-handler-0"
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "w.where is declared inline but took 500 ms" in warnings[0]
+    assert r.worker.counters["internal_errors"] == 0
+
+
+def test_a_call_whose_deadline_passed_while_it_waited_is_answered_timeout_not_run(run):
+    clock = FakeClock()
+    r, (b,) = run(clock=clock, concurrency=1, prefetch=1)
+    b.request(1000, "blocked")
+    b.request(1001, "charge", 5, idempotent=False, budget_ms=200)
+    wait_until(lambda: r.worker._core.inflight == 2, 10, what="both calls taken")
+    clock.advance(1.0)
+    release.set()
+    replies = {m.request_id: m for m in (b.expect(WorkerReply), b.expect(WorkerReply))}
+    assert replies[1000].status == Status.OK and replies[1001].status == Status.TIMEOUT
+    assert unpack_error(replies[1001].body)["type"] == "Timeout"
+    assert r.worker.counters["calls"] == 2  # both taken; the charge never ran

@@ -33,6 +33,7 @@ from zrpc._core._worker import (
     CloseLink,
     Exit,
     HandshakeEnded,
+    InlineRan,
     Log,
     MessageArrived,
     OpenFailed,
@@ -64,13 +65,19 @@ async def aadd(a: int, b: int) -> int:
     return a + b
 
 
+fast = zrpc.Service("w")  # the same names, add and charge declared inline
+fast.method(name="add", inline=True)(add)
+fast.method(name="charge", idempotent=False, inline=True)(charge)
+fast.method(name="slow")(add)
+
+
 class Harness:
     """A core on a fake clock, with links named b0, b1, ... and a fixed backoff jitter."""
 
-    def __init__(self, links: int = 1, **kw: Any) -> None:
+    def __init__(self, links: int = 1, service: zrpc.Service = svc, **kw: Any) -> None:
         self.clock = FakeClock()
         kw.setdefault("heartbeat_interval", 1.0)
-        self.core = WorkerCore(self.clock, {"w": svc}, [f"tcp://b{i}" for i in range(links)],
+        self.core = WorkerCore(self.clock, {"w": service}, [f"tcp://b{i}" for i in range(links)],
                                name="w1", rng=random.Random(7), **kw)
         self.started = self.core.start()
 
@@ -624,3 +631,76 @@ class AtMostOnce(RuleBasedStateMachine):
 
 AtMostOnce.TestCase.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
 test_a_non_idempotent_call_never_runs_twice = AtMostOnce.TestCase
+
+
+# --- prefetch, waiting calls' deadlines, inline handlers -----------------------------------------
+
+
+def test_ready_announces_concurrency_plus_prefetch_and_prefetched_calls_wait_for_a_thread() -> None:
+    h = Harness(concurrency=2, prefetch=3)
+    (ready,) = sent(h.started)
+    assert isinstance(ready, Ready) and ready.capacity == 5
+    started = [c for rid in range(1, 6) for c in runs(h.request(rid))]
+    assert [c.request.request_id for c in started] == [1, 2]  # threads are still 2
+    assert h.core.inflight == 5
+
+
+def test_a_call_whose_budget_ran_out_while_waiting_is_answered_timeout_never_run() -> None:
+    h = Harness(concurrency=1, prefetch=2)
+    (first,) = runs(h.request(1))
+    assert runs(h.request(2, "charge", 5, budget_ms=500, idempotent=False)) == []
+    assert runs(h.request(3, budget_ms=5_000)) == []
+    h.clock.advance(1.0)  # call 2's budget is gone, call 3's is not
+    out = h.finish(first)
+    assert [c.request.request_id for c in runs(out)] == [3]
+    assert [(r.request_id, r.status) for _, r in replies(out)] == [(2, Status.TIMEOUT), (1, Status.OK)]
+    assert unpack_error(replies(out)[0][1].body)["type"] == "Timeout"
+    # a retry of the expired call is answered from the cache: it never runs, here or later
+    assert runs(h.request(2, "charge", 5, idempotent=False, attempt=1)) == []
+    assert h.core.inflight == 1 and h.core.calls == 3
+
+
+def test_a_call_without_a_budget_waits_as_long_as_it_takes() -> None:
+    h = Harness(concurrency=1)
+    (first,) = runs(h.request(1))
+    h.core.frames_received(0, encode(WorkerRequest(b"c1", 2, "w", "add", {}, pack_call((1, 2), {}))))
+    h.clock.advance(1_000.0)
+    assert [c.request.request_id for c in runs(h.finish(first))] == [2]
+
+
+def test_inline_calls_run_at_once_on_the_loop_and_take_no_thread() -> None:
+    h = Harness(service=fast, concurrency=1)
+    (pooled,) = runs(h.request(1, "slow"))
+    assert not pooled.inline
+    inline = [c for rid in (2, 3) for c in runs(h.request(rid, "add"))]
+    assert [(c.request.request_id, c.inline) for c in inline] == [(2, True), (3, True)]
+    assert h.core.inflight == 3
+    out = h.finish(inline[0])
+    assert runs(out) == [] and statuses(out) == [Status.OK]  # no thread was freed or taken
+    assert runs(h.request(4, "slow")) == []  # the one thread is still the first call's
+    assert [c.request.request_id for c in runs(h.finish(pooled))] == [4]
+
+
+def test_an_inline_method_that_was_slow_once_runs_in_the_pool_from_then_on() -> None:
+    h = Harness(service=fast, concurrency=1)
+    (call,) = runs(h.request(1, "add"))
+    assert h.core.handle(InlineRan(call, 0.001)) == []  # reported fast: nothing changes
+    out = h.core.handle(InlineRan(call, 0.2))
+    assert [a.level for a in out if isinstance(a, Log)] == [logging.WARNING]
+    assert "w.add" in out[0].text and "200 ms" in out[0].text
+    assert h.core.handle(InlineRan(call, 0.3)) == []  # said once
+    h.finish(call)
+    (later,) = runs(h.request(2, "add"))
+    assert not later.inline
+    assert runs(h.request(3, "add")) == []  # it waits for the pool's one thread now
+    (other,) = runs(h.request(4, "charge", 5, idempotent=False))
+    assert other.inline  # only the slow method moved
+
+
+def test_inline_is_for_sync_handlers() -> None:
+    s = zrpc.Service("x")
+
+    async def f() -> None: ...
+
+    with pytest.raises(ValueError, match="inline is for sync handlers"):
+        s.method(inline=True)(f)

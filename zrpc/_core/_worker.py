@@ -19,7 +19,10 @@ Rules (docs/protocol.md sections 8 and 10):
    finished call is answered from the cache, one whose reply is gone CALL_STATE_UNKNOWN. A call
    is idempotent only when the broker's header says so and its method is.
 4. At most `concurrency` sync handlers run at once (the thread pool's size); more wait, in
-   arrival order. Async handlers start at once (one event loop runs them all).
+   arrival order, and one whose budget ran out while it waited is answered TIMEOUT, never run.
+   Async handlers start at once (one event loop runs them all); inline ones (declared
+   `inline=True`) run on the loop's thread at once, until one takes longer than INLINE_LIMIT:
+   that method runs in the pool from then on. READY announces `concurrency + prefetch`.
 5. A reply goes to every broker that sent the call, or a probe for it, while it ran; when that
    link is closed or full, through another one.
 6. Every interval, on every open link, busy or not: a HEARTBEAT with `internal_errors` and
@@ -64,11 +67,19 @@ from zrpc._core._malformed import Malformed
 from zrpc._core._reply_cache import DONE, NEW, UNKNOWN, Entry, ReplyCache
 from zrpc._core._serial import pack_error
 from zrpc._core._service import Method, Service
-from zrpc._defaults import DRAIN_TIMEOUT, HEARTBEAT_INTERVAL, LIVENESS, WORKER_CONCURRENCY
+from zrpc._defaults import (
+    DRAIN_TIMEOUT,
+    HEARTBEAT_INTERVAL,
+    INLINE_LIMIT,
+    LIVENESS,
+    WORKER_CONCURRENCY,
+    WORKER_PREFETCH,
+)
 from zrpc._errors import ProtocolError
 
 UNKNOWN_BODY = pack_error("CallStateUnknown", "this call ran here already; its reply is no longer held")
 INTERNAL_BODY = pack_error("InternalError", "the worker failed to run or answer this call")
+EXPIRED_BODY = pack_error("Timeout", "the call's deadline passed while it waited for a handler thread")
 
 DRAIN_GRACE_MIN = 1.0
 """Seconds a drained worker waits at least for the brokers' acknowledgements (or 4 intervals,
@@ -95,6 +106,14 @@ class CallFinished:
 
 
 @dataclass(frozen=True, slots=True)
+class InlineRan:
+    """An inline call took `seconds` on the loop's thread (the loop reports only slow ones)."""
+
+    call: RunHandler
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class StopRequested:
     """SIGTERM, Ctrl-C or Worker.stop(): drain first, or leave at once."""
 
@@ -116,7 +135,7 @@ class OpenFailed:
     link: int
 
 
-Event = Union[MessageArrived, CallFinished, StopRequested, HandshakeEnded, OpenFailed]  # noqa: UP007
+Event = Union[MessageArrived, CallFinished, InlineRan, StopRequested, HandshakeEnded, OpenFailed]  # noqa: UP007
 
 # --- actions (outputs) ----------------------------------------------------------------------
 
@@ -151,11 +170,14 @@ class CloseLink:
 
 @dataclass(frozen=True, slots=True)
 class RunHandler:
-    """Run `method` for `request` off the loop; hand the result back as CallFinished."""
+    """Run `method` for `request` (off the loop, unless `inline`); hand the result back as
+    CallFinished."""
 
     link: int
     request: WorkerRequest
     method: Method
+    inline: bool = False
+    deadline: float | None = None  # from the call's budget: past it, a waiting call never runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +251,7 @@ class WorkerCore:
         *,
         name: str = "worker",
         concurrency: int = WORKER_CONCURRENCY,
+        prefetch: int = WORKER_PREFETCH,
         weight: float = 1.0,
         info: Mapping[str, Any] | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
@@ -241,6 +264,7 @@ class WorkerCore:
         self._clock = clock
         self.services = dict(services)
         self.concurrency = concurrency
+        self.prefetch = prefetch
         self.drain_timeout = drain_timeout
         self._internal_errors = internal_errors
         self.cache = cache if cache is not None else ReplyCache(clock)
@@ -251,11 +275,12 @@ class WorkerCore:
         self.errors = 0  # replies other than OK from handlers
         self.malformed = Malformed()
         self._ready = encode(Ready(name, {n: s.spec() for n, s in self.services.items()},
-                                   concurrency, weight, dict(info or {})))
+                                   concurrency + prefetch, weight, dict(info or {})))
         self._disconnect = encode(Disconnect())
         self._running = 0  # handlers started, not finished (sync and async)
         self._threads = 0  # of which sync: each holds a pool thread
         self._waiting: deque[RunHandler] = deque()  # sync calls for a free thread
+        self._pooled: set[tuple[str, str]] = set()  # inline methods found slow: pool from now on
         self._leaving_since: float | None = None
 
     # --- state -----------------------------------------------------------------------------
@@ -303,6 +328,8 @@ class WorkerCore:
             link = self.links[event.link]
             self._heard(link)
             return self._received(link, event.message)
+        if type(event) is InlineRan:
+            return self._inline_ran(event.call, event.seconds)
         if type(event) is StopRequested:
             return self._stop(event.drain)
         if type(event) is HandshakeEnded:
@@ -431,21 +458,43 @@ class WorkerCore:
         if state != NEW:  # RUNNING: its reply will go to this broker too
             return []
         self.calls += 1
-        call = RunHandler(link, req, method)
-        if method.is_async:
+        inline = method.inline and (req.service, req.method) not in self._pooled
+        budget = req.headers.get(H_BUDGET)
+        deadline = self._clock() + budget / 1000 if type(budget) is int else None
+        call = RunHandler(link, req, method, inline, deadline)
+        if method.is_async or inline:
             self._running += 1
             return [call]
         self._waiting.append(call)
         return self._admit()
 
     def _admit(self) -> list[Action]:
-        """Sync calls waiting for a thread, started while threads are free."""
+        """Sync calls waiting for a thread, started while threads are free; one whose budget
+        ran out meanwhile is answered TIMEOUT instead (its client has been told already)."""
         out: list[Action] = []
-        while self._waiting and self._threads < self.concurrency:
+        waiting = self._waiting
+        now: float | None = None
+        while waiting and self._threads < self.concurrency:
+            call = waiting.popleft()
+            if call.deadline is not None:
+                now = self._clock() if now is None else now
+                if now >= call.deadline:
+                    self.errors += 1
+                    out.extend(self._answer(call, Status.TIMEOUT, EXPIRED_BODY))
+                    continue
             self._threads += 1
             self._running += 1
-            out.append(self._waiting.popleft())
+            out.append(call)
         return out
+
+    def _inline_ran(self, call: RunHandler, seconds: float) -> list[Action]:
+        key = (call.request.service, call.request.method)
+        if seconds <= INLINE_LIMIT or key in self._pooled:
+            return []
+        self._pooled.add(key)
+        return [Log(logging.WARNING, f"{key[0]}.{key[1]} is declared inline but took {seconds * 1000:.0f} ms "
+                                     "on the I/O thread, holding heartbeats back: it runs in the "
+                                     "thread pool from now on")]
 
     def _cached(self, link: int, req: WorkerRequest, entry: Entry | None) -> SendReply:
         """The answer the cache holds; CALL_STATE_UNKNOWN when it holds no reply (a tombstone)."""
@@ -456,18 +505,22 @@ class WorkerCore:
     def _finished(self, call: RunHandler, status: int, body: bytes) -> list[Action]:
         self._running -= 1
         out: list[Action] = []
-        if not call.method.is_async:
+        if not (call.method.is_async or call.inline):
             self._threads -= 1
             out.extend(self._admit())
         if status != Status.OK:
             self.errors += 1
+        out.extend(self._answer(call, status, body))
+        out.extend(self._drain_step(self._clock()))
+        return out
+
+    def _answer(self, call: RunHandler, status: int, body: bytes) -> list[Action]:
+        """The reply, into the cache and to every broker that asked for it meanwhile."""
         req = call.request
         dests = [d for d in self.cache.finish((req.client_id, req.request_id), status, body)
                  if isinstance(d, int)]
         frames = encode(WorkerReply(req.client_id, req.request_id, status, body))
-        out.extend(SendReply(self._route(d), frames) for d in dests or [call.link])
-        out.extend(self._drain_step(self._clock()))
-        return out
+        return [SendReply(self._route(d), frames) for d in dests or [call.link]]
 
     def _reply(self, link: int, req: WorkerRequest, status: int, body: bytes) -> SendReply:
         return SendReply(self._route(link),

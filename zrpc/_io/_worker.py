@@ -5,8 +5,9 @@ whose actions (send, open or close a link, run a handler, log, exit) it carries 
 (admission, the reply cache, probes, draining, liveness, heartbeats) is the core's
 (zrpc/_core/_worker.py). Sync handlers run in a pool of `concurrency` threads, async ones on an
 event loop thread, so a busy handler never stops the loop from reading, replying and
-heartbeating. The loop sleeps until the core's next deadline or until a handler or stop() rings
-the waker: an idle worker costs nothing.
+heartbeating; only handlers declared inline run on the loop's thread (until one is slow). The
+loop sleeps until the core's next deadline or until a handler or stop() rings the waker: an
+idle worker costs nothing.
 
 Nothing a handler does can take a slot away: every call is answered, even when its error or
 its result cannot be encoded, and a bug of ours costs one message (counted as an internal
@@ -42,6 +43,7 @@ from zrpc._core._worker import (
     CloseLink,
     Exit,
     HandshakeEnded,
+    InlineRan,
     Log,
     OpenFailed,
     OpenLink,
@@ -51,7 +53,14 @@ from zrpc._core._worker import (
     StopRequested,
     WorkerCore,
 )
-from zrpc._defaults import DRAIN_TIMEOUT, HEARTBEAT_INTERVAL, LIVENESS, WORKER_CONCURRENCY
+from zrpc._defaults import (
+    DRAIN_TIMEOUT,
+    HEARTBEAT_INTERVAL,
+    INLINE_LIMIT,
+    LIVENESS,
+    WORKER_CONCURRENCY,
+    WORKER_PREFETCH,
+)
 from zrpc._errors import ProtocolError
 from zrpc._io._internal import InternalErrors
 from zrpc._io._security import client_keys
@@ -107,6 +116,7 @@ class Worker:
         brokers: Sequence[str] | str | None = None,
         *,
         concurrency: int = WORKER_CONCURRENCY,
+        prefetch: int = WORKER_PREFETCH,
         weight: float = 1.0,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         liveness: int = LIVENESS,
@@ -132,6 +142,8 @@ class Worker:
                              f"{MAX_METHODS} methods each")
         if not 1 <= concurrency <= 10_000:
             raise ValueError("concurrency must be between 1 and 10000")
+        if not 0 <= prefetch <= 10_000:
+            raise ValueError("prefetch must be between 0 and 10000")
         self.services = {s.name: s for s in svcs}
         self.brokers = resolve_brokers(brokers)
         self.concurrency = concurrency
@@ -151,7 +163,7 @@ class Worker:
         self._errors = InternalErrors(log, "worker")
         self._core = WorkerCore(
             clock, self.services, self.brokers, name=self.name, concurrency=concurrency,
-            weight=weight, info={"host": socket.gethostname(), "pid": os.getpid()},
+            prefetch=prefetch, weight=weight, info={"host": socket.gethostname(), "pid": os.getpid()},
             heartbeat_interval=heartbeat_interval, liveness=liveness, drain_timeout=drain_timeout,
             internal_errors=lambda: self._errors.count)
         # other threads hand the loop their stops, results and failures; it alone feeds the core
@@ -219,8 +231,9 @@ class Worker:
         for action in self._core.start():  # not contained: a broker that cannot be opened at
             self._do(action)               # all is the caller's error
         self.ready.set()
-        log.info("worker %s serving %s on %s (concurrency %d)", self.name,
-                 ", ".join(sorted(self.services)), ", ".join(self.brokers), self.concurrency)
+        log.info("worker %s serving %s on %s (concurrency %d, prefetch %d)", self.name,
+                 ", ".join(sorted(self.services)), ", ".join(self.brokers), self.concurrency,
+                 self._core.prefetch)
         record = self._errors.record
         try:
             while True:
@@ -384,7 +397,9 @@ class Worker:
 
     def _start(self, call: RunHandler) -> None:
         try:
-            if call.method.is_async and self._aloop is not None:
+            if call.inline:
+                self._run_inline(call)
+            elif call.method.is_async and self._aloop is not None:
                 coro = self._run_async(call)
                 try:
                     fut = asyncio.run_coroutine_threadsafe(coro, self._aloop)
@@ -397,6 +412,20 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - the call is answered, the slot kept
             self._errors.record(exc, "starting a call")
             self._done(call, Status.ERROR, INTERNAL_BODY)
+
+    def _run_inline(self, call: RunHandler) -> None:
+        """A declared-short handler, here on the loop's thread: no hand-off either way. Its
+        reply leaves with the others after this batch; a slow one is reported to the core."""
+        clock = self._clock
+        started = clock()
+        status, body = self._call_sync(call.request.body, call.method)
+        self._results.append((call, status, body))  # answered: nothing below may answer again
+        seconds = clock() - started
+        if seconds > INLINE_LIMIT:
+            try:
+                self._execute(self._core.handle(InlineRan(call, seconds)))
+            except Exception as exc:  # noqa: BLE001 - a bug costs the warning, not the reply
+                self._errors.record(exc, "a slow inline call")
 
     # --- handler side (other threads) -----------------------------------------------------
 

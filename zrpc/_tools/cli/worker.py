@@ -71,7 +71,11 @@ def _where(exc: BaseException) -> str:
 @click.argument("services", nargs=-1, required=True, metavar="MODULE[:SERVICE]...")
 @brokers_option
 @click.option("--concurrency", type=click.IntRange(1, 10_000), default=D.WORKER_CONCURRENCY, show_default=True,
-              help="Calls handled at once (thread pool size; the capacity announced).")
+              help="Calls handled at once (thread pool size).")
+@click.option("--prefetch", type=click.IntRange(0, 10_000), default=D.WORKER_PREFETCH, show_default=True,
+              help="Calls taken beyond --concurrency, waiting here for a thread (the capacity announced "
+                   "is concurrency + prefetch): faster pipelines, but a worker that dies takes its "
+                   "waiting non-idempotent calls with it (answered CallStateUnknown).")
 @click.option("--weight", type=click.FloatRange(0.001, 1e6), default=1.0, show_default=True,
               help="Relative share of calls under --lb weighted.")
 @click.option("--heartbeat-interval", type=click.FloatRange(0.01, 60), default=D.HEARTBEAT_INTERVAL,
@@ -82,7 +86,7 @@ def _where(exc: BaseException) -> str:
               help="Send handlers' tracebacks to clients (default: only when every broker is on loopback).")
 @curve_client_options
 @log_option
-def command(services: tuple[str, ...], brokers: str | None, concurrency: int, weight: float,
+def command(services: tuple[str, ...], brokers: str | None, concurrency: int, prefetch: int, weight: float,
             heartbeat_interval: float, liveness: int, send_tracebacks: bool | None,
             curve_server_key: str | None, curve_secret: str | None, log_level: str) -> None:
     """Serve the services defined in MODULE (e.g. `zrpc worker examples.calc:calc`).
@@ -93,7 +97,7 @@ def command(services: tuple[str, ...], brokers: str | None, concurrency: int, we
 
     setup_logging(log_level)
     w = Worker(load_services(services), broker_endpoints(brokers), concurrency=concurrency,
-               weight=weight, heartbeat_interval=heartbeat_interval, liveness=liveness,
+               prefetch=prefetch, weight=weight, heartbeat_interval=heartbeat_interval, liveness=liveness,
                send_tracebacks=send_tracebacks, curve_server_key=curve_server_key,
                curve_secret=curve_secret)
     serving()
