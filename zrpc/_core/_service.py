@@ -50,9 +50,10 @@ class Service:
         worker when one dies; `idempotent=False` ones are never executed twice.
 
         `inline=True` declares a short sync handler (microseconds, no I/O): the worker runs it
-        on its I/O thread, which saves two thread hand-offs per call. One call that takes
-        longer than a few milliseconds holds heartbeats back; the worker then moves the method
-        to its thread pool, with a warning."""
+        on its I/O thread, which saves two thread hand-offs per call. A call that takes longer
+        holds the worker's heartbeats back meanwhile: past INLINE_LIMIT (20 ms) the method
+        moves to the thread pool for good, with a warning; one that never returns hangs the
+        whole worker, which its brokers then treat as dead."""
 
         def register(f: F) -> F:
             mname = name or f.__name__
