@@ -2,7 +2,7 @@
 
 Two brokers (a BrokerCore each: the broker's policy over its Dispatcher, BinaryStar and
 LivenessTracker, its actions carried out as the broker loop carries them out), three workers
-(a ReplyCache each, glued as the worker loop glues it) and two clients (a Session each)
+(a WorkerCore each, inline and pooled methods, a call of prefetch) and two clients (a Session each)
 exchange real ZRPC/1 frames through a network that delivers messages in any
 order, loses them, duplicates them, and pauses peers. Hypothesis drives it with worker deaths,
 broker crashes and restarts, failovers and clock jumps, and checks after every step:
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 from concurrent.futures import Future
 from typing import Any
 
@@ -36,23 +37,20 @@ from hypothesis.stateful import (
     rule,
 )
 
+import zrpc
 import zrpc.broker._core._dispatch as dispatch
 from zrpc import CallStateUnknown, RemoteError, ZrpcError
 from zrpc._core._frames import (
     H_IDEMPOTENT,
-    H_PROBE,
-    WORKER,
-    Heartbeat,
-    Ready,
     Status,
-    WorkerReply,
-    WorkerRequest,
     decode_frames,
-    encode,
 )
-from zrpc._core._reply_cache import DONE, NEW, UNKNOWN, ReplyCache
+from zrpc._core._liveness import Backoff
 from zrpc._core._serial import pack_result, unpack_call
 from zrpc._core._session import Session, Transmit, settle
+from zrpc._core._worker import Action as WorkerAction
+from zrpc._core._worker import CallFinished, RunHandler, SendReply, WorkerCore
+from zrpc._core._worker import Send as WorkerSend
 from zrpc.broker._config import BrokerConfig
 from zrpc.broker._core._broker import Action, BrokerCore, PublishState, Send, SendCall
 from zrpc.broker._core._bstar import BinaryStar, BStar
@@ -62,7 +60,8 @@ INTERVAL = 0.25
 LIVENESS = 3
 TIMEOUT = 3.0  # every call's deadline, seconds
 SERVICES = {"svc": {"add": True, "charge": False}}
-CAPACITY = 2
+CAPACITY = 2  # each worker's threads
+PREFETCH = 1  # and one call more, waiting: its deadline may pass while it waits
 POLL = INTERVAL  # a model broker polls for up to an interval: a gap of more than two is a stall
 
 PROBE_HORIZON = float(os.environ.get("ZRPC_MODEL_HORIZON", "10"))  # 0 breaks rule 4 on purpose
@@ -149,84 +148,60 @@ class BrokerNode:
             self.m.post(self.node, dst, frames)
 
 
+SVC = zrpc.Service("svc")  # what the model's workers serve; the handlers run in finish()
+SVC.method(name="add", inline=True)(lambda a, b: a + b)  # both kinds of admission: inline ...
+SVC.method(name="charge", idempotent=False)(lambda token, cents: token)  # ... and the pool
+assert {"svc": SVC.spec()} == SERVICES
+
+
 class WorkerNode:
-    """A worker's reply cache and calls, glued as the worker glues them (a model of
-    zrpc/_core/_worker.py's admission: the reply cache decides what runs)."""
+    """A worker: the real WorkerCore, its actions carried out over the model's network as
+    zrpc/_io/_worker.py carries them out over sockets; a handler it starts runs until the
+    model finishes it."""
 
     def __init__(self, model: Deployment, index: int) -> None:
         self.m = model
         self.index = index
         self.up = True
         self.paused = False
-        self.cache = ReplyCache(model.clock)
-        self.running: dict[tuple[bytes, int], WorkerRequest] = {}
-        self.last_beat = model.clock()
-        self.heard: dict[int, tuple[str, int]] = {}  # broker -> (state, epoch) it announced
-        for b in range(2):
-            self.m.post(self.node, ("b", b), self.ready())
+        self.core = WorkerCore(model.clock, {"svc": SVC}, ["model://b0", "model://b1"], name=f"w{index}",
+                               concurrency=CAPACITY, prefetch=PREFETCH, heartbeat_interval=INTERVAL,
+                               liveness=LIVENESS, rng=random.Random(index))
+        self.running: dict[tuple[bytes, int], RunHandler] = {}
+        self.execute(self.core.start())
 
     @property
     def node(self) -> Node:
         return ("w", self.index)
 
-    def ready(self) -> list[bytes]:
-        return encode(Ready(f"w{self.index}", SERVICES, CAPACITY, 1.0, {}))
-
     def on_frames(self, src: Node, frames: list[bytes]) -> None:
         b = src[1]
-        msg = decode_frames(frames)
-        if isinstance(msg, Heartbeat):
-            epoch = msg.info.get("epoch")
-            self.heard[b] = (str(msg.info.get("state")), epoch if type(epoch) is int else 0)
-            if msg.info.get("register") is True:
-                self.m.post(self.node, src, self.ready())
-            return
-        if not isinstance(msg, WorkerRequest):
-            return
-        key = (msg.client_id, msg.request_id)
-        if msg.headers.get(H_PROBE):
-            state, entry = self.cache.probe(key, b)
-            if state == NEW:
-                self.reply(b, msg.client_id, msg.request_id, Status.NOT_SEEN, b"")
-            elif state == DONE and entry is not None and entry.status is not None:
-                self.reply(b, msg.client_id, msg.request_id, entry.status, entry.body)
-            elif state == UNKNOWN:
-                self.reply(b, msg.client_id, msg.request_id, Status.CALL_STATE_UNKNOWN, b"")
-            return
-        # as the worker does: idempotent only if the broker says so and the method is
-        idempotent = msg.headers.get(H_IDEMPOTENT) is True and SERVICES["svc"][msg.method]
-        state, entry = self.cache.begin(key, b, idempotent=idempotent)
-        if state == DONE and entry is not None and entry.status is not None:
-            self.reply(b, msg.client_id, msg.request_id, entry.status, entry.body)
-            return
-        if state == UNKNOWN:
-            self.reply(b, msg.client_id, msg.request_id, Status.CALL_STATE_UNKNOWN, b"")
-            return
-        if state != NEW:
-            return
-        self.running[key] = msg
-        args, _ = unpack_call(msg.body)
-        self.m.executed(msg.method, args, idempotent)
+        if self.core.links[b].open:  # a ROUTER cannot reach a closed socket: it is lost
+            self.execute(self.core.frames_received(b, frames))
 
     def finish(self, key: tuple[bytes, int]) -> None:
-        msg = self.running.pop(key)
-        args, _ = unpack_call(msg.body)
-        result = args[0] + args[1] if msg.method == "add" else args[0]
-        body = pack_result(result)
-        for dest in self.cache.finish(key, Status.OK, body) or [0]:
-            self.reply(int(dest), msg.client_id, msg.request_id, Status.OK, body)  # type: ignore[call-overload]
-
-    def reply(self, b: int, cid: bytes, rid: int, status: int, body: bytes) -> None:
-        self.m.post(self.node, ("b", b), encode(WorkerReply(cid, rid, status, body)))
+        call = self.running.pop(key)
+        args, _ = unpack_call(call.request.body)
+        result = args[0] + args[1] if call.method.name == "add" else args[0]
+        self.execute(self.core.handle(CallFinished(call, Status.OK, pack_result(result))))
 
     def tick(self) -> None:
-        now = self.m.clock()
-        if now - self.last_beat >= INTERVAL:
-            self.last_beat = now
-            active = [e for state, e in self.heard.values() if state == "active"]
-            info = {"internal_errors": 0, "active_epoch": max(active, default=0)}
-            for b in range(2):
-                self.m.post(self.node, ("b", b), encode(Heartbeat(WORKER, info)))
+        self.execute(self.core.tick())
+
+    def execute(self, actions: list[WorkerAction]) -> None:
+        for a in actions:
+            if type(a) is RunHandler:
+                req = a.request
+                self.running[(req.client_id, req.request_id)] = a
+                args, _ = unpack_call(req.body)
+                idempotent = req.headers.get(H_IDEMPOTENT) is True and a.method.idempotent
+                self.m.executed(a.method.name, args, idempotent)
+            elif type(a) is SendReply:
+                if a.links:  # the first open link takes it (the model's pipes never fill)
+                    self.m.post(self.node, ("b", a.links[0]), a.frames)
+            elif type(a) is WorkerSend:
+                if self.core.links[a.link].open:
+                    self.m.post(self.node, ("b", a.link), a.frames)
 
 
 class ClientNode:
@@ -481,7 +456,7 @@ class Deployment(RuleBasedStateMachine):
             if check is not None:
                 check()
         for w in getattr(self, "workers", []):
-            assert len(w.cache) <= len(self.futures)
+            assert len(w.core.cache) <= len(self.futures)
 
     def teardown(self) -> None:
         """The faults stop: everything heals, and a new idempotent call must succeed."""
@@ -494,7 +469,10 @@ class Deployment(RuleBasedStateMachine):
             if not b.up:
                 b.boot()
                 b.up = True
-        for _ in range(int(2 * TIMEOUT / 0.05)):  # let everything settle, with no loss
+        # let everything settle, with no loss: a worker that reconnected into silence for a
+        # while waits out its backoff (up to 8 s, jittered) before it reopens a link
+        backoff = Backoff()
+        for _ in range(int((backoff.maximum * (1 + backoff.jitter) + 2 * TIMEOUT) / 0.05)):
             self.clock.advance(0.05)
             self.tick_all()
             while self.net:
