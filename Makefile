@@ -30,9 +30,11 @@ SOAK_SECONDS ?= 600
 soak: $(STAMP)
 	ZRPC_SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/python -m pytest tests/chaos/test_soak.py -s
 
-# zrpc (one broker, a pair) beside a raw pyzmq forwarder, zerorpc, Pyro5 and gRPC, about two
-# minutes; `make bench BENCH_ARGS="--seconds 1 --json bench.json"`. A peer that did not install
-# is skipped with a note.
+# zrpc (one broker, a pair) beside a raw pyzmq forwarder, zerorpc, Pyro5 and gRPC, then zrpc's
+# scaling with clients and workers, latency against queue depth and the broker's memory, about
+# four minutes, with their curves in bench.png; `make bench BENCH_ARGS="--seconds 1 --json
+# bench.json"`, `BENCH_ARGS="--sections scaling,queue"`. A peer that did not install is skipped
+# with a note.
 BENCH_ARGS ?=
 BENCH_STAMP := $(VENV)/.installed-bench
 $(BENCH_STAMP): $(STAMP)

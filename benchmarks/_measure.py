@@ -31,6 +31,11 @@ class Proc:
     pid: int
 
 
+def warm_up(seconds: float) -> float:
+    """A row's warm-up: long enough to fill queues and caches, short beside the row."""
+    return min(1.0, max(0.1, seconds / 4))
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process (all its threads), from /proc/PID/stat."""
     with open(f"/proc/{pid}/stat") as f:
@@ -41,6 +46,30 @@ def cpu_seconds(pid: int) -> float:
 
 def cpu_snapshot(procs: list[Proc]) -> dict[str, float]:
     return {p.label: cpu_seconds(p.pid) for p in procs}
+
+
+def memory_kb(pid: int, key: str = "VmRSS") -> int:
+    """A process's resident set (VmRSS) or its peak (VmHWM) in KiB, from /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(f"{key} is not in /proc/{pid}/status")
+
+
+def threads_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 0
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """The value below which a share `q` of the values fall (None: there are none)."""
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
 
 
 @dataclass
@@ -118,6 +147,18 @@ def sequential(call: Callable[[], object], warm: float, seconds: float, meter: M
     row.p50_us = lat[len(lat) // 2] * 1e6
     row.p99_us = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6
     return row
+
+
+def timed(call: Callable[[], object], latencies: list[float], counting: Callable[[], bool]) -> Callable[[], object]:
+    """`call`, keeping the latency (seconds) of each call made while `counting()` holds."""
+    def run() -> object:
+        t = time.perf_counter()
+        out = call()
+        if counting():
+            latencies.append(time.perf_counter() - t)  # list.append is atomic: threads may share it
+        return out
+
+    return run
 
 
 def in_flight(submit: Callable[[], Any], wait: Callable[[Any], object], window: int, warm: float,

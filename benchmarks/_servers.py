@@ -28,8 +28,11 @@ from zrpc import _defaults as D
 
 BATCH = 512
 """Messages the raw forwarder takes from one socket before it polls again."""
-PYRO_THREADS = 300
-"""Pyro5 serves each connection from a thread of its pool: room for the 128 client threads."""
+PYRO_THREADS = 1100
+"""Pyro5 serves each connection from a thread of its pool: room for the 1,024 client threads."""
+GRPC_OPTIONS = [("grpc.server.max_pending_requests", 4096)]
+"""gRPC's core cancels calls waiting for a handler beyond 1,000 by default (the aio server keeps
+them waiting there): room for the 1,024 calls in flight."""
 
 
 def add(a: int, b: int) -> int:
@@ -119,7 +122,7 @@ def grpc_handlers(grpc: Any, wrap_async: bool) -> Any:
 
 def grpc_server(port: str) -> None:
     grpc: Any = importlib.import_module("grpc")
-    server = grpc.server(ThreadPoolExecutor(max_workers=D.WORKER_CONCURRENCY))
+    server = grpc.server(ThreadPoolExecutor(max_workers=D.WORKER_CONCURRENCY), options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((grpc_handlers(grpc, wrap_async=False),))
     server.add_insecure_port(f"{D.LOCAL_HOST}:{port}")
     server.start()
@@ -131,7 +134,7 @@ def grpc_aio_server(port: str) -> None:
     aio: Any = importlib.import_module("grpc.aio")
 
     async def serve() -> None:
-        server = aio.server()
+        server = aio.server(options=GRPC_OPTIONS)
         server.add_generic_rpc_handlers((grpc_handlers(grpc, wrap_async=True),))
         server.add_insecure_port(f"{D.LOCAL_HOST}:{port}")
         await server.start()

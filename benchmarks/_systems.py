@@ -33,6 +33,9 @@ CALL_TIMEOUT = 30.0
 """Seconds a benchmark call may take: far above any latency here, so a stall shows as one."""
 UP_TIMEOUT = 20.0
 """Seconds a system has to start answering."""
+QUEUE_LIMIT = 4096
+"""The bench's brokers queue this many calls per service (`--queue-limit`): 1,024 calls in flight
+to one worker of capacity 8 leave 1,016 waiting, beyond the default of 1,000 (Overloaded)."""
 
 Start = Callable[[], None]
 
@@ -136,21 +139,37 @@ class RawClient(Client):
         self.ctx.destroy(linger=0)
 
 
-def launch_raw(procs: Processes) -> tuple[list[Proc], Client]:
+@dataclass(frozen=True)
+class RawSetup:
+    """The forwarder's endpoints (front for clients, back for workers) and its processes."""
+
+    front: str
+    back: str
+    procs: list[Proc]
+
+
+def raw_forwarder(procs: Processes) -> tuple[RawSetup, RawClient]:
+    """The forwarder and one raw worker, answering."""
     front, back = f"tcp://{D.LOCAL_HOST}:{free_port()}", f"tcp://{D.LOCAL_HOST}:{free_port()}"
     fwd = server(procs, "raw-forwarder", front, back)
     worker = server(procs, "raw-worker", back)
     client = RawClient(front)
     up(procs, client.ready, "raw forwarder and worker answering")
-    return [Proc("forwarder", "broker", fwd.pid), Proc("worker", "server", worker.pid)], client
+    return RawSetup(front, back, [Proc("forwarder", "broker", fwd.pid), Proc("worker", "server", worker.pid)]), client
+
+
+def launch_raw(procs: Processes) -> tuple[list[Proc], Client]:
+    setup, client = raw_forwarder(procs)
+    return setup.procs, client
 
 
 # --- zrpc --------------------------------------------------------------------------------------
 
 
-def broker_status(ep: str) -> dict[str, Any] | None:
+def broker_status(ep: str, **client_kw: Any) -> dict[str, Any] | None:
+    """zrpc.status of the broker at `ep` (None: no answer); `client_kw`: CURVE keys, say."""
     try:
-        with zrpc.Client([ep], timeout=0.5) as c:
+        with zrpc.Client([ep], timeout=0.5, **client_kw) as c:
             status: dict[str, Any] = c.call("zrpc", "status")
             return status
     except zrpc.ZrpcError:
@@ -181,18 +200,32 @@ class ZrpcClient(Client):
         self.client.close()
 
 
-def zrpc_worker(procs: Processes, brokers: list[str]) -> subprocess.Popen[bytes]:
+def registered(ep: str, **client_kw: Any) -> int:
+    """Workers the broker at `ep` has registered (0 when it does not answer)."""
+    return len((broker_status(ep, **client_kw) or {}).get("workers") or [])
+
+
+def zrpc_worker(procs: Processes, brokers: list[str], count: int = 1) -> subprocess.Popen[bytes]:
+    """One more `zrpc worker` of calc, once the first broker has `count` workers registered."""
     worker = procs.zrpc("worker", "zrpc.examples.calc:calc", "--brokers", ",".join(brokers),
                         "--log-level", "warning", name="zrpc-worker", die_with_parent=True)
-    up(procs, lambda: (broker_status(brokers[0]) or {}).get("workers"), "zrpc worker registered")
+    up(procs, lambda: registered(brokers[0]) >= count, "zrpc worker registered")
     return worker
 
 
-def launch_zrpc(procs: Processes) -> tuple[list[Proc], Client]:
+def zrpc_broker(procs: Processes, *options: str, name: str = "zrpc-broker",
+                client_kw: dict[str, Any] | None = None) -> tuple[str, subprocess.Popen[bytes]]:
+    """One broker on a free port, answering (`options`: more `zrpc broker` flags; `client_kw`:
+    what a client needs to be answered, CURVE keys for instance)."""
     ep = f"tcp://{D.LOCAL_HOST}:{free_port()}"
-    broker = procs.zrpc("broker", "--frontend", ep, "--log-level", "warning", name="zrpc-broker",
-                        die_with_parent=True)
-    up(procs, lambda: broker_status(ep), "zrpc broker answering")
+    broker = procs.zrpc("broker", "--frontend", ep, "--queue-limit", str(QUEUE_LIMIT), *options,
+                        "--log-level", "warning", name=name, die_with_parent=True)
+    up(procs, lambda: broker_status(ep, **(client_kw or {})), "zrpc broker answering")
+    return ep, broker
+
+
+def launch_zrpc(procs: Processes) -> tuple[list[Proc], Client]:
+    ep, broker = zrpc_broker(procs)
     worker = zrpc_worker(procs, [ep])
     return [Proc("broker", "broker", broker.pid), Proc("worker", "server", worker.pid)], ZrpcClient([ep])
 
@@ -203,8 +236,8 @@ def launch_zrpc_pair(procs: Processes) -> tuple[list[Proc], Client]:
     eps = [f"tcp://{D.LOCAL_HOST}:{p}" for p in ports.frontend]
     found = []
     for role in D.ROLES:
-        p = procs.zrpc("broker", *broker_args(role, D.LOCAL_HOST, ports), "--log-level", "warning",
-                       name=f"zrpc-{role}", die_with_parent=True)
+        p = procs.zrpc("broker", *broker_args(role, D.LOCAL_HOST, ports), "--queue-limit", str(QUEUE_LIMIT),
+                       "--log-level", "warning", name=f"zrpc-{role}", die_with_parent=True)
         found.append(Proc(role, "broker", p.pid))
 
     def states() -> bool:
@@ -357,16 +390,19 @@ def launch_pyro5(procs: Processes) -> tuple[list[Proc], Client]:
     return [Proc("server", "server", p.pid)], Pyro5Client(port)
 
 
-SEQ, PIPE, TASKS, ECHO1K, ECHO64K = "seq", "pipe128", "async256", "echo1k", "echo64k"
+SEQ, PIPE, PIPE1K, TASKS = "seq", "pipe128", "pipe1024", "async256"
+ECHO1K, ECHO64K, ECHO1M = "echo1k", "echo64k", "echo1m"
 WORKLOADS = {
     SEQ: Workload(SEQ, "add(1, 2) sequential", "add", 1),
     PIPE: Workload(PIPE, "add(1, 2) 128 in flight", "add", 128),
+    PIPE1K: Workload(PIPE1K, "add(1, 2) 1,024 in flight", "add", 1024),
     TASKS: Workload(TASKS, "add(1, 2) 256 asyncio tasks", "add", 256, tasks=True),
     ECHO1K: Workload(ECHO1K, "echo 1 KiB, 16 in flight", "echo", 16),
     ECHO64K: Workload(ECHO64K, "echo 64 KiB, 16 in flight", "echo", 16),
+    ECHO1M: Workload(ECHO1M, "echo 1 MiB, 4 in flight", "echo", 4),
 }
-ALL = (SEQ, PIPE, TASKS, ECHO1K, ECHO64K)
-SYNC = (SEQ, PIPE, ECHO1K, ECHO64K)
+ALL = (SEQ, PIPE, PIPE1K, TASKS, ECHO1K, ECHO64K, ECHO1M)
+SYNC = (SEQ, PIPE, PIPE1K, ECHO1K, ECHO64K, ECHO1M)
 
 SYSTEMS = [
     System("raw", "raw pyzmq forwarder", SYNC, None, launch_raw),
@@ -375,6 +411,6 @@ SYSTEMS = [
     System("zerorpc", "zerorpc", SYNC, "zerorpc", launch_zerorpc),
     System("pyro5", "Pyro5 (msgpack)", SYNC, "Pyro5", launch_pyro5),
     System("grpc", "gRPC sync", SYNC, "grpc", launch_grpc),
-    System("grpc-aio", "gRPC aio", (PIPE, TASKS), "grpc", launch_grpc_aio),
+    System("grpc-aio", "gRPC aio", (PIPE, PIPE1K, TASKS), "grpc", launch_grpc_aio),
 ]
 """In the order they run: the peers last, and gRPC (whose client keeps threads) after the rest."""

@@ -3,14 +3,18 @@
 Systems: the raw forwarder (the least a broker in Python can do), zrpc through one broker,
 zrpc through a pair (primary and backup, heartbeats on), and zerorpc, Pyro5 (msgpack), gRPC
 sync and gRPC aio when they are importable (`pip install -e '.[bench]'`). Workloads: add(1, 2)
-sequential, add with 128 in flight, add from 256 asyncio tasks (AsyncClient, gRPC aio), echo
-of 1 KiB and of 64 KiB with 16 in flight. Every server runs as a child process.
+sequential, add with 128 and with 1,024 in flight, add from 256 asyncio tasks (AsyncClient,
+gRPC aio), echo of 1 KiB and of 64 KiB with 16 in flight, of 1 MiB with 4. Every server runs
+as a child process.
 
 Each row prints calls/s, p50/p99 latency (sequential rows) and the CPU µs per call of each
 process (client, broker(s), worker or server); a second table holds zrpc's ratios to the
-forwarder and to each peer.
+forwarder and to each peer. Then come the sections of benchmarks/_sections.py: scaling with
+clients and workers, latency against the broker's queue depth, and the broker's memory; and
+their curves as a PNG; then benchmarks/_knobs.py, what each setting a user may turn costs.
 
-    python benchmarks/throughput.py [--seconds 3] [--json [PATH]] [--systems a,b] [--workloads a,b]
+    python benchmarks/throughput.py [--seconds 2] [--json [PATH]] [--systems a,b] [--workloads a,b]
+                                    [--sections main,scaling,queue,memory,knobs] [--png PATH | --no-png]
 """
 
 from __future__ import annotations
@@ -26,25 +30,32 @@ from functools import partial
 from importlib import metadata
 from typing import Any
 
+import _knobs
+import _plot
 import zmq
-from _measure import Meter, Row, sequential
-from _systems import ECHO1K, ECHO64K, SEQ, SYSTEMS, WORKLOADS, Client, System
+from _measure import Meter, Row, sequential, warm_up
+from _sections import STEPS, Depth, Memory, Point, Progress, memory, queue_depths, scaling
+from _systems import ECHO1K, ECHO1M, ECHO64K, SEQ, SYSTEMS, WORKLOADS, Client, System
+from _tables import knobs_table, memory_table, queue_table, scaling_table
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from zrpc.testing import Processes
 
-PAYLOADS = {ECHO1K: os.urandom(1024), ECHO64K: os.urandom(64 * 1024)}
-DEFAULT_SECONDS = 3.0
-"""Per row: 28 rows of warm-up and measurement, plus start-ups, come to about two minutes."""
+PAYLOADS = {ECHO1K: os.urandom(1024), ECHO64K: os.urandom(64 * 1024), ECHO1M: os.urandom(1024 * 1024)}
+DEFAULT_SECONDS = 2.0
+"""Per row: 41 main rows and 22 timed rows of the sections, each with its warm-up, plus the
+start-ups (about 200 processes) and the memory section's settling, come to about four minutes
+on 2 cores: under five when the machine is busy."""
+SECTIONS = ("main", "scaling", "queue", "memory", "knobs")
+DEFAULT_PNG = "bench.png"
+STARTUP = {"main": 1.5, "scaling": 15.0, "queue": 6.0, "memory": 16.0, "knobs": 15.0}
+"""Seconds of start-ups and settling, beside the rows, for the estimate printed at the start:
+per main system, and per section (the scaling section starts 73 client and 30 worker processes
+over its two systems; the queue section's deepest burst takes seconds on its own)."""
 ZRPC_SYSTEMS = ("zrpc", "zrpc-pair")
 PACKAGES = ("pyzmq", "msgpack", "zerorpc", "gevent", "Pyro5", "grpcio")
-
-
-def warm_up(seconds: float) -> float:
-    """A warm-up long enough to fill queues and caches, short beside the row."""
-    return min(1.0, max(0.1, seconds / 4))
 
 
 def args_for(key: str) -> tuple[Any, ...]:
@@ -168,18 +179,25 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=DEFAULT_SECONDS, help="measured seconds per row")
     ap.add_argument("--json", nargs="?", const="-", metavar="PATH",
                     help="write every figure as JSON to PATH (no PATH: to stdout, instead of the tables)")
-    ap.add_argument("--systems", help=f"only these, comma-separated: {','.join(s.key for s in SYSTEMS)}")
+    ap.add_argument("--systems", help=f"only these, comma-separated: {','.join(s.key for s in SYSTEMS)} "
+                                      "(the scaling section runs those of zrpc and raw among them)")
     ap.add_argument("--workloads", help=f"only these, comma-separated: {','.join(WORKLOADS)}")
+    ap.add_argument("--sections", help=f"only these, comma-separated: {','.join(SECTIONS)} (main: the first "
+                                       "tables; queue and memory measure zrpc alone)")
+    ap.add_argument("--png", metavar="PATH", default=DEFAULT_PNG,
+                    help=f"draw the scaling and queue curves there (default {DEFAULT_PNG}; needs matplotlib)")
+    ap.add_argument("--no-png", action="store_true", help="draw no curves")
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     a = ap.parse_args()
     systems = parse_keys(a.systems, [s.key for s in SYSTEMS], "system")
     workloads = parse_keys(a.workloads, list(WORKLOADS), "workload")
+    sections = parse_keys(a.sections, list(SECTIONS), "section")
 
     plan: list[tuple[System, list[str]]] = []
     notes: list[str] = []
     for s in SYSTEMS:
         keys = [k for k in s.workloads if k in workloads]
-        if s.key not in systems or not keys:
+        if s.key not in systems or not keys or "main" not in sections:
             continue
         why = s.missing()
         if why:
@@ -187,10 +205,28 @@ def main() -> int:
             print(f"skipping {s.label}: {why}", file=sys.stderr)
             continue
         plan.append((s, keys))
-    total = sum(len(keys) for _, keys in plan)
+    scaled = [k for k in ("zrpc", "raw") if k in systems]
+    if "scaling" in sections and not scaled:
+        notes.append("scaling: skipped, neither zrpc nor raw is among --systems")
+        sections = [s for s in sections if s != "scaling"]
+    steps = {"scaling": STEPS["scaling"] * len(scaled) // 2, "queue": STEPS["queue"], "memory": STEPS["memory"],
+             "knobs": _knobs.STEPS}
+    total = sum(len(keys) for _, keys in plan) + sum(n for k, n in steps.items() if k in sections)
+    row_s = a.seconds + warm_up(a.seconds)
+    estimate = (sum(len(keys) * row_s + STARTUP["main"] for _, keys in plan)
+                + sum((n * row_s if k != "memory" else 0) + STARTUP[k] * (len(scaled) if k == "scaling" else 1)
+                      for k, n in steps.items() if k in sections))
+    print(f"bench: {total} rows ({', '.join(sections)}), about {estimate / 60:.1f} minutes at "
+          f"{a.seconds:g} s per row", file=sys.stderr)
     labels = {s.key: s.label for s in SYSTEMS}
     rows: list[Row] = []
+    points: list[Point] = []
+    depths: list[Depth] = []
+    mem: list[Memory] = []
+    turned: list[_knobs.KnobRow] = []
     counter = [0]
+    progress = Progress(counter, total)
+    began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="zrpc-bench-") as logs, Processes(log_dir=logs) as procs:
         for system, keys in plan:
             try:
@@ -202,30 +238,73 @@ def main() -> int:
                 print(f"\n{note}", file=sys.stderr)
                 for problem in procs.problems():
                     print(problem, file=sys.stderr)
+        if "scaling" in sections:
+            found, more = scaling(procs, a.seconds, progress, logs, scaled)
+            points, notes = points + found, notes + more
+        if "queue" in sections:
+            depths, more = queue_depths(procs, a.seconds, progress)
+            notes += more
+        if "memory" in sections:
+            mem, more = memory(procs, progress, points)
+            notes += more
+        if "knobs" in sections:
+            turned, more = _knobs.knobs(procs, a.seconds, progress)
+            notes += more
+    wall = time.monotonic() - began
+    print(f"bench: {wall:.0f} s in all", file=sys.stderr)
 
-    report: dict[str, Any] = {"environment": environment(a.seconds), "rows": [r.as_dict() for r in rows],
-              "ratios": ratios(rows), "notes": notes}
+    png = None if a.no_png or not (points or depths) else a.png
+    if png and not _plot.available():
+        notes.append(_plot.MISSING)
+        png = None
+    if png:
+        try:
+            _plot.draw(png, points, depths, f"make bench: libzmq {zmq.zmq_version()}, {os.cpu_count()} cpus, "
+                                            f"{a.seconds:g} s per row, {time.strftime('%Y-%m-%d %H:%M')}")
+            notes.append(f"curves: {os.path.abspath(png)}")
+        except Exception as exc:  # the figures stand without their picture
+            notes.append(f"curves: not drawn, {type(exc).__name__}: {exc}")
+    report: dict[str, Any] = {"environment": {**environment(a.seconds), "wall_s": round(wall, 1),
+                                              "sections": sections},
+                              "rows": [r.as_dict() for r in rows], "ratios": ratios(rows),
+                              "scaling": [p.as_dict() for p in points], "queue": [d.as_dict() for d in depths],
+                              "memory": [m.as_dict() for m in mem], "knobs": [k.as_dict() for k in turned],
+                              "notes": notes}
+    measured = bool(rows or points or depths or mem or turned)
     if a.json and a.json != "-":
         with open(a.json, "w") as f:
             json.dump(report, f, indent=2)
     if a.json == "-":
         print(json.dumps(report, indent=2))
-        return 0 if rows else 1
+        return 0 if measured else 1
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)
     style = box.MARKDOWN if a.markdown else box.SIMPLE_HEAD
-    console.print(results_table(rows, labels, style))
+    if rows:
+        console.print(results_table(rows, labels, style))
     if any(r.system in ZRPC_SYSTEMS for r in rows):
         console.print(ratio_table(rows, labels, style))
+    if points:
+        console.print(scaling_table(points, style))
+    if depths:
+        console.print(queue_table(depths, style))
+    if mem:
+        console.print(memory_table(mem, style))
+    if turned:
+        console.print(knobs_table(turned, style))
     env = environment(a.seconds)
     console.print(f"python {env['python']}, libzmq {env['libzmq']}, "
                   + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
-                  + f"; {env['cpus']} cpus; {a.seconds:g} s per row, one run")
+                  + f"; {env['cpus']} cpus; {a.seconds:g} s per row, one run of {wall:.0f} s")
     for note in notes:
         console.print(note)
-    return 0 if rows else 1
+    return 0 if measured else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the processes it started are stopped by now (Processes' exit)
+        print("\nbench: interrupted; every process it started has been stopped", file=sys.stderr)
+        sys.exit(130)
