@@ -6,7 +6,7 @@ row's flags and measures the same load, so the rows differ by the knob alone:
 - calc's `add` is declared `inline=True` (run on the worker's I/O thread); `slow_add(1, 2, 0)`
   is the same sum as an ordinary handler in the thread pool (its `time.sleep(0)` is one system
   call, about a microsecond), so the pair of rows is what the two thread hand-offs cost.
-- `--prefetch 8`: the worker holds 8 calls beyond its threads (capacity 16).
+- `--prefetch 24`: the worker holds 24 calls beyond its 8 threads (capacity 32).
 - `--concurrency 1 / 32`: the pool's size (and the capacity).
 - heartbeats every 50 ms instead of 250 ms, both ways.
 - CURVE: every socket encrypted and authenticated (keys from `zrpc keygen`).
@@ -45,8 +45,8 @@ class Knob:
 KNOBS = (
     Knob("defaults: add inline, prefetch 0, concurrency 8"),
     Knob("handler in the thread pool", "slow_add"),
-    Knob("thread pool, --prefetch 8", "slow_add", worker=("--prefetch", "8")),
-    Knob("inline, --prefetch 8", worker=("--prefetch", "8")),
+    Knob("thread pool, --prefetch 24", "slow_add", worker=("--prefetch", "24")),
+    Knob("inline, --prefetch 24", worker=("--prefetch", "24")),
     Knob("thread pool, --concurrency 1", "slow_add", worker=("--concurrency", "1")),
     Knob("thread pool, --concurrency 32", "slow_add", worker=("--concurrency", "32")),
     Knob("heartbeats every 50 ms", broker=("--heartbeat-interval", "0.05"),
