@@ -22,7 +22,7 @@ class Flag:
     range: tuple[float | None, float | None] | None = None
     """Inclusive bounds of a number (None: unbounded on that side)."""
     choices: tuple[str, ...] | None = None
-    kind: Literal["endpoint", "file", "dir"] | None = None
+    kind: Literal["endpoint", "file", "dir", "cluster"] | None = None
     hidden: bool = False
     unset: bool = False
     """Absent from the command line unless given: the command computes the default (the
@@ -103,6 +103,14 @@ class BrokerConfig:
     restarts: int = field(default=0, metadata=flag(
         "How many times a supervisor (zrpc pair) has restarted this broker.", range=(0, None),
         hidden=True))
+    cluster: str | None = field(default=None, metadata=flag(
+        "Join the cluster whose etcd is at etcd://HOST:PORT[,HOST:PORT...] as a member broker "
+        "(serves every service alone: no --role, --state or --peer-state; needs --name).",
+        kind="cluster"))
+    name: str | None = field(default=None, metadata=flag(
+        "This member's name in the cluster (its key: /zrpc/<cluster-name>/brokers/<name>)."))
+    cluster_name: str = field(default=D.CLUSTER_NAME, metadata=flag(
+        "Which cluster of that etcd to join (several may share one etcd)."))
 
 
 HELP_ORDER = (
@@ -110,6 +118,9 @@ HELP_ORDER = (
     "frontend",
     "state",
     "peer_state",
+    "cluster",
+    "name",
+    "cluster_name",
     "monitor",
     "lb",
     "queue_limit",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 from typing import Any
@@ -12,12 +13,16 @@ from typing import Any
 import zmq
 
 from zrpc._core._clock import Clock, monotonic, timeout_ms
+from zrpc._core._membership import Event as ClusterEvent
+from zrpc._core._membership import parse_cluster
 from zrpc._core._serial import pack_result
+from zrpc._io._etcd import EtcdEdge
 from zrpc._io._internal import InternalErrors
 from zrpc._io._security import CurveKeys, ZapGuard, load_authorized, server_keys
 from zrpc._io._sockets import (
     Sent,
     SocketOptions,
+    Waker,
     bind,
     make_socket,
     map_zmq_errors,
@@ -35,6 +40,7 @@ from zrpc.broker._core._broker import (
     ReleaseMemory,
     Send,
     SendCall,
+    ToEtcd,
 )
 
 __all__ = ["BATCH", "Broker", "BrokerConfig"]
@@ -102,6 +108,10 @@ class Broker:
         self._pub: zmq.Socket[Any] | None = None
         self._sub: zmq.Socket[Any] | None = None
         self._mon: zmq.Socket[Any] | None = None
+        # cluster mode: the etcd edge's threads queue what etcd answered and ring the waker
+        self._edge: EtcdEdge | None = None
+        self._waker: Waker | None = None
+        self._inbox: queue.SimpleQueue[ClusterEvent] = queue.SimpleQueue()
         self.ready = threading.Event()  # set once the frontend is bound
 
     # --- what the core knows, for the log prefix, Prometheus and tests ---------------------
@@ -201,11 +211,18 @@ class Broker:
         execute = self._execute
         self.log.info("serving on %s (lb=%s, queue_limit=%d)", self.config.frontend,
                       self.config.lb, self.config.queue_limit)
-        execute(core.start())
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
         if self._sub is not None:
             poller.register(self._sub, zmq.POLLIN)
+        if core.cluster is not None and self.config.cluster is not None:
+            self._waker = Waker(self._ctx, f"etcd-{id(self):x}")
+            poller.register(self._waker.socket, zmq.POLLIN)
+            self._edge = EtcdEdge(parse_cluster(self.config.cluster), self._deliver, logger=self.log)
+            self._edge.start()
+            self.log.info("joining cluster %s as %s (etcd %s)", core.cluster.cluster,
+                          core.cluster.name, self._edge.where)
+        execute(core.start())
         frames_received = core.frames_received
         record = self._errors.record
         try:
@@ -218,6 +235,8 @@ class Broker:
                     execute(core.checkpoint(ms / 1000))
                 except Exception as exc:  # noqa: BLE001 - that is the point
                     record(exc, "a stall of the loop")
+                if self._waker is not None:
+                    self._read_etcd()
                 if events:
                     # the peer's state first: a broker resumed after SIGSTOP must learn that
                     # its peer took over before it serves anything from its backlog
@@ -252,6 +271,7 @@ class Broker:
                 except Exception as exc:  # noqa: BLE001
                     record(exc, "the timers")
         finally:
+            self._leave()
             front.close(linger=0)
             for sock in (self._pub, self._sub, self._mon):
                 if sock is not None:
@@ -287,6 +307,48 @@ class Broker:
                 self._execute(self.core.peer_state_received(batch))
         except Exception as exc:  # noqa: BLE001 - a bug costs this read, never the loop
             self._errors.record(exc, "the peer's state")
+
+    def _deliver(self, event: ClusterEvent) -> None:
+        """From the etcd edge's threads: queued for the loop, which is woken to read it."""
+        waker = self._waker
+        if waker is not None:
+            self._inbox.put(event)
+            waker.wake()
+
+    def _read_etcd(self) -> None:
+        """What etcd answered since the last wake-up, given to the core at once."""
+        waker = self._waker
+        if waker is None:
+            return
+        try:
+            waker.clear()  # before reading: an answer queued after it rings again
+            inbox = self._inbox
+            batch: list[ClusterEvent] = []
+            while len(batch) < BATCH:
+                try:
+                    batch.append(inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if batch:
+                self._execute(self.core.cluster_events(batch))
+        except Exception as exc:  # noqa: BLE001 - a bug costs this read, never the loop
+            self._errors.record(exc, "answers from etcd")
+
+    def _leave(self) -> None:
+        """A clean stop of a cluster member: its lease is revoked (the others see it leave at
+        once), the watch cancelled, the edge's threads ended."""
+        edge, waker = self._edge, self._waker
+        if edge is None:
+            return
+        try:
+            self._execute(self.core.leave())
+            edge.stop()
+        except Exception as exc:  # noqa: BLE001 - stopping goes on whatever happens
+            self._errors.record(exc, "leaving the cluster")
+        finally:
+            self._edge = self._waker = None
+            if waker is not None:
+                waker.close()
 
     def _security_events(self) -> None:
         """SIGHUP's reload of the authorized keys, and the keys ZAP refused (for the core)."""
@@ -335,6 +397,9 @@ class Broker:
                         self._publish(self._pub, a.frames)
                     elif type(a) is ReleaseMemory:
                         _release_memory()
+                    elif type(a) is ToEtcd:
+                        if self._edge is not None:
+                            self._edge.submit(a.action)
                 except Exception as exc:  # noqa: BLE001 - a bug costs one action, never the broker
                     record(exc, f"an action ({type(a).__name__})")
             pending = more

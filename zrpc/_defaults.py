@@ -61,3 +61,16 @@ it fails with ServiceUnavailable."""
 
 MAX_INFLIGHT_PER_CLIENT = 10_000
 """Calls one client may have inside a broker: one runaway client can't take every slot."""
+
+CLUSTER_NAME = "zrpc"
+"""The cluster a member broker joins when none is named: its key is
+/zrpc/<cluster name>/brokers/<broker name>, so several clusters can share one etcd."""
+
+LEASE_TTL = 3
+"""Seconds a member's etcd lease lives unrenewed (whole seconds: etcd's unit), renewed every
+third of it: a killed broker leaves the membership within about 3 s, and one slow renewal
+(a loaded machine, an etcd election) still leaves two more chances before it expires."""
+
+ETCD_TIMEOUT = 1.0
+"""Seconds one request to one etcd endpoint may take: a third of LEASE_TTL, so a renewal that
+hangs on one endpoint still leaves time to try the next before the lease expires."""

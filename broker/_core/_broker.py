@@ -6,7 +6,8 @@ none), the Monitor and the workers' LivenessTracker, with an injected clock. The
 (broker/_loop.py) hands it what it read and carries out the actions it returns; it decides
 nothing but to skip the later SendCalls to a worker one of them failed to reach. The verbs:
 `start`, `frames_received`, `peer_state_received`, `call_not_sent`,
-`refused`, `checkpoint`, `drained`, `tick`, `next_deadline`.
+`refused`, `checkpoint`, `drained`, `tick`, `next_deadline`; in cluster mode `cluster_events`
+and `leave` too.
 
 Rules (DESIGN.md §3-5, docs/protocol.md §7-8):
 
@@ -44,6 +45,11 @@ Rules (DESIGN.md §3-5, docs/protocol.md §7-8):
 10. A bug costs one message or one step, never the broker: it is recorded, the other steps
     still run, a client REQUEST it cost is answered ERROR ("InternalError"), and each tick
     turns the internal errors since the last one into one `internal_error` notice.
+11. A cluster member (`--cluster`, DESIGN.md §9) is a lone broker that also keeps a
+    Membership (zrpc/_core/_membership.py): what etcd answered goes to it (`cluster_events`),
+    its etcd requests go to the loop (ToEtcd), its alerts go out as notices, about this
+    broker, in every state; `leave` revokes its lease on a clean stop. It never changes
+    what is served: etcd decides membership, heartbeats decide death.
 
 Counters: the core counts what it sees (`received`, `malformed`, `not_active`); the loop,
 which alone sees sends, counts `sent`, `unroutable` and `send_full` in the same `counters`.
@@ -74,6 +80,11 @@ from zrpc._core._frames import (
 )
 from zrpc._core._liveness import LivenessTracker
 from zrpc._core._malformed import Malformed
+from zrpc._core._membership import RESOLVED, EtcdAction, Membership, advertised, parse_cluster
+from zrpc._core._membership import Alert as ClusterAlert
+from zrpc._core._membership import Event as ClusterEvent
+from zrpc._core._membership import Log as ClusterLog
+from zrpc._core._membership import Output as ClusterOutput
 from zrpc._core._serial import pack_error, pack_result
 from zrpc._core._service import RESERVED
 from zrpc._errors import ProtocolError
@@ -125,7 +136,8 @@ EVAL_PERIOD = 0.1
 METRICS_PERIOD = 1.0
 """Seconds between `metrics` snapshots (and refreshes of the status Prometheus reads)."""
 
-ALWAYS_NOTICED = frozenset({"unauthorized", "internal_error", "broker_restarted"})
+ALWAYS_NOTICED = frozenset({"unauthorized", "internal_error", "broker_restarted", "etcd_unreachable",
+                            "member_joined", "member_left"})
 """Notices a passive broker reports too: they are about this broker, not about the calls the
 active one serves."""
 
@@ -162,6 +174,14 @@ class Settings(Protocol):
     def thresholds(self) -> Thresholds: ...
     @property
     def restarts(self) -> int: ...
+    @property
+    def monitor(self) -> str | None: ...
+    @property
+    def cluster(self) -> str | None: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def cluster_name(self) -> str: ...
 
 
 class Errors(Protocol):
@@ -223,7 +243,15 @@ class ReleaseMemory:
     """The metrics step ran: a moment to hand memory freed by a burst back to the OS."""
 
 
-Action = Send | SendCall | PublishState | Publish | Log | ReleaseMemory
+@dataclass(frozen=True, slots=True)
+class ToEtcd:
+    """A request for etcd (cluster mode): the loop hands it to the etcd edge, which answers
+    through `cluster_events`."""
+
+    action: EtcdAction
+
+
+Action = Send | SendCall | PublishState | Publish | Log | ReleaseMemory | ToEtcd
 
 
 class BrokerCore:
@@ -252,6 +280,7 @@ class BrokerCore:
             max_inflight_per_client=config.max_inflight_per_client)
         self._liveness: LivenessTracker[bytes] = LivenessTracker(clock, interval, config.liveness)
         self._monitor = Monitor(clock, interval, config.thresholds)
+        self._cluster = self._membership(config, clock)
         self.malformed = Malformed()
         self.counters: dict[str, int] = dict.fromkeys(
             ("received", "sent", "malformed", "unroutable", "send_full", "not_active"), 0)
@@ -290,6 +319,11 @@ class BrokerCore:
         return self._liveness
 
     @property
+    def cluster(self) -> Membership | None:
+        """This broker's view of its cluster (None: not a cluster member)."""
+        return self._cluster
+
+    @property
     def state(self) -> str:
         """active, passive, primary or backup (a lone broker is always active)."""
         return "active" if self._bstar is None else self._bstar.state.value
@@ -320,6 +354,9 @@ class BrokerCore:
                 out.append(Log(logging.WARNING, "started again after %d restart(s) by its "
                                "supervisor: the previous run died (see its log)", (n,)))
                 self._notice(Notice("broker_restarted", self._errors.where, {"restarts": n}), out)
+        if self._cluster is not None:
+            with self._contain("joining the cluster"):
+                self._cluster_outputs(self._cluster.start(), out)
         self._mark = self._clock()
         return out
 
@@ -368,6 +405,25 @@ class BrokerCore:
         self._notice(Notice("unauthorized", address, {"reason": reason, "key": key}), out)
         return out
 
+    def cluster_events(self, events: Sequence[ClusterEvent]) -> list[Action]:
+        """What the etcd edge saw (rule 11), each event contained on its own."""
+        out: list[Action] = []
+        cluster = self._cluster
+        if cluster is None:
+            return out
+        for e in events:
+            with self._contain("an answer from etcd"):
+                self._cluster_outputs(cluster.handle(e), out)
+        return out
+
+    def leave(self) -> list[Action]:
+        """A clean stop: the lease is revoked, so the other members see this one leave now."""
+        out: list[Action] = []
+        if self._cluster is not None:
+            with self._contain("leaving the cluster"):
+                self._cluster_outputs(self._cluster.stop(), out)
+        return out
+
     def checkpoint(self, allowed: float = 0.0) -> list[Action]:
         """The loop runs again; its poll was allowed to wait `allowed` seconds (rule 7)."""
         out: list[Action] = []
@@ -402,6 +458,11 @@ class BrokerCore:
                 self._bstar_actions(self._bstar.tick(), out)
             except Exception as exc:  # noqa: BLE001
                 record(exc, "the Binary Star timers")
+        if self._cluster is not None:
+            try:
+                self._cluster_outputs(self._cluster.tick(), out)
+            except Exception as exc:  # noqa: BLE001
+                record(exc, "the cluster's timers")
         now = self._clock()
         if now >= self._next_eval:
             self._next_eval = now + self._eval_every
@@ -442,6 +503,10 @@ class BrokerCore:
                 nxt = min(nxt, dd)
             if self._bstar is not None:
                 nxt = min(nxt, self._bstar.next_deadline())
+            if self._cluster is not None:
+                cd = self._cluster.next_deadline()
+                if cd is not None:
+                    nxt = min(nxt, cd)
         except Exception as exc:  # noqa: BLE001 - a core's bug must not end the loop
             self._errors.record(exc, "the next deadline")
             return self._clock() + 0.01
@@ -463,6 +528,9 @@ class BrokerCore:
             "uptime_s": round(self._clock() - self._started, 3),
             "restarts": self.config.restarts,
         }
+        if self._cluster is not None:
+            snap["broker"]["name"] = self._cluster.name
+            snap["cluster"] = self._cluster.snapshot()
         snap["counters"].update(self.counters)
         snap["counters"]["internal_errors"] = self._errors.count
         snap["alerts"] = [{"name": a.name, "severity": a.severity, "subject": a.subject,
@@ -749,6 +817,37 @@ class BrokerCore:
                 "name": o.name, "severity": o.severity, "state": o.state,
                 "resolved": o.state == "resolved", "subject": o.subject, "detail": o.detail,
                 **self._identity()}))
+
+    def _membership(self, config: Settings, clock: Clock) -> Membership | None:
+        """Rule 11: a cluster member registers its endpoints under its name."""
+        url = config.cluster
+        if url is None:
+            if config.name is not None:
+                raise ValueError("--name is a cluster member's name: it needs --cluster")
+            return None
+        parse_cluster(url)
+        if config.peer_state is not None:
+            raise ValueError("--cluster makes this broker a cluster member, not one of a pair: "
+                             "no --state or --peer-state")
+        if not config.name:
+            raise ValueError("--cluster needs --name (this member's name in the cluster)")
+        host = self._host
+        info = {"frontend": advertised(config.frontend, host), "host": host, "pid": self._pid,
+                "boot": self._boot,
+                "monitor": advertised(config.monitor, host) if config.monitor else None}
+        return Membership(clock, config.name, info, cluster=config.cluster_name, where=url)
+
+    def _cluster_outputs(self, outputs: list[ClusterOutput], out: list[Action]) -> None:
+        for o in outputs:
+            if isinstance(o, ClusterAlert):
+                detail = dict(o.detail)
+                if o.state == RESOLVED:
+                    detail["resolved"] = True
+                self._notice(Notice(o.name, o.subject, detail), out)
+            elif isinstance(o, ClusterLog):
+                out.append(Log(o.level, o.msg, o.args))
+            else:
+                out.append(ToEtcd(o))
 
     def _identity(self) -> dict[str, Any]:
         return {"time": self._wall(), "broker": self.config.frontend, "role": self.role,

@@ -51,7 +51,16 @@ CATALOGUE = {
     "role_conflict": ("critical", "both brokers have the same role (two primaries or two backups): "
                       "neither will serve"),
     "peer_unreachable": ("warning", "a backup that has never heard its primary: it will not serve"),
+    "member_joined": ("info", "a broker joined the cluster (or came back with a new run)"),
+    "member_left": ("warning", "a broker left the cluster (its lease expired or was revoked); "
+                    "resolved when it joins again"),
+    "etcd_unreachable": ("warning", "etcd does not answer: this member keeps serving with the "
+                         "membership it last saw, and nobody new can join; resolved when it answers"),
 }
+
+CLUSTER_CONDITIONS = frozenset({"member_left", "etcd_unreachable"})
+"""Cluster conditions (subject: the member, or "etcd"), raised and resolved as the membership
+core says (its `resolved` flag)."""
 
 PAIR_CONDITIONS = frozenset({"failover", "split_brain", "dual_passive", "role_conflict", "peer_unreachable"})
 """Conditions of the pair as a whole: raised and resolved with the subject "pair"."""
@@ -354,7 +363,8 @@ class Monitor:
 
     def notice(self, n: Notice) -> list[Output]:
         """Events the dispatcher and the loop report (worker_joined, worker_lost, worker_leaving,
-        unauthorized, internal_error, broker_restarted, role_conflict, peer_unreachable)."""
+        unauthorized, internal_error, broker_restarted, role_conflict, peer_unreachable), and
+        the cluster's (member_joined, member_left, etcd_unreachable)."""
         out: list[Output] = []
         if n.name == "worker_joined":
             out += self._event("worker_joined", n.subject, **n.detail)
@@ -383,6 +393,14 @@ class Monitor:
                 out += self._resolve("broker_restarted", n.subject, **detail)
             else:
                 out += self._raise("broker_restarted", n.subject, **detail)
+        elif n.name == "member_joined":
+            out += self._event("member_joined", n.subject, **n.detail)
+        elif n.name in CLUSTER_CONDITIONS:
+            detail = {k: v for k, v in n.detail.items() if k != "resolved"}
+            if n.detail.get("resolved"):
+                out += self._resolve(n.name, n.subject, **detail)
+            else:
+                out += self._raise(n.name, n.subject, **detail)
         elif n.name in PAIR_CONDITIONS:
             detail = {k: v for k, v in n.detail.items() if k != "resolved"}
             if n.detail.get("resolved"):

@@ -131,6 +131,7 @@ class Processes:
         self.cwd = None if cwd is None else str(cwd)
         self.env = {**os.environ, **(env or {})}
         self.env.pop("ZRPC_BROKERS", None)
+        self.env.pop("ZRPC_CLUSTER", None)
         self._names: set[str] = set()
 
     # --- starting ------------------------------------------------------------------------

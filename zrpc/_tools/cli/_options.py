@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import click
 
 from zrpc._core._config import ENV, check_endpoint, resolve_brokers
+from zrpc._core._membership import ENV as CLUSTER_ENV
+from zrpc._core._membership import parse_cluster
 from zrpc._defaults import LOCAL_PAIR
 from zrpc.broker._config import FLAG, Flag
 
@@ -30,6 +32,9 @@ def serving() -> None:
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()),
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+    # the etcd client's HTTP library logs every request at debug level: a line a second per
+    # lease renewal says nothing a broker's own log does not
+    logging.getLogger("urllib3").setLevel(max(logging.INFO, getattr(logging, level.upper())))
 
 
 def brokers_option(f: F) -> F:
@@ -37,6 +42,24 @@ def brokers_option(f: F) -> F:
         "--brokers", envvar=ENV, show_envvar=True, metavar="EP[,EP]",
         help=f"Broker endpoints, comma-separated (default: the local pair {','.join(LOCAL_PAIR)}).",
     )(f)
+
+
+def cluster_option(f: F) -> F:
+    return click.option(
+        "--cluster", envvar=CLUSTER_ENV, show_envvar=True, metavar="etcd://H:P[,H:P]",
+        callback=cluster_url, help="The cluster's etcd endpoints: its member brokers instead of --brokers.",
+    )(f)
+
+
+def cluster_url(ctx: click.Context | None, param: click.Parameter | None, value: str | None) -> str | None:
+    """Click callback: an etcd://H:P[,H:P] option's value, checked."""
+    if value is None:
+        return None
+    try:
+        parse_cluster(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value.strip()
 
 
 def curve_client_options(f: F) -> F:
@@ -132,6 +155,8 @@ class ConfigOptions:
                 attrs["type"] = click.FloatRange(lo, hi)
         if meta.kind == "endpoint":
             attrs.update(callback=endpoint, metavar="EP")
+        elif meta.kind == "cluster":
+            attrs.update(callback=cluster_url, metavar="etcd://H:P[,H:P]")
         elif meta.kind == "file":
             attrs["type"] = click.Path(dir_okay=False)
         elif meta.kind == "dir":

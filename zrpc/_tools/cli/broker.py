@@ -1,5 +1,5 @@
-"""`zrpc broker`: run one broker, alone or as one side of a Binary Star pair; its options are
-BrokerConfig's fields."""
+"""`zrpc broker`: run one broker, alone, as one side of a Binary Star pair, or as a member of
+an etcd cluster; its options are BrokerConfig's fields."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import signal
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from zrpc._core._config import is_loopback
 from zrpc._tools.cli._options import ConfigOptions, log_option, serving, setup_logging
@@ -22,6 +23,7 @@ def command(log_level: str, **settings: Any) -> None:
     """Run a broker: routes calls from clients to workers until SIGTERM or Ctrl-C."""
     from zrpc.broker import Broker
 
+    _check_cluster(click.get_current_context(), settings)
     setup_logging(log_level)
     keywords = OPTIONS.keywords(settings)
     keywords.setdefault("frontend", local_frontend(keywords["role"]))
@@ -36,3 +38,27 @@ def command(log_level: str, **settings: Any) -> None:
     signal.signal(signal.SIGHUP, lambda *_: b.reload_keys())
     serving()
     b.run()
+
+
+PAIR_ONLY = ("role", "state", "peer_state")
+"""Options of a Binary Star pair, which a cluster member (no pair: etcd decides membership)
+does not take."""
+
+
+def _check_cluster(ctx: click.Context, settings: dict[str, Any]) -> None:
+    """--cluster with pair options, or cluster options without --cluster: a usage error."""
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+
+    if settings.get("cluster") is not None:
+        pair = [f"--{n.replace('_', '-')}" for n in PAIR_ONLY if given(n)]
+        if pair:
+            raise click.UsageError(f"--cluster makes a cluster member, not one of a pair: drop "
+                                   f"{' and '.join(pair)}")
+        if not settings.get("name"):
+            raise click.UsageError("--cluster needs --name (this member's name in the cluster)")
+    else:
+        for n in ("name", "cluster_name"):
+            if given(n):
+                raise click.UsageError(f"--{n.replace('_', '-')} is for a cluster member: it "
+                                       "needs --cluster etcd://HOST:PORT")

