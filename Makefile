@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-quick check soak bench clean
+.PHONY: demo test test-quick check netdeps soak bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,18 @@ demo: $(STAMP)
 	$(BIN)/zrpc demo
 
 # ruff, mypy --strict and the import contract first, then the whole suite
-test: check
+test: check netdeps
 	$(BIN)/python -m pytest
+
+# The network-namespace scenarios (tests/netchaos) need root, `ip` and `nft`: as root on Debian
+# this installs iproute2 and nftables when they are missing; elsewhere those scenarios skip,
+# saying why.
+netdeps:
+	@if [ "$$(id -u)" = 0 ] && ! { command -v ip && command -v nft; } >/dev/null 2>&1; then \
+		echo "netdeps: installing iproute2 and nftables for tests/netchaos"; \
+		{ apt-get install -y -q iproute2 nftables || { apt-get update -q && apt-get install -y -q iproute2 nftables; }; } \
+			>/dev/null 2>&1 || echo "netdeps: could not install them: tests/netchaos will skip"; \
+	fi
 
 check: $(STAMP)
 	scripts/check

@@ -39,6 +39,12 @@ Rules (the names in quotes are the rules of RULES that TRANSITIONS points to):
    has no primary to pick).
 10. A backup that has never heard its primary raises `peer_unreachable` after
     UNREACHABLE_TIMEOUTS peer timeouts, and still never serves alone (rule 3).
+11. "stale": a cut state link queues the peer's messages and delivers them, oldest first,
+    when it heals. An ACTIVE or PASSIVE state with an epoch below the highest we know of is
+    such a message (epochs never decrease): it is a sign of life, and nothing more, for up to
+    a peer timeout; a peer that goes on saying it for longer is believed (a replay lasts
+    milliseconds, and a too-high epoch from a worker must not silence a peer for good). A
+    (re)started peer (PRIMARY, BACKUP) is always news.
 
 Invariants, checked on random event sequences in the tests: a broker's epoch never decreases,
 and while each broker knows the other's current state and epoch, at most one is ACTIVE.
@@ -202,6 +208,7 @@ class BinaryStar:
         self._doubt_until: float | None = None  # ACTIVE but stalled: not serving until then
         self._reason = ""  # why serving changed, when no state change says it
         self._forgiven = False  # a stall of ours was allowed for since the peer was last heard
+        self._stale_since: float | None = None  # rule 11: since when the peer's news is stale
 
     # --- what it knows (read-only) ----------------------------------------------------------
 
@@ -319,6 +326,11 @@ class BinaryStar:
         key: Input
         match event:
             case PeerStateSeen():
+                if self._stale(event):
+                    now = self._clock()
+                    self._peer_seen = now  # alive, whatever it said long ago
+                    self._peer_expiry = now + self._peer_timeout
+                    return out
                 out = self._peer_heard(event)
                 key = event.state
             case ClientVoted():
@@ -343,6 +355,16 @@ class BinaryStar:
         else:
             out.extend(RULES[target](self, event, reason))
         return out
+
+    def _stale(self, event: PeerStateSeen) -> bool:
+        """Rule 11: an old message of the peer's, replayed by a link that healed."""
+        if event.state not in (BStar.ACTIVE, BStar.PASSIVE) or event.epoch >= self._known_epoch:
+            self._stale_since = None
+            return False
+        now = self._clock()
+        if self._stale_since is None:
+            self._stale_since = now
+        return now - self._stale_since < self._peer_timeout
 
     def _peer_heard(self, event: PeerStateSeen) -> list[Action]:
         now = self._clock()

@@ -738,3 +738,33 @@ def test_any_sequence_of_events_keeps_the_invariants(roles, steps):
     link.run(40)  # the link heals: they come to know each other
     assert link.see_each_other()
     assert [m.state for m in link.m].count(A) <= 1
+
+
+def test_a_replayed_old_state_after_a_healed_cut_changes_nothing():
+    """The backup took over while the primary was cut off; a worker told the primary, which
+    stood down. When the link heals, the backup's messages from during the cut arrive first,
+    oldest first: its PASSIVE of epoch 1 is history, not a second broker standing by."""
+    m, clock = reach("primary", A, epoch=1)
+    out = m.handle(HigherEpochSeen(2))  # a worker sees the backup active with epoch 2
+    assert m.state is S and m.epoch == 2 and not m.accepts_clients
+    for _ in range(3):  # the replay: what the backup published during the cut
+        out += m.handle(PeerStateSeen(S, 1, "backup"))
+        clock.advance(0.01)
+    out += m.handle(PeerStateSeen(A, 2, "backup"))  # and what it says now
+    assert m.state is S and m.epoch == 2 and not m.accepts_clients
+    assert (m.peer_state, m.peer_epoch) == (A, 2)
+    assert [a.new for a in out if isinstance(a, StateChanged)] == [S]  # the step down only
+
+
+def test_a_peer_that_goes_on_with_a_lower_epoch_is_believed_after_a_peer_timeout():
+    """An epoch too high for either broker (a worker's garbage within range) must not make
+    the peer's real news stale for good: two passive brokers still settle."""
+    m, clock = reach("primary", S, epoch=1)
+    m.handle(HigherEpochSeen(90))  # not the peer's: it is passive at 1
+    assert m.state is S
+    for _ in range(int(PEER_TIMEOUT / 0.1)):
+        m.handle(PeerStateSeen(S, 1, "backup"))
+        assert m.state is S
+        clock.advance(0.1)
+    m.handle(PeerStateSeen(S, 1, "backup"))
+    assert m.state is A and m.epoch == 91  # dual_passive: the primary takes over, above all

@@ -43,7 +43,10 @@ def make_socket(
     options: SocketOptions | None = None,
 ) -> zmq.Socket[Any]:
     """Creates a socket with limits (max message size, high-water marks), no linger, capped
-    reconnect backoff, and ROUTER_MANDATORY on routers so a vanished peer is an error."""
+    reconnect backoff, and on routers ROUTER_MANDATORY (a vanished peer is an error) and
+    ROUTER_HANDOVER (a peer that reconnects with its routing id takes it over: after a network
+    cut the old connection may linger half-open for many seconds, and without handover libzmq
+    refuses the new one until it dies)."""
     o = options or SocketOptions()
     sock: zmq.Socket[Any] = ctx.socket(kind)
     sock.linger = o.linger_ms
@@ -56,6 +59,7 @@ def make_socket(
         sock.setsockopt(zmq.ROUTING_ID, identity)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     if o.curve is not None:
         o.curve.apply(sock)
     return sock
