@@ -111,6 +111,13 @@ class BrokerConfig:
         "This member's name in the cluster (its key: /zrpc/<cluster-name>/brokers/<name>)."))
     cluster_name: str = field(default=D.CLUSTER_NAME, metadata=flag(
         "Which cluster of that etcd to join (several may share one etcd)."))
+    elect: str | None = field(default=None, metadata=flag(
+        "Take the active role through the etcd at etcd://HOST:PORT[,HOST:PORT...] instead of "
+        "the Binary Star client vote: the active broker holds the key "
+        "/zrpc/elections/<election>/active on its lease, fenced by epoch (two or more brokers "
+        "may stand; --role orders who tries first; no --state or --peer-state).", kind="cluster"))
+    election: str = field(default=D.ELECTION_NAME, metadata=flag(
+        "Which election of that etcd to stand in (with --elect; several pairs may share one etcd)."))
 
 
 HELP_ORDER = (
@@ -118,6 +125,8 @@ HELP_ORDER = (
     "frontend",
     "state",
     "peer_state",
+    "elect",
+    "election",
     "cluster",
     "name",
     "cluster_name",

@@ -8,6 +8,7 @@ import os
 import queue
 import socket
 import threading
+from functools import partial
 from typing import Any
 
 import zmq
@@ -16,7 +17,7 @@ from zrpc._core._clock import Clock, monotonic, timeout_ms
 from zrpc._core._membership import Event as ClusterEvent
 from zrpc._core._membership import parse_cluster
 from zrpc._core._serial import pack_result
-from zrpc._io._etcd import EtcdEdge
+from zrpc._io._etcd import EtcdEdge, EtcdError, KeyEdge, KeyValue, LeaseGone
 from zrpc._io._internal import InternalErrors
 from zrpc._io._security import CurveKeys, ZapGuard, load_authorized, server_keys
 from zrpc._io._sockets import (
@@ -31,6 +32,7 @@ from zrpc._io._sockets import (
     send_nowait,
 )
 from zrpc.broker._config import BrokerConfig
+from zrpc.broker._core import _election as elect
 from zrpc.broker._core._broker import (
     Action,
     BrokerCore,
@@ -40,6 +42,7 @@ from zrpc.broker._core._broker import (
     ReleaseMemory,
     Send,
     SendCall,
+    ToElection,
     ToEtcd,
 )
 
@@ -112,6 +115,9 @@ class Broker:
         self._edge: EtcdEdge | None = None
         self._waker: Waker | None = None
         self._inbox: queue.SimpleQueue[ClusterEvent] = queue.SimpleQueue()
+        # --elect: the election's edge answers the same way, into an inbox of its own
+        self._key_edge: KeyEdge | None = None
+        self._elect_inbox: queue.SimpleQueue[elect.Event] = queue.SimpleQueue()
         self.ready = threading.Event()  # set once the frontend is bound
 
     # --- what the core knows, for the log prefix, Prometheus and tests ---------------------
@@ -215,13 +221,19 @@ class Broker:
         poller.register(front, zmq.POLLIN)
         if self._sub is not None:
             poller.register(self._sub, zmq.POLLIN)
-        if core.cluster is not None and self.config.cluster is not None:
+        if (core.cluster is not None and self.config.cluster is not None) or core.election is not None:
             self._waker = Waker(self._ctx, f"etcd-{id(self):x}")
             poller.register(self._waker.socket, zmq.POLLIN)
+        if core.cluster is not None and self.config.cluster is not None:
             self._edge = EtcdEdge(parse_cluster(self.config.cluster), self._deliver, logger=self.log)
             self._edge.start()
             self.log.info("joining cluster %s as %s (etcd %s)", core.cluster.cluster,
                           core.cluster.name, self._edge.where)
+        if core.election is not None and self.config.elect is not None:
+            self._key_edge = KeyEdge(parse_cluster(self.config.elect), logger=self.log)
+            self._key_edge.start()
+            self.log.info("standing for election %s as %s (etcd %s)", core.election.name,
+                          self.role, self._key_edge.where)
         execute(core.start())
         frames_received = core.frames_received
         record = self._errors.record
@@ -322,31 +334,90 @@ class Broker:
             return
         try:
             waker.clear()  # before reading: an answer queued after it rings again
-            inbox = self._inbox
-            batch: list[ClusterEvent] = []
-            while len(batch) < BATCH:
-                try:
-                    batch.append(inbox.get_nowait())
-                except queue.Empty:
-                    break
+            batch = _drain(self._inbox)
             if batch:
                 self._execute(self.core.cluster_events(batch))
+            news = _drain(self._elect_inbox)
+            if news:
+                self._execute(self.core.election_events(news))
         except Exception as exc:  # noqa: BLE001 - a bug costs this read, never the loop
             self._errors.record(exc, "answers from etcd")
 
-    def _leave(self) -> None:
-        """A clean stop of a cluster member: its lease is revoked (the others see it leave at
-        once), the watch cancelled, the edge's threads ended."""
-        edge, waker = self._edge, self._waker
+    # --- the election's etcd requests (--elect) ------------------------------------------------
+
+    def _tell(self, event: elect.Event) -> None:
+        """From the election edge's threads: queued for the loop, which is woken to read it."""
+        waker = self._waker
+        if waker is not None:
+            self._elect_inbox.put(event)
+            waker.wake()
+
+    def _elect(self, a: elect.EtcdAction) -> None:
+        """One of the election's actions, handed to its edge: a request (run in order on the
+        edge's thread, its answer an event) or the watch."""
+        edge = self._key_edge
         if edge is None:
+            return
+        if isinstance(a, elect.WatchKey):
+            edge.watch(a.key, a.start_revision, on_event=partial(self._key_event, a.seq),
+                       on_end=partial(self._key_watch_ended, a.seq))
+        else:
+            edge.submit(partial(self._exchange, edge, a))
+
+    def _exchange(self, edge: KeyEdge, a: elect.EtcdAction) -> None:
+        """On the edge's thread: the request, and its answer as one event (none for a revoke)."""
+        event: elect.Event | None
+        what = type(a).__name__.lower()
+        try:
+            if isinstance(a, elect.Grant):
+                lease, ttl = edge.grant(a.ttl)
+                event = elect.LeaseGranted(a.seq, lease, ttl)
+            elif isinstance(a, elect.Renew):
+                event = elect.LeaseRenewed(a.seq, a.lease, edge.renew(a.lease))
+            elif isinstance(a, elect.Campaign):
+                won, kv, revision = edge.create_if_absent(a.key, a.value, a.lease)
+                event = elect.Campaigned(a.seq, won, kv.create_revision if kv else 0,
+                                         kv.lease if kv else 0, kv.value if kv else b"", revision)
+            elif isinstance(a, elect.Revoke):
+                edge.revoke(a.lease)
+                self.log.info("revoked its election lease %x: the others may take the role now",
+                              a.lease)
+                event = None
+            else:
+                raise TypeError(f"the election edge cannot carry out {a!r}")
+        except LeaseGone:
+            event = None if isinstance(a, elect.Revoke) else elect.LeaseGone(a.seq, getattr(a, "lease", 0))
+        except EtcdError as exc:
+            event = None if isinstance(a, elect.Revoke) else elect.ExchangeFailed(a.seq, what, str(exc))
+        if event is not None:
+            self._tell(event)
+
+    def _key_event(self, seq: int, kv: KeyValue | None, revision: int) -> None:
+        if kv is None:
+            self._tell(elect.KeyDeleted(seq, revision))
+        else:
+            self._tell(elect.KeyCreated(seq, kv.create_revision, kv.lease, kv.value, revision))
+
+    def _key_watch_ended(self, seq: int, reason: str, failed: bool) -> None:
+        self._tell(elect.ExchangeFailed(seq, "watch", reason) if failed
+                   else elect.WatchEnded(seq, reason))
+
+    def _leave(self) -> None:
+        """A clean stop of a cluster member or an elected broker: its lease is revoked (the
+        others see it leave, or race for the role, at once), the watch cancelled, the edge's
+        threads ended."""
+        edge, key_edge, waker = self._edge, self._key_edge, self._waker
+        if edge is None and key_edge is None:
             return
         try:
             self._execute(self.core.leave())
-            edge.stop()
+            for e in (edge, key_edge):
+                if e is not None:
+                    e.stop()
         except Exception as exc:  # noqa: BLE001 - stopping goes on whatever happens
             self._errors.record(exc, "leaving the cluster")
         finally:
-            self._edge = self._waker = None
+            self._edge = self._key_edge = self._waker = None
             if waker is not None:
                 waker.close()
 
@@ -400,6 +471,8 @@ class Broker:
                     elif type(a) is ToEtcd:
                         if self._edge is not None:
                             self._edge.submit(a.action)
+                    elif type(a) is ToElection:
+                        self._elect(a.action)
                 except Exception as exc:  # noqa: BLE001 - a bug costs one action, never the broker
                     record(exc, f"an action ({type(a).__name__})")
             pending = more
@@ -428,3 +501,14 @@ class Broker:
         else:
             counters["send_full"] += 1
         return sent
+
+
+def _drain(inbox: queue.SimpleQueue[Any]) -> list[Any]:
+    """What an inbox holds (at most BATCH), without waiting."""
+    batch: list[Any] = []
+    while len(batch) < BATCH:
+        try:
+            batch.append(inbox.get_nowait())
+        except queue.Empty:
+            break
+    return batch

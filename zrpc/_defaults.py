@@ -74,3 +74,23 @@ third of it: a killed broker leaves the membership within about 3 s, and one slo
 ETCD_TIMEOUT = 1.0
 """Seconds one request to one etcd endpoint may take: a third of LEASE_TTL, so a renewal that
 hangs on one endpoint still leaves time to try the next before the lease expires."""
+
+ELECTION_NAME = "zrpc"
+"""The election a broker started with --elect stands in when none is named: the active role is
+the key /zrpc/elections/<name>/active, so several pairs can share one etcd."""
+
+ELECTION_TTL = 3
+"""Seconds the active broker's etcd lease lives unrenewed (whole seconds: etcd's unit). It bounds
+failover: a killed active broker's key is gone within it (plus etcd's half-second expiry check),
+and it is renewed four times per TTL, so one slow renewal is no step-down."""
+
+ELECTION_MARGIN = 0.2
+"""The share of the lease TTL the active broker gives back: it stops serving 0.8 x TTL after its
+last successful renewal was *sent*, so its own clock may run up to 20 % slow, or etcd's up to
+20 % fast (10 % each way at once), and it still stops before etcd could expire the lease and
+hand the role to another broker. Real clocks drift by parts per million."""
+
+ELECTION_DEFER = 0.5
+"""Seconds a backup waits before it campaigns when the role was not a primary's (at start, or
+after a backup held it): a primary trying at the same moment creates the key first (an etcd
+round trip is milliseconds). A primary's vacancy is raced at once by everyone."""

@@ -7,7 +7,7 @@ none), the Monitor and the workers' LivenessTracker, with an injected clock. The
 nothing but to skip the later SendCalls to a worker one of them failed to reach. The verbs:
 `start`, `frames_received`, `peer_state_received`, `call_not_sent`,
 `refused`, `checkpoint`, `drained`, `tick`, `next_deadline`; in cluster mode `cluster_events`
-and `leave` too.
+and `leave` too, with `--elect` `election_events` and `leave`.
 
 Rules (DESIGN.md §3-5, docs/protocol.md §7-8):
 
@@ -50,6 +50,14 @@ Rules (DESIGN.md §3-5, docs/protocol.md §7-8):
     its etcd requests go to the loop (ToEtcd), its alerts go out as notices, about this
     broker, in every state; `leave` revokes its lease on a clean stop. It never changes
     what is served: etcd decides membership, heartbeats decide death.
+12. An elected broker (`--elect`, DESIGN.md §9) has an Election (broker/_core/_election.py)
+    instead of Binary Star: it serves while the Election says so, and no client request is a
+    vote. Its epoch (the key's create revision) is stamped on every call and probe sent to a
+    workers (`epoch`), and said in heartbeats. Its fence deadline is checked before every
+    message and after every wake-up, so a broker that stalled past it serves nothing more. A
+    worker's `active_epoch` above ours, or a worker refusing a call of ours with NOT_ACTIVE
+    (it has seen a newer epoch), makes it step down. Its alerts (failover, lease_lost,
+    etcd_unreachable) go out in every state; `leave` revokes its lease on a clean stop.
 
 Counters: the core counts what it sees (`received`, `malformed`, `not_active`); the loop,
 which alone sees sends, counts `sent`, `unroutable` and `send_full` in the same `counters`.
@@ -80,7 +88,7 @@ from zrpc._core._frames import (
 )
 from zrpc._core._liveness import LivenessTracker
 from zrpc._core._malformed import Malformed
-from zrpc._core._membership import RESOLVED, EtcdAction, Membership, advertised, parse_cluster
+from zrpc._core._membership import RESOLVED, EtcdAction, Membership, advertised, check_name, parse_cluster
 from zrpc._core._membership import Alert as ClusterAlert
 from zrpc._core._membership import Event as ClusterEvent
 from zrpc._core._membership import Log as ClusterLog
@@ -119,6 +127,13 @@ from zrpc.broker._core._dispatch import (
     WorkerReady,
 )
 from zrpc.broker._core._dispatch import Action as DispatchAction
+from zrpc.broker._core._election import Alert as ElectionAlert
+from zrpc.broker._core._election import Election, EpochSeen, RefusedByWorker
+from zrpc.broker._core._election import EtcdAction as ElectionAction
+from zrpc.broker._core._election import Event as ElectionEvent
+from zrpc.broker._core._election import Log as ElectionLog
+from zrpc.broker._core._election import Output as ElectionOutput
+from zrpc.broker._core._election import ServingChanged as ElectionServing
 from zrpc.broker._core._monitor import Eject, Monitor, Thresholds
 from zrpc.broker._core._monitor import Output as MonitorOutput
 
@@ -137,7 +152,7 @@ METRICS_PERIOD = 1.0
 """Seconds between `metrics` snapshots (and refreshes of the status Prometheus reads)."""
 
 ALWAYS_NOTICED = frozenset({"unauthorized", "internal_error", "broker_restarted", "etcd_unreachable",
-                            "member_joined", "member_left"})
+                            "member_joined", "member_left", "lease_lost", "failover"})
 """Notices a passive broker reports too: they are about this broker, not about the calls the
 active one serves."""
 
@@ -182,6 +197,10 @@ class Settings(Protocol):
     def name(self) -> str | None: ...
     @property
     def cluster_name(self) -> str: ...
+    @property
+    def elect(self) -> str | None: ...
+    @property
+    def election(self) -> str: ...
 
 
 class Errors(Protocol):
@@ -251,7 +270,15 @@ class ToEtcd:
     action: EtcdAction
 
 
-Action = Send | SendCall | PublishState | Publish | Log | ReleaseMemory | ToEtcd
+@dataclass(frozen=True, slots=True)
+class ToElection:
+    """A request for etcd about the election (`--elect`): the loop hands it to the election's
+    edge, which answers through `election_events`."""
+
+    action: ElectionAction
+
+
+Action = Send | SendCall | PublishState | Publish | Log | ReleaseMemory | ToEtcd | ToElection
 
 
 class BrokerCore:
@@ -281,6 +308,7 @@ class BrokerCore:
         self._liveness: LivenessTracker[bytes] = LivenessTracker(clock, interval, config.liveness)
         self._monitor = Monitor(clock, interval, config.thresholds)
         self._cluster = self._membership(config, clock)
+        self._election = self._elector(config, clock)
         self.malformed = Malformed()
         self.counters: dict[str, int] = dict.fromkeys(
             ("received", "sent", "malformed", "unroutable", "send_full", "not_active"), 0)
@@ -291,7 +319,9 @@ class BrokerCore:
         self._eval_every = min(EVAL_PERIOD, interval / 2)
         self._next_eval = now
         self._next_metrics = now + METRICS_PERIOD
-        self._serving = self._bstar is None  # what the dispatcher was last told
+        # what the dispatcher was last told: a lone broker serves at once, an elected one
+        # once it holds the role
+        self._serving = self._bstar is None and self._election is None
         self._mark = now  # the last checkpoint
         self._stall_min = interval
         self._drained = True
@@ -324,8 +354,17 @@ class BrokerCore:
         return self._cluster
 
     @property
+    def election(self) -> Election | None:
+        """This broker's candidacy (None: not started with --elect)."""
+        return self._election
+
+    @property
     def state(self) -> str:
-        """active, passive, primary or backup (a lone broker is always active)."""
+        """active, passive, primary or backup (a lone broker is always active; an elected one
+        says its role until it knows who holds the election, then active while it serves)."""
+        e = self._election
+        if e is not None:
+            return "active" if self._serving else "passive" if e.decided else self.role
         return "active" if self._bstar is None else self._bstar.state.value
 
     @property
@@ -335,7 +374,7 @@ class BrokerCore:
 
     def __repr__(self) -> str:
         b = self._bstar
-        epoch = b.epoch if b is not None else 0
+        epoch = b.epoch if b is not None else self._election.epoch if self._election else 0
         doubt = "" if b is None or b.accepts_clients or b.state is not BStar.ACTIVE else " in-doubt"
         queued = sum(s["queued"] for s in self._dispatcher.snapshot()["services"])
         return (f"<BrokerCore {self.role} {self.state.upper()}{doubt} epoch={epoch} "
@@ -357,6 +396,9 @@ class BrokerCore:
         if self._cluster is not None:
             with self._contain("joining the cluster"):
                 self._cluster_outputs(self._cluster.start(), out)
+        if self._election is not None:
+            with self._contain("standing for election"):
+                self._election_outputs(self._election.start(), out)
         self._mark = self._clock()
         return out
 
@@ -365,6 +407,8 @@ class BrokerCore:
         self.counters["received"] += 1
         out: list[Action] = []
         try:
+            if self._election is not None:
+                self._election_due(out)  # rule 12: past the fence deadline, nothing more starts
             self._on_frames(peer, frames, out)
         except Exception as exc:  # noqa: BLE001 - a bug costs this one message (rule 10)
             self._failed(exc, peer, frames, out)
@@ -416,12 +460,27 @@ class BrokerCore:
                 self._cluster_outputs(cluster.handle(e), out)
         return out
 
+    def election_events(self, events: Sequence[ElectionEvent]) -> list[Action]:
+        """What the election's etcd edge saw (rule 12), each event contained on its own."""
+        out: list[Action] = []
+        e = self._election
+        if e is None:
+            return out
+        for ev in events:
+            with self._contain("an answer from etcd about the election"):
+                self._election_outputs(e.handle(ev), out)
+        return out
+
     def leave(self) -> list[Action]:
-        """A clean stop: the lease is revoked, so the other members see this one leave now."""
+        """A clean stop: the lease is revoked, so the other members see this one leave now (and
+        the other candidates of an election race for the role at once)."""
         out: list[Action] = []
         if self._cluster is not None:
             with self._contain("leaving the cluster"):
                 self._cluster_outputs(self._cluster.stop(), out)
+        if self._election is not None:
+            with self._contain("leaving the election"):
+                self._election_outputs(self._election.stop(), out)
         return out
 
     def checkpoint(self, allowed: float = 0.0) -> list[Action]:
@@ -429,6 +488,8 @@ class BrokerCore:
         out: list[Action] = []
         try:  # plain tries here and in tick(): they run on every wake-up, and a try costs
             self._checkpoint(allowed, out)  # nothing until it raises (_contain() a microsecond)
+            if self._election is not None:
+                self._election_due(out)
         except Exception as exc:  # noqa: BLE001 - rule 10
             self._errors.record(exc, "a stall of the loop")
         return out
@@ -463,6 +524,11 @@ class BrokerCore:
                 self._cluster_outputs(self._cluster.tick(), out)
             except Exception as exc:  # noqa: BLE001
                 record(exc, "the cluster's timers")
+        if self._election is not None:
+            try:
+                self._election_outputs(self._election.tick(), out)
+            except Exception as exc:  # noqa: BLE001
+                record(exc, "the election's timers")
         now = self._clock()
         if now >= self._next_eval:
             self._next_eval = now + self._eval_every
@@ -507,6 +573,10 @@ class BrokerCore:
                 cd = self._cluster.next_deadline()
                 if cd is not None:
                     nxt = min(nxt, cd)
+            if self._election is not None:
+                ed = self._election.next_deadline()
+                if ed is not None:
+                    nxt = min(nxt, ed)
         except Exception as exc:  # noqa: BLE001 - a core's bug must not end the loop
             self._errors.record(exc, "the next deadline")
             return self._clock() + 0.01
@@ -516,6 +586,8 @@ class BrokerCore:
         """The answer to `zrpc.status` (docs/protocol.md §6)."""
         snap = self._dispatcher.snapshot()
         pair = self._bstar.snapshot() if self._bstar is not None else {}
+        if self._election is not None:
+            pair = {"epoch": self._election.epoch}
         snap["broker"] = {
             "endpoint": self.config.frontend,
             "role": self.role,
@@ -531,6 +603,8 @@ class BrokerCore:
         if self._cluster is not None:
             snap["broker"]["name"] = self._cluster.name
             snap["cluster"] = self._cluster.snapshot()
+        if self._election is not None:
+            snap["election"] = self._election.snapshot()
         snap["counters"].update(self.counters)
         snap["counters"]["internal_errors"] = self._errors.count
         snap["alerts"] = [{"name": a.name, "severity": a.severity, "subject": a.subject,
@@ -562,7 +636,8 @@ class BrokerCore:
             bstar = self._bstar
             if msg.service == RESERVED:
                 self._internal(peer, msg, out)
-            elif bstar is None or bstar.accepts_clients or self._vote(bstar, out):
+            elif (bstar.accepts_clients or self._vote(bstar, out) if bstar is not None
+                  else self._serving):  # a lone broker always serves; an elected one: rule 12
                 self._carry_out(d.handle(RequestArrived(peer, msg)), out)
             else:
                 self.counters["not_active"] += 1
@@ -570,6 +645,8 @@ class BrokerCore:
                                                          pack_error("NotActive", self._not_active())))))
         elif type(msg) is WorkerReply:
             self._worker_seen(peer, out)
+            if msg.status == Status.NOT_ACTIVE and self._election is not None and d.has_worker(peer):
+                self._refused_by_worker(peer, out)
             self._worker_event(peer, ReplyArrived(peer, msg), out)
         elif type(msg) is Ready:
             self._carry_out(d.handle(WorkerReady(peer, msg)), out)
@@ -614,6 +691,11 @@ class BrokerCore:
     def _not_active(self) -> str:
         if self._bstar is not None and self._bstar.state is BStar.ACTIVE:
             return "broker is active but stalled: it waits to hear its peer before it serves"
+        e = self._election
+        if e is not None:
+            holder = e.holder
+            where = f": {holder.get('frontend', '?')} holds it" if holder else ""
+            return f"broker does not hold the active role of election {e.name}{where}"
         return f"broker is {self.state}"
 
     def _internal(self, peer: bytes, req: ClientRequest, out: list[Action]) -> None:
@@ -669,6 +751,22 @@ class BrokerCore:
         if (bstar is not None and type(epoch) is int and bstar.state is BStar.ACTIVE
                 and bstar.epoch < epoch <= MAX_EPOCH):
             self._bstar_actions(bstar.handle(HigherEpochSeen(epoch)), out)
+        e = self._election
+        if e is not None and type(epoch) is int and e.holding and epoch > e.epoch:
+            self._election_outputs(e.handle(EpochSeen(epoch)), out)
+
+    def _refused_by_worker(self, peer: bytes, out: list[Action]) -> None:
+        """Rule 12: a worker answered a call of ours NOT_ACTIVE: it has seen a newer epoch."""
+        e = self._election
+        if e is None:
+            return
+        self.counters["epoch_refused"] = self.counters.get("epoch_refused", 0) + 1
+        w = self._dispatcher.workers.get(peer)
+        name = w.name if w is not None else peer.hex()
+        if e.holding:
+            out.append(Log(logging.WARNING, "worker %s refused a call stamped with our epoch %d: "
+                           "another broker holds a newer one", (name, e.epoch)))
+        self._election_outputs(e.handle(RefusedByWorker(name)), out)
 
     def _malformed(self, peer: bytes, why: str, out: list[Action]) -> None:
         m = self.malformed
@@ -849,15 +947,70 @@ class BrokerCore:
             else:
                 out.append(ToEtcd(o))
 
+    def _elector(self, config: Settings, clock: Clock) -> Election | None:
+        """Rule 12: a broker started with --elect stands for the election's active role."""
+        url = config.elect
+        if url is None:
+            return None
+        parse_cluster(url)
+        if config.peer_state is not None or config.state is not None:
+            raise ValueError("--elect replaces the Binary Star link: no --state or --peer-state "
+                             "(etcd is the link)")
+        if config.cluster is not None:
+            raise ValueError("--elect and --cluster: an elected broker is one of a pair, not a "
+                             "cluster member")
+        check_name(config.election, "--election")
+        host = self._host
+        me = {"name": advertised(config.frontend, host), "frontend": advertised(config.frontend, host),
+              "host": host, "pid": self._pid, "boot": self._boot}
+        return Election(clock, me, role=config.role, name=config.election, where=url)
+
+    def _election_due(self, out: list[Action]) -> None:
+        """Rule 12: once the fence deadline passes, the election hears of it before anything
+        else is served (the clock is read, not a timer waited for: a stall counts at once)."""
+        e = self._election
+        if e is not None and self._serving and self._clock() >= e.fence_at:
+            self._election_outputs(e.tick(), out)
+
+    def _election_outputs(self, outputs: list[ElectionOutput], out: list[Action]) -> None:
+        serving: bool | None = None
+        for o in outputs:
+            if isinstance(o, ElectionServing):
+                serving = o.serving
+                out.append(Log(logging.INFO if o.serving else logging.WARNING, "%s clients: %s",
+                               ("serving" if o.serving else "not serving", o.reason)))
+            elif isinstance(o, ElectionAlert):
+                detail = dict(o.detail)
+                if o.state == RESOLVED:
+                    detail["resolved"] = True
+                if o.name == "lease_lost" and o.state != RESOLVED:
+                    out.append(Log(logging.ERROR, "lease lost: %s", (o.detail.get("reason"),)))
+                self._monitor_outputs(self._monitor.notice(Notice(o.name, o.subject, detail)), out)
+            elif isinstance(o, ElectionLog):
+                out.append(Log(o.level, o.msg, o.args))
+            else:
+                out.append(ToElection(o))
+        e = self._election
+        if e is None:
+            return
+        if self._serving or serving:  # stamped on every call and probe from now on (rule 12)
+            self._dispatcher.epoch = e.epoch
+        if serving is not None and serving != self._serving:
+            self._serving = serving
+            if serving:
+                self._monitor_outputs(self._monitor.became_active(), out)
+            self._activate(serving, out)
+
     def _identity(self) -> dict[str, Any]:
         return {"time": self._wall(), "broker": self.config.frontend, "role": self.role,
                 "broker_state": self.state}
 
     def _hello(self) -> dict[str, Any]:
-        b = self._bstar
+        b, e = self._bstar, self._election
+        epoch = b.epoch if b is not None else e.epoch if e is not None else 0
         return {"interval_ms": int(self.config.heartbeat_interval * 1000),
                 "liveness": self.config.liveness, "role": self.role, "state": self.state,
-                "epoch": b.epoch if b is not None else 0, "boot": self._boot}
+                "epoch": epoch, "boot": self._boot}
 
     @contextmanager
     def _contain(self, what: str) -> Iterator[None]:

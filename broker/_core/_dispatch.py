@@ -107,6 +107,12 @@ It never decodes a call's body; it only holds it (for queueing and idempotent re
 #   `max_services` services is refused; a service with no worker and nothing queued is
 #   forgotten after its grace; per-client calls, queues (calls and bytes), remembered answers,
 #   departed workers, dead timer entries and dead queue entries are all bounded.
+#
+# Rule 19: an elected broker (`--elect`) stamps its epoch (`epoch`, set by BrokerCore) on every
+#   call and probe it sends; a client's `epoch` header is never forwarded. A worker that has
+#   seen a newer epoch answers NOT_ACTIVE without running the call: it is passed to the client
+#   (which sends it to the active broker) and counted `not_active_calls`, not as a worker's
+#   error or latency.
 
 from __future__ import annotations
 
@@ -122,6 +128,7 @@ from zrpc._core._clock import Clock, budget_ms, deadline_from_budget
 from zrpc._core._frames import (
     H_ATTEMPT,
     H_BUDGET,
+    H_EPOCH,
     H_IDEMPOTENT,
     H_PROBE,
     H_RESENT,
@@ -334,6 +341,8 @@ class Dispatcher:
         self._left_memory = left_memory
         self._left_limit = left_limit
         self.counters: dict[str, int] = new_counters()
+        self.epoch: int | None = None
+        """Rule 19: the epoch stamped on calls and probes (None: none, as for Binary Star)."""
 
     def __repr__(self) -> str:
         """`<Dispatcher ACTIVE workers=3 inflight=5 queued=2>`: calls running at workers and
@@ -556,8 +565,16 @@ class Dispatcher:
         headers[H_BUDGET] = budget_ms(call.deadline, now)
         headers[H_IDEMPOTENT] = False
         headers[H_PROBE] = True
+        self._stamp(headers)
         # no body: a worker answers from its reply cache, so a probe never copies arguments
         return WorkerRequest(call.client_id, call.request_id, call.service, call.method, headers, b"")
+
+    def _stamp(self, headers: dict[str, Any]) -> None:
+        """Rule 19: our epoch, never a client's."""
+        if self.epoch is None:
+            headers.pop(H_EPOCH, None)
+        else:
+            headers[H_EPOCH] = self.epoch
 
     def _probe_answered(self, worker_id: bytes, call: Call, reply: WorkerReply) -> list[Action]:
         call.probes.discard(worker_id)
@@ -729,6 +746,7 @@ class Dispatcher:
         headers[H_IDEMPOTENT] = call.idempotent
         headers[H_ATTEMPT] = call.attempt
         headers.pop(H_PROBE, None)  # only the broker asks a probe; a client's is dropped
+        self._stamp(headers)
         return SendToWorker(worker.id, WorkerRequest(call.client_id, call.request_id, call.service,
                                                      call.method, headers, call.body))
 
@@ -852,6 +870,11 @@ class Dispatcher:
         worker = self._workers.get(worker_id)
         call = worker.calls.get(key) if worker is not None else None
         if worker is not None and call is not None:  # the answer to a call it was given
+            if reply.status == Status.NOT_ACTIVE:  # rule 19: refused by epoch, never ran there
+                refused: list[Action] = [self._settle(call, Status.NOT_ACTIVE, "not_active_calls",
+                                                      body=reply.body)]
+                refused.extend(self._slot_freed(worker, now))
+                return refused
             record_reply(worker, self._services.get(call.service), now - call.sent_at,
                          reply.status == Status.OK, self._alpha)
             if reply.status in _ANSWERS:

@@ -38,7 +38,9 @@ CATALOGUE = {
     "queue_backlog": ("warning", "calls are waiting in a service's queue"),
     "latency_slo": ("warning", "a service's p99 latency is above its objective"),
     "error_rate": ("warning", "a service's error ratio is above the threshold"),
-    "failover": ("critical", "the backup took over; resolved when its peer is back"),
+    "failover": ("critical", "the backup took over; resolved when its peer is back (with --elect: "
+                 "this broker took the active role from another; resolved when it no longer "
+                 "holds it)"),
     "split_brain": ("critical", "both brokers were active; resolved when one stepped down"),
     "dual_passive": ("warning", "both brokers were passive"),
     "peer_lost": ("warning", "the peer broker is silent"),
@@ -55,7 +57,11 @@ CATALOGUE = {
     "member_left": ("warning", "a broker left the cluster (its lease expired or was revoked); "
                     "resolved when it joins again"),
     "etcd_unreachable": ("warning", "etcd does not answer: this member keeps serving with the "
-                         "membership it last saw, and nobody new can join; resolved when it answers"),
+                         "membership it last saw, and nobody new can join; resolved when it answers "
+                         "(with --elect: no candidate can take the role meanwhile)"),
+    "lease_lost": ("critical", "the active broker of an election could not renew its etcd lease in "
+                   "time (or lost its key) and stopped serving before the lease could expire; "
+                   "resolved when its lease is renewed again"),
 }
 
 CLUSTER_CONDITIONS = frozenset({"member_left", "etcd_unreachable"})
@@ -64,6 +70,11 @@ core says (its `resolved` flag)."""
 
 PAIR_CONDITIONS = frozenset({"failover", "split_brain", "dual_passive", "role_conflict", "peer_unreachable"})
 """Conditions of the pair as a whole: raised and resolved with the subject "pair"."""
+
+ELECTION_SUBJECT = "election"
+ELECTION_CONDITIONS = frozenset({"failover", "lease_lost"})
+"""Conditions of an elected broker (`--elect`), raised and resolved as its election core says,
+with the subject "election"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,8 +374,9 @@ class Monitor:
 
     def notice(self, n: Notice) -> list[Output]:
         """Events the dispatcher and the loop report (worker_joined, worker_lost, worker_leaving,
-        unauthorized, internal_error, broker_restarted, role_conflict, peer_unreachable), and
-        the cluster's (member_joined, member_left, etcd_unreachable)."""
+        unauthorized, internal_error, broker_restarted, role_conflict, peer_unreachable), the
+        cluster's (member_joined, member_left, etcd_unreachable) and an election's (failover,
+        lease_lost, etcd_unreachable)."""
         out: list[Output] = []
         if n.name == "worker_joined":
             out += self._event("worker_joined", n.subject, **n.detail)
@@ -396,6 +408,12 @@ class Monitor:
         elif n.name == "member_joined":
             out += self._event("member_joined", n.subject, **n.detail)
         elif n.name in CLUSTER_CONDITIONS:
+            detail = {k: v for k, v in n.detail.items() if k != "resolved"}
+            if n.detail.get("resolved"):
+                out += self._resolve(n.name, n.subject, **detail)
+            else:
+                out += self._raise(n.name, n.subject, **detail)
+        elif n.name in ELECTION_CONDITIONS and n.subject == ELECTION_SUBJECT:
             detail = {k: v for k, v in n.detail.items() if k != "resolved"}
             if n.detail.get("resolved"):
                 out += self._resolve(n.name, n.subject, **detail)

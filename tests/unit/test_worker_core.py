@@ -704,3 +704,60 @@ def test_inline_is_for_sync_handlers() -> None:
 
     with pytest.raises(ValueError, match="inline is for sync handlers"):
         s.method(inline=True)(f)
+
+
+# --- rule 10: fencing by epoch (--elect) --------------------------------------------------------
+
+
+def test_a_call_stamped_with_an_older_epoch_than_one_seen_is_refused_never_run_nor_cached() -> None:
+    h = Harness(links=2)
+    assert runs(h.request(1, "charge", 1, epoch=7, idempotent=False))
+    assert h.core.highest_epoch == 7
+    out = h.request(2, "charge", 1, link=1, epoch=5, idempotent=False)
+    assert runs(out) == [] and statuses(out) == [Status.NOT_ACTIVE]
+    (links, reply), = replies(out)
+    assert links[0] == 1 and unpack_error(reply.body)["type"] == "NotActive"
+    assert h.core.epoch_refused == 1
+    # not cached: the broker that holds the role now may run it, once
+    assert runs(h.request(2, "charge", 1, epoch=7, idempotent=False))
+
+
+def test_a_heartbeat_saying_active_with_a_newer_epoch_fences_the_older_broker_at_once() -> None:
+    h = Harness(links=2)
+    h.heartbeat(1, state="active", epoch=12)
+    assert h.core.highest_epoch == 12
+    assert statuses(h.request(1, epoch=11)) == [Status.NOT_ACTIVE]
+    assert runs(h.request(2, link=1, epoch=12))
+    h.heartbeat(0, state="passive", epoch=40)  # a passive broker's epoch fences nobody
+    assert h.core.highest_epoch == 12
+
+
+def test_a_probe_with_an_older_epoch_is_refused_too() -> None:
+    h = Harness()
+    h.request(1, epoch=9)
+    out = h.request(5, "charge", probe=True, idempotent=False, epoch=3)
+    assert statuses(out) == [Status.NOT_ACTIVE]
+
+
+def test_calls_without_an_epoch_are_never_fenced() -> None:
+    """Binary Star and a lone broker stamp nothing: their calls run as they always have."""
+    h = Harness()
+    h.heartbeat(0, state="active", epoch=50)
+    assert runs(h.request(1))
+    assert h.core.epoch_refused == 0
+
+
+@pytest.mark.parametrize("stamped, refused", [("7", True), (None, False), (True, True), (6.9, True),
+                                              (float("nan"), True), (-1, True), (8.0, False)])
+def test_an_epoch_that_is_not_a_number_counts_as_zero(stamped: Any, refused: bool) -> None:
+    h = Harness()
+    h.request(1, epoch=7)
+    headers = {} if stamped is None else {"epoch": stamped}
+    assert (statuses(h.request(2, **headers)) == [Status.NOT_ACTIVE]) is refused
+
+
+def test_epochs_seen_only_grow() -> None:
+    h = Harness()
+    for e in (3, 9, 4, 9, 10):
+        h.request(e, epoch=e)
+    assert h.core.highest_epoch == 10

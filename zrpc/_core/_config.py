@@ -25,8 +25,14 @@ def check_endpoint(ep: str) -> str:
     return ep
 
 
-def resolve_brokers(brokers: Sequence[str] | str | None = None) -> list[str]:
-    """Explicit list or comma-separated string, else $ZRPC_BROKERS, else the local pair."""
+MAX_WORKER_BROKERS = 16
+"""Brokers one worker serves at most: a pair, or every broker standing in one election."""
+
+
+def resolve_brokers(brokers: Sequence[str] | str | None = None, most: int = 2) -> list[str]:
+    """Explicit list or comma-separated string, else $ZRPC_BROKERS, else the local pair. A
+    client follows one pair (`most` 2); a worker may serve more brokers (every candidate of an
+    election), so it asks for MAX_WORKER_BROKERS."""
     if brokers is None:
         brokers = os.environ.get(ENV) or list(LOCAL_PAIR)
     if isinstance(brokers, str):
@@ -34,8 +40,9 @@ def resolve_brokers(brokers: Sequence[str] | str | None = None) -> list[str]:
     out = [check_endpoint(b) for b in brokers]
     if not out:
         raise ValueError("no broker endpoint given")
-    if len(out) > 2:
-        raise ValueError(f"at most two brokers (a primary/backup pair), got {len(out)}")
+    if len(out) > most:
+        raise ValueError(f"at most two brokers (a primary/backup pair), got {len(out)}" if most == 2
+                         else f"at most {most} brokers, got {len(out)}")
     return out
 
 

@@ -83,6 +83,7 @@ H_ATTEMPT = "attempt"
 H_TRACE = "trace_id"
 H_RESENT = "resent"  # the client re-sent it after losing its broker: it may have run already
 H_PROBE = "probe"  # broker -> worker: answer from your reply cache only, never run it
+H_EPOCH = "epoch"  # broker -> worker (--elect): the sender's epoch; an older one is refused
 
 
 @dataclass(frozen=True, slots=True)

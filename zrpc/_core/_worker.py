@@ -34,6 +34,12 @@ Rules (docs/protocol.md sections 8 and 10):
    call is in flight and every open link acknowledged (or max(1 s, 4 intervals) passed), or at
    the drain timeout with calls unfinished. A link that let it go is not reopened.
 9. A second stop, or a stop without drain, leaves at once.
+10. Fencing (`--elect`, docs/protocol.md section 8): the worker keeps the highest epoch it has
+    seen, stamped on a REQUEST (`epoch` header) or in a heartbeat that said "active". A
+    REQUEST (a call or a probe) stamped with a lower epoch is answered NOT_ACTIVE, never run
+    and never cached: the broker that sent it no longer holds the active role, and the call
+    may run through the one that does. A REQUEST without `epoch` (Binary Star, a lone broker)
+    is not checked; an `epoch` that is not a number counts as 0.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from typing import Any, Union
 from zrpc._core._clock import Clock
 from zrpc._core._frames import (
     H_BUDGET,
+    H_EPOCH,
     H_IDEMPOTENT,
     H_PROBE,
     WORKER,
@@ -80,6 +87,9 @@ from zrpc._errors import ProtocolError
 UNKNOWN_BODY = pack_error("CallStateUnknown", "this call ran here already; its reply is no longer held")
 INTERNAL_BODY = pack_error("InternalError", "the worker failed to run or answer this call")
 EXPIRED_BODY = pack_error("Timeout", "the call's deadline passed while it waited for a handler thread")
+
+MAX_EPOCH = 2**63 - 1
+"""Epochs are etcd revisions (int64) or Binary Star's counts: a larger one is garbage."""
 
 DRAIN_GRACE_MIN = 1.0
 """Seconds a drained worker waits at least for the brokers' acknowledgements (or 4 intervals,
@@ -282,6 +292,8 @@ class WorkerCore:
         self._waiting: deque[RunHandler] = deque()  # sync calls for a free thread
         self._pooled: set[tuple[str, str]] = set()  # inline methods found slow: pool from now on
         self._leaving_since: float | None = None
+        self.highest_epoch = 0  # rule 10
+        self.epoch_refused = 0  # calls refused for an older epoch (rule 10)
 
     # --- state -----------------------------------------------------------------------------
 
@@ -411,6 +423,8 @@ class WorkerCore:
         out = self._follow(info)
         state, epoch = info.get("state"), info.get("epoch")
         link.epoch = epoch if state == "active" and type(epoch) is int and epoch >= 0 else None
+        if link.epoch is not None and self.highest_epoch < link.epoch <= MAX_EPOCH:
+            self.highest_epoch = link.epoch  # rule 10
         if info.get("register") is True and not self.leaving:  # a leaving worker stays gone
             out.append(Log(logging.INFO, f"broker {link.endpoint} asks this worker to register"))
             out.append(Send(link.index, self._ready))
@@ -435,6 +449,15 @@ class WorkerCore:
 
     def _request(self, link: int, req: WorkerRequest) -> list[Action]:
         key = (req.client_id, req.request_id)
+        stamped = req.headers.get(H_EPOCH)
+        if stamped is not None:  # rule 10
+            epoch = _epoch(stamped)
+            if epoch < self.highest_epoch:
+                self.epoch_refused += 1
+                return [self._reply(link, req, Status.NOT_ACTIVE, pack_error(
+                    "NotActive", f"this call carries epoch {epoch}, and this worker has seen "
+                    f"{self.highest_epoch}: the broker that sent it is no longer active"))]
+            self.highest_epoch = epoch
         if req.headers.get(H_PROBE) is True:
             state, entry = self.cache.probe(key, link)
             if state == NEW:
@@ -611,3 +634,12 @@ class WorkerCore:
             return [Log(logging.WARNING, f"drain timeout: leaving with {self.inflight} call(s) unfinished"),
                     Exit()]
         return []
+
+
+def _epoch(v: Any) -> int:
+    """Rule 10: an `epoch` header as a number (0 when it is not one; a finite float truncated)."""
+    if type(v) is int:
+        return v if 0 <= v <= MAX_EPOCH else 0
+    if type(v) is float and v == v and 0 <= v <= MAX_EPOCH:
+        return int(v)
+    return 0

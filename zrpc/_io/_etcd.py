@@ -1,6 +1,6 @@
 """The etcd edge: threads that carry out a Membership core's actions on etcd (etcd3gw, the
 HTTP/JSON gateway) and hand back what etcd answered, so that the broker loop never waits
-on etcd.
+on etcd; and the same for an election (KeyEdge: one key, its lease, a watch on it).
 
 One thread runs the exchanges in order (grant, put, refresh, fetch, revoke), each answered
 by exactly one event; a second reads the watch's stream while it lasts. Several endpoints
@@ -22,6 +22,7 @@ import queue
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -55,7 +56,7 @@ from zrpc._core._membership import (
 )
 from zrpc._defaults import ETCD_TIMEOUT
 
-__all__ = ["EtcdEdge", "EtcdError", "read_members"]
+__all__ = ["EtcdEdge", "EtcdError", "KeyEdge", "KeyValue", "LeaseGone", "read_members"]
 
 log = logging.getLogger("zrpc.etcd")
 
@@ -70,8 +71,9 @@ class EtcdError(Exception):
     """No endpoint answered the request (or one answered an error): the reason, for a log."""
 
 
-class _LeaseGone(Exception):
+class LeaseGone(Exception):
     """etcd answered that the lease does not exist (expired or revoked)."""
+
 
 
 def _b64(text: str | bytes) -> str:
@@ -156,7 +158,7 @@ class _Endpoints:
             except Etcd3Exception as exc:
                 text = str(exc.detail_text or exc)
                 if "lease not found" in text:
-                    raise _LeaseGone(text) from None
+                    raise LeaseGone(text) from None
                 last = f"{client.host}:{client.port}: {type(exc).__name__} {text[:200]}"
                 if isinstance(exc, InternalServerError):
                     continue  # this member has no leader (or is failing): the next may not be
@@ -187,7 +189,7 @@ def _put(client: etcd3gw.Etcd3Client, key: str, value: str, lease: int) -> int:
 def _refresh(client: etcd3gw.Etcd3Client, lease: int) -> float:
     ttl = etcd3gw.Lease(lease, client).refresh()
     if ttl <= 0:
-        raise _LeaseGone("the lease expired")
+        raise LeaseGone("the lease expired")
     return float(ttl)
 
 
@@ -203,6 +205,46 @@ def _range(client: etcd3gw.Etcd3Client, prefix: str) -> tuple[list[tuple[bytes, 
     kvs = [(_unb64(kv["key"]), _unb64(kv.get("value", "")), int(kv.get("lease", 0)))
            for kv in result.get("kvs", [])]
     return kvs, int(result["header"]["revision"])
+
+
+def _open_stream(eps: _Endpoints, body: dict[str, Any], current: Callable[[], bool]
+                 ) -> requests.Response | str:
+    """A watch stream from the first endpoint that opens one, else why none did (also when
+    the watch stopped being `current` meanwhile)."""
+    last = "no endpoint"
+    for _, client in eps.order():
+        if not current():
+            return "cancelled"
+        try:
+            r = client.session.post(client.get_url("/watch"), json=body, stream=True,
+                                    timeout=(eps.timeout, None))
+        except requests.RequestException as exc:
+            last = f"{client.host}:{client.port}: {type(exc).__name__}"
+            continue
+        if r.status_code != 200:
+            last = f"{client.host}:{client.port}: HTTP {r.status_code}"
+            r.close()
+            continue
+        return r
+    return last
+
+
+def _shutdown(resp: requests.Response | None) -> None:
+    """Ends a stream at once: etcd3gw's own cancel does the same, a shutdown of the stream's
+    socket (its reading thread sees the connection close)."""
+    if resp is None:
+        return
+    try:
+        fp = resp.raw._fp  # the only way to the socket under a stream (etcd3gw's way too)
+        s = socket.socket(fileno=fp.fileno()) if fp is not None else None
+        if s is not None:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            finally:
+                s.detach()  # the response still owns the descriptor
+    except (OSError, AttributeError, ValueError):
+        pass
+    resp.close()
 
 
 class EtcdEdge:
@@ -291,7 +333,7 @@ class EtcdEdge:
                 eps.call(lambda c: etcd3gw.Lease(a.lease, c).revoke())
                 self._log.info("revoked its etcd lease %x: left the cluster", a.lease)
                 return None
-        except _LeaseGone:
+        except LeaseGone:
             if isinstance(a, (Put, Refresh)):
                 return LeaseExpired(a.seq, a.lease)
             return None  # a revoke of a lease that is gone already: done
@@ -310,24 +352,11 @@ class EtcdEdge:
         t.start()
 
     def _cancel_watch(self) -> None:
-        """Ends the stream at once (its thread sees the connection close): etcd3gw's own
-        cancel does the same, a shutdown of the stream's socket."""
+        """Ends the stream at once (its thread sees the connection close)."""
         with self._lock:
             self._watch_seq = None
             resp, self._watch_resp = self._watch_resp, None
-        if resp is None:
-            return
-        try:
-            fp = resp.raw._fp  # the only way to the socket under a stream (etcd3gw's way too)
-            s = socket.socket(fileno=fp.fileno()) if fp is not None else None
-            if s is not None:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                finally:
-                    s.detach()  # the response still owns the descriptor
-        except (OSError, AttributeError, ValueError):
-            pass
-        resp.close()
+        _shutdown(resp)
 
     def _current(self, seq: int) -> bool:
         with self._lock:
@@ -338,26 +367,10 @@ class EtcdEdge:
         WatchEnded (or ExchangeFailed when no endpoint would start it)."""
         body: dict[str, Any] = {"create_request": {"key": _b64(a.prefix), "range_end": _range_end(a.prefix),
                                    "start_revision": a.start_revision}}
-        resp: requests.Response | None = None
-        last = "no endpoint"
-        for _, client in self._eps.order():
-            if not self._current(a.seq):
-                return
-            try:
-                r = client.session.post(client.get_url("/watch"), json=body, stream=True,
-                                        timeout=(self._eps.timeout, None))
-            except requests.RequestException as exc:
-                last = f"{client.host}:{client.port}: {type(exc).__name__}"
-                continue
-            if r.status_code != 200:
-                last = f"{client.host}:{client.port}: HTTP {r.status_code}"
-                r.close()
-                continue
-            resp = r
-            break
-        if resp is None:
+        resp = _open_stream(self._eps, body, lambda: self._current(a.seq))
+        if isinstance(resp, str):
             if self._current(a.seq):
-                self._give(ExchangeFailed(a.seq, "watch", last))
+                self._give(ExchangeFailed(a.seq, "watch", resp))
             return
         with self._lock:
             if self._watch_seq != a.seq:
@@ -402,6 +415,185 @@ class EtcdEdge:
         return None
 
 
+# --- an election: one key, its lease, a watch on it ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    """A key as etcd holds it."""
+
+    value: bytes
+    lease: int
+    create_revision: int
+    mod_revision: int
+
+
+def _key_value(kv: dict[str, Any]) -> KeyValue:
+    return KeyValue(_unb64(kv.get("value", "")), int(kv.get("lease", 0)),
+                    int(kv.get("create_revision", 0)), int(kv.get("mod_revision", 0)))
+
+
+def _create_if_absent(client: etcd3gw.Etcd3Client, key: str, value: str, lease: int
+                      ) -> tuple[bool, KeyValue | None, int]:
+    """One transaction: put `key` on `lease` if its create revision is 0 (absent), else read
+    it. (won, the key as it is now, the revision it is as of)."""
+    k = _b64(key)
+    txn = {"compare": [{"key": k, "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
+           "success": [{"request_put": {"key": k, "value": _b64(value), "lease": lease}}],
+           "failure": [{"request_range": {"key": k}}]}
+    result = client.post(client.get_url("/kv/txn"), json=txn)
+    revision = int(result["header"]["revision"])
+    if result.get("succeeded"):  # the put is the transaction's one write: its revision
+        return True, KeyValue(value.encode(), lease, revision, revision), revision
+    responses = result.get("responses") or [{}]
+    kvs = responses[0].get("response_range", {}).get("kvs", [])
+    return False, (_key_value(kvs[0]) if kvs else None), revision
+
+
+class KeyEdge:
+    """The etcd side of an election: its requests (jobs the loop submits, each calling the
+    blocking requests below and handing back what came of it) run in order on one thread,
+    and the watch of its key on another. Every request is bounded by `timeout` per
+    endpoint; endpoints are tried in turn as EtcdEdge's are."""
+
+    def __init__(self, endpoints: Sequence[tuple[str, int]], *, timeout: float = ETCD_TIMEOUT,
+                 logger: logging.Logger | logging.LoggerAdapter[Any] | None = None) -> None:
+        self._eps = _Endpoints(endpoints, timeout)
+        self._log = logger or log
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._watch: threading.Thread | None = None
+        self._watch_resp: requests.Response | None = None
+        self._watch_id = 0  # the watch running (0: none)
+        self._thread = threading.Thread(target=self._run, name="zrpc-election", daemon=True)
+
+    @property
+    def where(self) -> str:
+        return self._eps.describe()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """`job` runs on the edge's thread, after every job submitted before it."""
+        self._queue.put(job)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Cancels the watch, runs what was submitted (a clean stop's revoke), and waits up to
+        `timeout` (default: two requests') for the thread to end."""
+        self._stopping.set()
+        self.cancel_watch()
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(self._eps.timeout * 2 if timeout is None else timeout)
+        watch = self._watch
+        if watch is not None:
+            watch.join(0.5)
+        self._eps.close()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                job()
+            except Exception as exc:  # noqa: BLE001 - a bug costs this request, never the edge
+                self._log.error("internal error in the election's etcd edge", exc_info=exc)
+
+    # --- blocking requests (for jobs): EtcdError when no endpoint answers ------------------
+
+    def grant(self, ttl: int) -> tuple[int, float]:
+        """A new lease: (its id, the TTL etcd granted)."""
+        result: tuple[int, float] = self._eps.call(lambda c: _grant(c, ttl))
+        return result
+
+    def renew(self, lease: int) -> float:
+        """The lease's TTL, renewed; LeaseGone when etcd no longer has it."""
+        ttl: float = self._eps.call(lambda c: _refresh(c, lease))
+        return ttl
+
+    def create_if_absent(self, key: str, value: str, lease: int) -> tuple[bool, KeyValue | None, int]:
+        """(won, the key as it is now, the revision as of which); LeaseGone when the lease is."""
+        result: tuple[bool, KeyValue | None, int] = self._eps.call(
+            lambda c: _create_if_absent(c, key, value, lease))
+        return result
+
+    def revoke(self, lease: int) -> None:
+        """Best effort: a lease etcd no longer has is revoked already."""
+        try:
+            self._eps.call(lambda c: etcd3gw.Lease(lease, c).revoke())
+        except LeaseGone:
+            pass
+
+    # --- the watch -------------------------------------------------------------------------
+
+    def watch(self, key: str, start_revision: int,
+              on_event: Callable[[KeyValue | None, int], None],
+              on_end: Callable[[str, bool], None]) -> None:
+        """Watches `key` from `start_revision` (replacing the watch running): `on_event(kv,
+        revision)` for each put (kv None: deleted), then `on_end(reason, failed)` once, failed
+        when no endpoint would start it. Callbacks run on the watch's thread, and only while
+        this is the watch running."""
+        self.cancel_watch()
+        with self._lock:
+            self._watch_id += 1
+            wid = self._watch_id
+        t = threading.Thread(target=self._watching, args=(wid, key, start_revision, on_event, on_end),
+                             name="zrpc-election-watch", daemon=True)
+        self._watch = t
+        t.start()
+
+    def cancel_watch(self) -> None:
+        with self._lock:
+            self._watch_id += 1
+            resp, self._watch_resp = self._watch_resp, None
+        _shutdown(resp)
+
+    def _current(self, wid: int) -> bool:
+        with self._lock:
+            return self._watch_id == wid and not self._stopping.is_set()
+
+    def _watching(self, wid: int, key: str, start_revision: int,
+                  on_event: Callable[[KeyValue | None, int], None],
+                  on_end: Callable[[str, bool], None]) -> None:
+        body: dict[str, Any] = {"create_request": {"key": _b64(key), "start_revision": start_revision}}
+        resp = _open_stream(self._eps, body, lambda: self._current(wid))
+        if isinstance(resp, str):
+            if self._current(wid):
+                on_end(resp, True)
+            return
+        with self._lock:
+            if self._watch_id != wid:
+                resp.close()
+                return
+            self._watch_resp = resp
+        reason = "the stream ended"
+        try:
+            for line in _lines(resp.iter_content(chunk_size=None)):
+                if not self._current(wid):
+                    return
+                msg = json.loads(line)
+                if "error" in msg:
+                    reason = f"etcd: {msg['error'].get('message', msg['error'])}"
+                    break
+                result = msg.get("result", {})
+                if result.get("canceled"):
+                    reason = f"cancelled by etcd: {result.get('cancel_reason') or 'compacted'}"
+                    break
+                for ev in result.get("events", []):
+                    kv = ev["kv"]
+                    revision = int(kv.get("mod_revision", 0))
+                    on_event(None if ev.get("type") == "DELETE" else _key_value(kv), revision)
+        except (requests.RequestException, OSError, ValueError, AttributeError, KeyError) as exc:
+            reason = f"{type(exc).__name__}"
+        finally:
+            resp.close()
+        if self._current(wid):
+            on_end(reason, False)
+
+
 def read_members(endpoints: Sequence[tuple[str, int]], prefix: str,
                  timeout: float = ETCD_TIMEOUT) -> list[dict[str, Any]]:
     """Every member registered under `prefix`, for operator tools: its registration plus
@@ -422,11 +614,11 @@ def read_members(endpoints: Sequence[tuple[str, int]], prefix: str,
                     left, granted = int(ttl.get("TTL", -1)), int(ttl.get("grantedTTL", 0))
                     info["lease_ttl_s"] = left
                     info["lease_age_s"] = granted - left if left >= 0 else None
-                except (EtcdError, _LeaseGone):
+                except (EtcdError, LeaseGone):
                     info["lease_ttl_s"] = info["lease_age_s"] = None
             out.append(info)
         return out
-    except _LeaseGone as exc:
+    except LeaseGone as exc:
         raise EtcdError(str(exc)) from None
     finally:
         eps.close()

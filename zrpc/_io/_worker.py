@@ -32,7 +32,7 @@ from typing import Any
 import zmq
 
 from zrpc._core._clock import Clock, monotonic, timeout_ms
-from zrpc._core._config import is_loopback, resolve_brokers
+from zrpc._core._config import MAX_WORKER_BROKERS, is_loopback, resolve_brokers
 from zrpc._core._frames import MAX_METHODS, MAX_SERVICES, Status
 from zrpc._core._serial import pack_error, pack_result, unpack_call
 from zrpc._core._service import Method, Service
@@ -145,7 +145,7 @@ class Worker:
         if not 0 <= prefetch <= 10_000:
             raise ValueError("prefetch must be between 0 and 10000")
         self.services = {s.name: s for s in svcs}
-        self.brokers = resolve_brokers(brokers)
+        self.brokers = resolve_brokers(brokers, MAX_WORKER_BROKERS)
         self.concurrency = concurrency
         self.weight = weight
         self.heartbeat_interval = heartbeat_interval

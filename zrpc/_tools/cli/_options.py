@@ -75,10 +75,10 @@ def log_option(f: F) -> F:
                         help="How much to log on stderr.")(f)
 
 
-def broker_endpoints(value: str | None) -> list[str]:
+def broker_endpoints(value: str | None, most: int = 2) -> list[str]:
     """--brokers (or $ZRPC_BROKERS, or the local pair) as endpoints; a bad one is a usage error."""
     try:
-        return resolve_brokers(value)
+        return resolve_brokers(value, most)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--brokers") from None
 

@@ -1,5 +1,6 @@
 """`zrpc status`: what the brokers know right now (roles, services, workers, queues, alerts), as
-tables or as one JSON object for scripts; for a cluster, every member etcd lists."""
+tables or as one JSON object for scripts; for a cluster, every member etcd lists; for brokers
+started with --elect, the election (holder, epoch, lease time left)."""
 
 from __future__ import annotations
 
@@ -45,11 +46,29 @@ def fetch_status(endpoints: Sequence[str], timeout: float, **keys: Any) -> dict[
         info = dict(st["broker"])
         info["endpoint"] = ep
         info["counters"] = st.get("counters", {})
+        if "election" in st:
+            info["election"] = st["election"]
         brokers.append(info)
         if best is None or info.get("state") == "active":
             best = st
-    return {"brokers": brokers, "services": (best or {}).get("services", []),
-            "workers": (best or {}).get("workers", []), "alerts": (best or {}).get("alerts", [])}
+    out = {"brokers": brokers, "services": (best or {}).get("services", []),
+           "workers": (best or {}).get("workers", []), "alerts": (best or {}).get("alerts", [])}
+    election = _election(brokers)
+    if election is not None:
+        out["election"] = election
+    return out
+
+
+def _election(brokers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The election as the brokers see it (--elect): the holder's own view if it answered,
+    else the freshest one (the highest epoch); None when no broker stands in one."""
+    views = [b["election"] for b in brokers if isinstance(b.get("election"), dict)]
+    if not views:
+        return None
+    held = [v for v in views if v.get("state") == "active"]
+    best = held[0] if held else max(views, key=lambda v: v.get("epoch") or 0)
+    return {k: best.get(k) for k in ("name", "holder", "epoch", "lease_left_s", "state")} | {
+        "active": len(held), "key": best.get("key")}
 
 
 SUMMED = ("workers", "outstanding", "queued", "calls", "errors")
@@ -162,6 +181,29 @@ def _watch_status(fetch: Callable[[], dict[str, Any]], every: float) -> None:
         pass
 
 
+def _election_view(st: dict[str, Any]) -> Any:
+    """One row per elected broker: its view of the election (--elect)."""
+    from rich.table import Table
+
+    name = (st.get("election") or {}).get("name", "")
+    t = Table(title=f"election {name}", title_justify="left")
+    for col in ("endpoint", "role", "election state", "holder", "epoch", "lease left", "etcd"):
+        t.add_column(col)
+    for b in st["brokers"]:
+        e = b.get("election")
+        if not isinstance(e, dict):
+            continue
+        state = str(e.get("state"))
+        style = {"active": "green", "fenced": "red"}.get(state, "")
+        left = e.get("lease_left_s")
+        etcd = str(e.get("etcd") or "-")
+        t.add_row(b["endpoint"], str(b.get("role") or "-"), f"[{style}]{state}[/]" if style else state,
+                  str(e.get("holder") or "-"), str(e.get("epoch") if e.get("epoch") is not None else "-"),
+                  "-" if left is None else f"{left:.1f}s",
+                  f"[red]{etcd}[/]" if etcd == "unreachable" else etcd)
+    return t
+
+
 def status_view(st: dict[str, Any]) -> Any:
     """The `zrpc status` tables (rich) for the merged status."""
     from rich.console import Group
@@ -193,6 +235,8 @@ def status_view(st: dict[str, Any]) -> Any:
                   uptime, "-" if restarts is None else f"[yellow]{restarts}[/]" if restarts else "0",
                   errors)
     parts: list[Any] = [t]
+    if any(isinstance(b.get("election"), dict) for b in st["brokers"]):
+        parts.append(_election_view(st))
     t = Table(title="services", title_justify="left")
     for col in ("service", "workers", "outstanding", "queued", "calls", "errors"):
         t.add_column(col, justify="left" if col == "service" else "right")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import click
 
 from zrpc import _defaults as D
+from zrpc._core._config import MAX_WORKER_BROKERS
 from zrpc._core._service import Service
 from zrpc._tools.cli._options import (
     broker_endpoints,
@@ -96,7 +97,7 @@ def command(services: tuple[str, ...], brokers: str | None, concurrency: int, pr
     from zrpc._io._worker import Worker
 
     setup_logging(log_level)
-    w = Worker(load_services(services), broker_endpoints(brokers), concurrency=concurrency,
+    w = Worker(load_services(services), broker_endpoints(brokers, MAX_WORKER_BROKERS), concurrency=concurrency,
                prefetch=prefetch, weight=weight, heartbeat_interval=heartbeat_interval, liveness=liveness,
                send_tracebacks=send_tracebacks, curve_server_key=curve_server_key,
                curve_secret=curve_secret)
