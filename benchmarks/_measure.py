@@ -232,10 +232,10 @@ async def in_tasks(call: Callable[[], Awaitable[object]], tasks: int, warm: floa
                 state["done"] += 1
 
     running = [asyncio.create_task(loop()) for _ in range(tasks)]
-    await asyncio.sleep(warm)  # the warm-up: a measured duration, not a synchronisation
+    await asyncio.sleep(warm)  # noqa: sleep (the warm-up: a measured duration)
     start()
     state["counting"] = True
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(seconds)  # noqa: sleep (the measured window)
     state["stop"] = True
     await asyncio.gather(*running)
     return int(state["done"])

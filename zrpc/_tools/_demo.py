@@ -339,8 +339,8 @@ class Demo:
         gap = self.load.longest_gap(t_kill)
         self.say(f"failover done: the longest gap without a completed call was {gap * 1000:.0f} ms")
         self.pause(1)
-        self.say("bringing the old primary back (a planned step, not a supervisor's restart): "
-                 "it comes back passive, the pair is redundant again")
+        self.say("bringing the old primary back, as the operator would (a step of the story, no "
+                 "crash healed): it comes back passive, the pair is redundant again")
         self.start_broker("primary")
         self.wait_alert("failover", "resolved", timeout=10)
         self.pause(2)
