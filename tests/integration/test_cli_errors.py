@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests import REPO
-from zrpc._tools._procs import TRACEBACK
+from zrpc._tools._procs import TRACEBACK, free_port
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +47,7 @@ def zrpc_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> s
 
 
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    return [free_port() for _ in range(n)]
 
 
 def pair_ports(*fixed: int) -> list[str]:
@@ -135,6 +129,8 @@ CASES: list[tuple[str, object, list[str]]] = [
     ("keygen-bad-name", lambda f, port: ["keygen", str(f / "keys"), "--name", "../x"], ["invalid key name"]),
     ("pair-bad-ports", ["pair", "--frontend-ports", "a,b"], ["expected two ports"]),
     ("pair-same-ports", ["pair", "--frontend-ports", "5,5"], ["two different ports"]),
+    ("pair-port-in-two-options", ["pair", "--state-ports", "43001,43002", "--monitor-ports", "43002,43003"],
+     ["more than one socket", "six different ports"]),
     ("pair-unknown-host", ["pair", "--host", "no-such-host.invalid"], ["cannot use host"]),
     ("pair-port-in-use", lambda f, port: ["pair", *pair_ports(port)], ["is in use"]),
     ("pair-half-the-keys", lambda f, port: ["pair", "--curve-secret", str(f / "bad.key")], ["go together"]),

@@ -108,3 +108,17 @@ def test_no_restart_stops_the_pair_with_an_error(monkeypatch, capfd):
 def test_an_unknown_host_is_one_clear_error():
     with pytest.raises(OSError, match="cannot use host"):
         run_pair("no-such-host.invalid", PairPorts(), [], restart=True)
+
+
+def test_free_ports_are_never_handed_out_twice():
+    """A pair needs six ports at once: the kernel may hand a just-closed port out again."""
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+
+
+def test_one_port_in_two_options_is_refused_before_any_broker_starts(capfd):
+    p = [free_port() for _ in range(5)]
+    ports = PairPorts(frontend=(p[0], p[1]), state=(p[2], p[3]), monitor=(p[3], p[4]))
+    with pytest.raises(OSError, match=f"port {p[3]} is given to more than one socket"):
+        run_pair("127.0.0.1", ports, [], restart=True)
+    assert "pair: primary" not in capfd.readouterr().err

@@ -56,6 +56,10 @@ def check_free(host: str, ports: Sequence[int]) -> None:
         socket.getaddrinfo(host, None)
     except socket.gaierror as exc:
         raise OSError(f"cannot use host {host!r}: {exc.strerror}") from None
+    twice = sorted({p for p in ports if list(ports).count(p) > 1})
+    if twice:
+        raise OSError(f"port {', '.join(map(str, twice))} is given to more than one socket of the "
+                      "pair (--frontend-ports, --state-ports and --monitor-ports need six different ports)")
     for port in ports:
         if not port_free(host, port):
             raise OSError(f"port {port} on {host} is in use or cannot be bound (another pair "

@@ -34,10 +34,23 @@ EXIT_SIGNALS = frozenset({signal.SIGTERM, signal.SIGKILL, signal.SIGINT})
 """Signals that ask a process to end: sending one makes its exit expected."""
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((D.LOCAL_HOST, 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on, and one this process has not handed out before.
+
+    The kernel may give a just-released port again at once, so two calls in a row (a pair's
+    state and monitor ports) could otherwise return the same number and the second bind fail.
+    """
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind((D.LOCAL_HOST, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise OSError("no free loopback port left that this process has not handed out already")
 
 
 def _terminated(signum: int, frame: object) -> None:
