@@ -10,6 +10,7 @@ it, the demo exits non-zero). Supervision heals crashes in production; it never 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -35,21 +36,43 @@ EXIT_SIGNALS = frozenset({signal.SIGTERM, signal.SIGKILL, signal.SIGINT})
 
 
 _HANDED_OUT: set[int] = set()
+_PICK = random.Random()
+LISTEN_PORTS_FROM = 20000
+"""Ports for tests and local pairs come from here up to the kernel's ephemeral range."""
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; other systems: the check in free_port still applies
 
 
 def free_port() -> int:
-    """A loopback port nothing listens on, and one this process has not handed out before.
+    """A loopback port nothing uses, and one this process has not handed out before.
 
-    The kernel may give a just-released port again at once, so two calls in a row (a pair's
-    state and monitor ports) could otherwise return the same number and the second bind fail.
+    It comes from below the kernel's ephemeral range: there, a port the kernel gives to an
+    outgoing connection (a worker dialling a broker) can never take a port that a broker
+    about to start was promised; and two calls in a row never return the same number (the
+    kernel may give a just-closed port out again at once).
     """
+    top = _ephemeral_start()
     for _ in range(1000):
+        if top - LISTEN_PORTS_FROM >= 1000:
+            port = _PICK.randrange(LISTEN_PORTS_FROM, top)
+        else:  # a wide ephemeral range leaves no room below it: let the kernel choose
+            with socket.socket() as s:
+                s.bind((D.LOCAL_HOST, 0))
+                port = int(s.getsockname()[1])
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
-            s.bind((D.LOCAL_HOST, 0))
-            port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+            try:
+                s.bind((D.LOCAL_HOST, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     raise OSError("no free loopback port left that this process has not handed out already")
 
 
