@@ -166,3 +166,4 @@ def client_factory() -> Callable[..., zrpc.Client]:
 
 def pytest_sessionstart(session: Any) -> None:
     os.environ.pop("ZRPC_BROKERS", None)
+    os.environ.pop("ZRPC_CLUSTER", None)

@@ -761,3 +761,72 @@ def test_epochs_seen_only_grow() -> None:
     for e in (3, 9, 4, 9, 10):
         h.request(e, epoch=e)
     assert h.core.highest_epoch == 10
+
+
+# --- rule 11: cluster mode ------------------------------------------------------------------
+
+
+def readies(actions: list[Action]) -> dict[int, int]:
+    """The capacity each READY in `actions` announces, by link."""
+    return {a.link: m.capacity for a in actions if isinstance(a, Send)
+            for m in [decode_frames(a.frames)] if isinstance(m, Ready)}
+
+
+@pytest.mark.parametrize("concurrency,prefetch,brokers", [(8, 0, 3), (8, 2, 4), (1, 0, 3), (16, 0, 1), (9, 0, 2)])
+def test_cluster_shares_never_promise_more_than_the_capacity(concurrency, prefetch, brokers):
+    h = Harness(0, concurrency=concurrency, prefetch=prefetch, split=True)
+    told: dict[int, int] = {}
+    for i in range(brokers):
+        _, out = h.core.add_broker(f"tcp://b{i}")
+        told.update(readies(out))
+    total = concurrency + prefetch
+    assert sorted(told) == list(range(brokers))
+    assert sum(told.values()) == max(total, brokers)  # at least one each
+    assert max(told.values()) - min(told.values()) <= 1
+
+
+def test_a_joining_broker_gets_a_link_and_the_others_a_smaller_share():
+    h = Harness(0, concurrency=8, split=True)
+    index, out = h.core.add_broker("tcp://b0")
+    assert index == 0 and OpenLink(0) in out and readies(out) == {0: 8}
+    index, out = h.core.add_broker("tcp://b1")
+    assert index == 1 and OpenLink(1) in out and readies(out) == {0: 4, 1: 4}
+
+
+def test_a_broker_that_leaves_is_closed_for_good_and_its_share_goes_back():
+    h = Harness(0, concurrency=8, split=True)
+    for i in range(3):
+        h.core.add_broker(f"tcp://b{i}")
+    out = h.core.remove_broker(1)
+    assert CloseLink(1) in out and readies(out) == {0: 4, 2: 4}
+    assert h.core.remove_broker(1) == []  # once
+    for _ in range(40):  # never reopened, never heartbeated
+        out = h.advance(0.5)
+        assert OpenLink(1) not in out and not [a for a in out if isinstance(a, Send) and a.link == 1]
+    (run,) = runs(h.request(1, link=0))
+    (links, _), = replies(h.finish(run))
+    assert 1 not in links
+
+
+def test_a_removed_broker_s_call_replies_through_another_link():
+    h = Harness(0, concurrency=8, split=True)
+    for i in range(2):
+        h.core.add_broker(f"tcp://b{i}")
+    (run,) = runs(h.request(1, link=1))
+    h.core.remove_broker(1)
+    (links, reply), = replies(h.finish(run))
+    assert links == (0,) and reply.status == Status.OK
+
+
+def test_without_split_every_broker_hears_the_whole_capacity():
+    h = Harness(2, concurrency=8)
+    assert readies(h.started) == {0: 8, 1: 8}
+    _, out = h.core.add_broker("tcp://b2")
+    assert readies(out) == {2: 8}
+
+
+def test_a_leaving_worker_tells_a_new_broker_it_is_leaving():
+    h = Harness(1, concurrency=8, split=True)
+    h.core.handle(StopRequested(drain=True))
+    _, out = h.core.add_broker("tcp://b1")
+    assert readies(out) == {} and any(isinstance(m, Disconnect) for m in sent(out, 1))

@@ -23,7 +23,7 @@ so its size follows the calls in flight, not rate x timeout. Amortised O(1) per 
 
 class PendingCall:
     __slots__ = ("request_id", "service", "method", "headers", "body", "deadline", "future",
-                 "broker", "sent_at", "bounces")
+                 "broker", "sent_at", "bounces", "unserved")
 
     def __init__(self, request_id: int, service: str, method: str, headers: dict[str, Any],
                  body: bytes, deadline: float, future: Any) -> None:
@@ -37,6 +37,7 @@ class PendingCall:
         self.broker = -1
         self.sent_at = 0.0
         self.bounces = 0
+        self.unserved: set[int] | None = None  # spread: brokers that said no worker serves it
 
     def fail(self, exc: BaseException) -> None:
         f = self.future

@@ -1,4 +1,4 @@
-"""Where the brokers are: ZRPC_BROKERS, --brokers, or the local pair."""
+"""Where the brokers are: --brokers or ZRPC_BROKERS, --cluster or ZRPC_CLUSTER, or the local pair."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 import re
 from collections.abc import Sequence
 
+from zrpc._core._membership import ENV as CLUSTER_ENV
+from zrpc._core._membership import parse_cluster
 from zrpc._defaults import LOCAL_PAIR
 
 ENV = "ZRPC_BROKERS"
@@ -52,3 +54,23 @@ def is_loopback(ep: str) -> bool:
         return True
     host = ep[6:].rsplit(":", 1)[0]
     return host in ("localhost", "[::1]") or host.startswith("127.")
+
+
+def resolve_cluster(brokers: Sequence[str] | str | None, cluster: str | None) -> str | None:
+    """The etcd URL to find the brokers through (cluster mode), or None for a pair.
+
+    What is given wins over the environment: `cluster`, else None when `brokers` is given,
+    else $ZRPC_CLUSTER (before $ZRPC_BROKERS, as on the command line). Both given is a
+    ValueError, as is a malformed URL."""
+    if cluster is not None:
+        if brokers is not None:
+            raise ValueError("give brokers or a cluster, not both")
+        parse_cluster(cluster)
+        return cluster.strip()
+    if brokers is not None:
+        return None
+    url = os.environ.get(CLUSTER_ENV)
+    if url:
+        parse_cluster(url)
+        return url.strip()
+    return None

@@ -41,6 +41,9 @@ Rules (DESIGN.md §9):
    with it, and nobody new joins (a grant needs etcd).
 9. stop() revokes the lease (the others see us leave at once, not a TTL later); after it
    nothing is sent and every event is ignored.
+10. An observer (`register=False`: a worker or a client following the cluster) keeps the view
+    alone (rules 5-8, reachability from its fetches and watches): no lease, no key, never a
+    Revoke, and every member is one of the others.
 """
 
 from __future__ import annotations
@@ -111,6 +114,7 @@ class Registration(enum.Enum):
     GRANTING = "granting"
     PUTTING = "putting"
     REGISTERED = "registered"
+    OBSERVING = "observing"  # rule 10: following the member set, not in it
     STOPPED = "stopped"
 
 
@@ -270,13 +274,15 @@ class Membership:
 
     def __init__(self, clock: Clock, name: str, info: Mapping[str, Any], *,
                  cluster: str = CLUSTER_NAME, ttl: int = LEASE_TTL, retry: float | None = None,
-                 where: str = "") -> None:
+                 where: str = "", register: bool = True) -> None:
         """`info` is what we register (our endpoints; `boot` tells a restart apart); `retry`
-        (default ttl/3) paces the exchanges that failed; `where` names etcd in alerts."""
+        (default ttl/3) paces the exchanges that failed; `where` names etcd in alerts;
+        `register=False` makes an observer (rule 10; its name is only for logs)."""
         if ttl < 1:
             raise ValueError("the lease TTL is at least 1 s")
         self._clock = clock
-        self.name = check_name(name)
+        self._register = register
+        self.name = check_name(name) if register else ""
         self.cluster = check_name(cluster, "--cluster-name")
         self.prefix = brokers_prefix(cluster)
         self.key = self.prefix + name
@@ -351,7 +357,10 @@ class Membership:
         """Rule 1."""
         out: list[Output] = []
         if self._state is Registration.UNREGISTERED and self._reg_seq is None:
-            self._grant(out)
+            if self._register:
+                self._grant(out)
+            else:
+                self._state = Registration.OBSERVING
             self._fetch(out)
         return out
 

@@ -8,6 +8,7 @@ it, so both follow the same rules: heartbeats, deadlines, and which broker is ac
 from __future__ import annotations
 
 import math
+import random
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,10 @@ from zrpc._core._liveness import LivenessTracker
 from zrpc._core._malformed import Malformed
 from zrpc._defaults import HEARTBEAT_INTERVAL, LIVENESS
 from zrpc._errors import ProtocolError, Unauthorized
+
+UNSERVED_MEMORY = 1.0
+"""Seconds a spread client skips a broker, for one service, after it answered that no worker
+of that service is there (its workers may be on the other members' side of the cluster)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,24 +98,42 @@ class Session:
     this one does not. Calls that were sent to a broker that went silent are re-sent with the
     same request id and the `resent` header: the new broker treats them as votes for its
     takeover, and asks the workers' reply caches before running a non-idempotent one.
+
+    Spread (`spread=True`, cluster mode, DESIGN.md §9): every broker serves, and the set
+    changes (`add_broker`, `remove_broker`). Each call goes to the lighter of two brokers drawn
+    at random among the usable ones (power of two choices on this client's own outstanding
+    calls per broker); a broker is usable unless it left, refused our keys, was silent for
+    `failover_timeout` or said NOT_ACTIVE. Calls on a broker that went silent or left are
+    re-sent, `resent`, through another (the probe rule settles the unsafe ones there); a call
+    made while no broker is known waits for one, within its deadline. A broker that answers
+    SERVICE_UNAVAILABLE (no worker of that service there: the call never ran) is skipped for
+    that service for UNSERVED_MEMORY, and the call tries the brokers it has not tried yet; only
+    when every usable broker said so is the answer the caller's.
     """
 
     def __init__(self, clock: Clock, brokers: int, timeout: float, *,
                  interval: float = HEARTBEAT_INTERVAL, liveness: int = LIVENESS,
-                 failover_timeout: float | None = None) -> None:
+                 failover_timeout: float | None = None, spread: bool = False,
+                 rng: random.Random | None = None) -> None:
         self._clock = clock
         self.table = CallTable(clock, timeout)
-        self.brokers = brokers
+        self.brokers = 0
         self.active = 0
+        self.spread = spread
         self.interval = interval
         self.failover_timeout = failover_timeout or 2 * interval * liveness
         self.liveness: LivenessTracker[int] = LivenessTracker(clock, interval, liveness)
-        for b in range(brokers):
-            self.liveness.seen(b)  # silence is counted from the start
-        self.alive = [False] * brokers
-        self.lost = [False] * brokers  # silent for failover_timeout
-        self.info: list[dict[str, Any]] = [{} for _ in range(brokers)]
-        self.refused: list[str | None] = [None] * brokers  # why a broker refused our keys
+        self.alive: list[bool] = []
+        self.lost: list[bool] = []  # silent for failover_timeout
+        self.gone: list[bool] = []  # removed from the set (spread): never used again
+        self.info: list[dict[str, Any]] = []
+        self.refused: list[str | None] = []  # why a broker refused our keys
+        self.load: list[int] = []  # calls in flight per broker (spread's two choices read it)
+        self._rng = rng or random.Random()
+        self._parked: deque[PendingCall] = deque()  # spread, no broker usable: waiting for one
+        self._unserved: dict[tuple[str, int], float] = {}  # (service, broker) -> skipped until
+        for _ in range(brokers):
+            self.add_broker()
         self.switches = 0
         self.malformed = Malformed()  # undecodable or unexpected messages from brokers, dropped
         self._switched_at = clock()
@@ -119,8 +142,34 @@ class Session:
 
     # --- inputs --------------------------------------------------------------------------
 
+    def add_broker(self) -> int:
+        """One more broker (spread: a member joined); its index, never reused. Calls parked
+        for want of a broker go to it at the next tick."""
+        b = self.brokers
+        self.brokers += 1
+        self.liveness.seen(b)  # silence is counted from the start
+        self.alive.append(False)
+        self.lost.append(False)
+        self.gone.append(False)
+        self.info.append({})
+        self.refused.append(None)
+        self.load.append(0)
+        return b
+
+    def remove_broker(self, broker: int) -> list[Output]:
+        """Spread: broker `broker` left the set; its calls are re-sent through the others."""
+        if not 0 <= broker < self.brokers or self.gone[broker]:
+            return []
+        self.gone[broker] = True
+        self.alive[broker] = False
+        self.liveness.forget(broker)
+        return self._resend([c for c in self.table if c.broker == broker])
+
     def submit(self, call: PendingCall) -> list[Output]:
-        """A new call: send it to the broker we believe active."""
+        """A new call: to the broker we believe active (spread: the lighter of two)."""
+        if self.spread:
+            self.table.add(call)
+            return self._place(call)
         if all(self.refused):
             return [Refused(call, self.refused[self.active] or "")]
         if self.refused[self.active] and self.brokers > 1:
@@ -136,7 +185,10 @@ class Session:
         out: list[Output] = []
         for c in [c for c in self.table if c.broker == broker]:
             self.table.pop(c.request_id)
+            self._unload(c)
             out.append(Refused(c, refused))
+        if self.spread:  # the parked ones may find a broker that takes our keys
+            out.extend(self._unpark())
         return out
 
     def frames_received(self, broker: int, frames: list[bytes]) -> list[Output]:
@@ -151,18 +203,27 @@ class Session:
     def received(self, broker: int, msg: Message) -> list[Output]:
         """Any traffic from a broker shows it is alive; replies complete calls."""
         out: list[Output] = []
+        if self.gone[broker]:
+            return out  # it left the set: its late replies were re-sent elsewhere
         self.liveness.seen(broker)
         self.alive[broker] = True
         if self.lost[broker]:
             self.lost[broker] = False
-            if broker == self.active:  # it came back (restarted): what it held is gone
+            if broker == self.active or self.spread:  # back (restarted): what it held is gone
                 out.extend(self._resend([c for c in self.table if c.broker == broker]))
+            if self.spread:
+                out.extend(self._unpark())
         if type(msg) is ClientReply:
             if msg.status == Status.NOT_ACTIVE:
                 return out + self._bounce(broker, msg.request_id)
+            if msg.status == Status.SERVICE_UNAVAILABLE and self.spread:
+                moved = self._elsewhere(broker, msg.request_id)
+                if moved is not None:
+                    return out + moved
             call = self.table.pop(msg.request_id)
             if call is None:
                 return out  # late or duplicate: already answered
+            self._unload(call)
             out.append(Completed(call, msg.status, msg.body))
         elif type(msg) is Heartbeat:
             info = dict(msg.info)
@@ -172,7 +233,10 @@ class Session:
                 # what it held is gone, so its calls are re-sent (a probe guards the unsafe ones)
                 out.extend(self._resend([c for c in self.table if c.broker == broker]))
             self.info[broker] = info
-            if broker != self.active and self._prefer(broker):
+            if self.spread:
+                if info.get("state") == "active":  # serving again after a NOT_ACTIVE
+                    out.extend(self._unpark())
+            elif broker != self.active and self._prefer(broker):
                 out.extend(self._switch(broker, "it says it is active"))
         else:  # a request or a worker's message has no business here
             out.extend(self._drop(broker, f"{type(msg).__name__} is not sent to a client"))
@@ -185,20 +249,29 @@ class Session:
         for b in self.liveness.expired():
             self.alive[b] = False
         for b in range(self.brokers):
-            if not self.lost[b] and self.liveness.silence(b) >= self.failover_timeout:
+            if (not self.lost[b] and not self.gone[b]
+                    and self.liveness.silence(b) >= self.failover_timeout):
                 self.lost[b] = True
-                if b != self.active:  # we had already moved on (its peer said it was active)
+                if b != self.active or self.spread:  # we moved on already, or move its calls
                     out.extend(self._resend([c for c in self.table if c.broker == b]))
-        if (self.brokers > 1 and self.lost[self.active]
+        if (not self.spread and self.brokers > 1 and self.lost[self.active]
                 and now - self._switched_at >= self.failover_timeout):
             out.extend(self._switch(1 - self.active, "silent"))
         while self._bounced and self._bounced[0][0] <= now:
             _, call = self._bounced.popleft()
             if call.request_id in self.table.pending:
-                out.append(self._transmit(call, self.active))
+                if self.spread:
+                    out.extend(self._place(call))
+                else:
+                    out.append(self._transmit(call, self.active))
         if self.liveness.beat():
-            out.extend(Transmit(b, self._heartbeat) for b in range(self.brokers))
-        out.extend(Expired(c) for c in self.table.expired())
+            out.extend(Transmit(b, self._heartbeat) for b in range(self.brokers) if not self.gone[b])
+        for c in self.table.expired():
+            self._unload(c)
+            out.append(Expired(c))
+        if self._parked:  # waiting for a broker: one may have joined or come back
+            self._parked = deque(c for c in self._parked if c.request_id in self.table.pending)
+            out.extend(self._unpark())
         return out
 
     def next_deadline(self) -> float:
@@ -211,6 +284,7 @@ class Session:
         return nxt
 
     def close(self) -> list[PendingCall]:
+        self._parked.clear()
         return self.table.drain()
 
     def __repr__(self) -> str:
@@ -224,6 +298,8 @@ class Session:
     def _describe(self, broker: int) -> str:
         """One word for what we know of a broker: refused our keys, lost (silent for
         failover_timeout), silent (missed heartbeats), else the state it last announced."""
+        if self.gone[broker]:
+            return "gone"
         if self.refused[broker]:
             return "refused"
         if self.lost[broker]:
@@ -266,8 +342,76 @@ class Session:
         out: list[Output] = []
         for c in calls:
             c.headers[H_RESENT] = True
-            out.append(self._transmit(c, self.active))
+            if self.spread:
+                out.extend(self._place(c, avoid=c.broker))
+            else:
+                out.append(self._transmit(c, self.active))
         return out
+
+    # --- spread (cluster mode) -----------------------------------------------------------
+
+    def _usable(self, b: int) -> bool:
+        return (not self.gone[b] and not self.lost[b] and self.refused[b] is None
+                and self.info[b].get("state") != "passive")
+
+    def pick(self, avoid: int = -1, call: PendingCall | None = None) -> int | None:
+        """Power of two choices: the one with fewer of our calls in flight of two usable
+        brokers drawn at random (`avoid` only when no other is usable; None: none is). For
+        `call`, brokers known to have no worker of its service come last."""
+        usable = [b for b in range(self.brokers) if self._usable(b) and b != avoid]
+        if not usable and avoid >= 0 and self._usable(avoid):
+            usable = [avoid]
+        if call is not None and len(usable) > 1 and (call.unserved or self._unserved):
+            now = self._clock()
+            served = [b for b in usable if not (call.unserved and b in call.unserved)
+                      and self._unserved.get((call.service, b), 0.0) <= now]
+            usable = served or usable
+        if not usable:
+            return None
+        if len(usable) == 1:
+            return usable[0]
+        a, b = self._rng.sample(usable, 2)
+        return a if self.load[a] <= self.load[b] else b
+
+    def _place(self, call: PendingCall, avoid: int = -1) -> list[Output]:
+        """Spread: send to the broker `pick` chooses, or park until one is usable."""
+        b = self.pick(avoid, call)
+        if b is None:
+            self._unload(call)
+            call.broker = -1
+            self._parked.append(call)
+            return []
+        return [self._transmit(call, b)]
+
+    def _elsewhere(self, broker: int, request_id: int) -> list[Output] | None:
+        """SERVICE_UNAVAILABLE from `broker`: the call goes to a usable broker it has not tried
+        (None when there is none: the answer stands)."""
+        call = self.table.pending.get(request_id)
+        if call is None:
+            return None
+        self._unserved[(call.service, broker)] = self._clock() + UNSERVED_MEMORY
+        if len(self._unserved) > 4096:  # bounded: forget the expired ones
+            now = self._clock()
+            self._unserved = {k: t for k, t in self._unserved.items() if t > now}
+        tried = call.unserved = (call.unserved or set()) | {broker}
+        if not any(self._usable(b) and b not in tried for b in range(self.brokers)):
+            return None
+        return self._place(call, avoid=broker)
+
+    def _unpark(self) -> list[Output]:
+        out: list[Output] = []
+        while self._parked and self.pick() is not None:
+            call = self._parked.popleft()
+            if call.request_id in self.table.pending:
+                out.extend(self._place(call))
+        return out
+
+    def _unload(self, call: PendingCall) -> None:
+        """The call no longer counts against the broker it was sent to."""
+        b = call.broker
+        if 0 <= b < self.brokers and self.load[b] > 0:
+            self.load[b] -= 1
+        call.broker = -1
 
     def _bounce(self, broker: int, request_id: int) -> list[Output]:
         """A passive broker refused the call: try the other one, at once the first time,
@@ -277,6 +421,13 @@ class Session:
             return []
         self.info[broker]["state"] = "passive"
         out: list[Output] = []
+        if self.spread:
+            call.bounces += 1
+            if call.bounces == 1:
+                return self._place(call, avoid=broker)
+            self._unload(call)
+            self._bounced.append((self._clock() + self.interval, call))
+            return out
         if broker == self.active and self.brokers > 1:
             out.extend(self._switch(1 - broker, "not active"))
         call.bounces += 1
@@ -288,6 +439,8 @@ class Session:
 
     def _transmit(self, call: PendingCall, broker: int) -> Transmit:
         now = self._clock()
+        self._unload(call)
+        self.load[broker] += 1
         call.broker = broker
         call.sent_at = now
         return Transmit(broker, call.encode(now))

@@ -40,6 +40,12 @@ Rules (docs/protocol.md sections 8 and 10):
     and never cached: the broker that sent it no longer holds the active role, and the call
     may run through the one that does. A REQUEST without `epoch` (Binary Star, a lone broker)
     is not checked; an `epoch` that is not a number counts as 0.
+11. Cluster mode (`split=True`, DESIGN.md §9): brokers join (`add_broker`: a new link, opened
+    at once) and leave (`remove_broker`: closed for good, never reopened; its replies go
+    through the others). Every broker serves, so each READY announces a share of
+    `concurrency + prefetch`, split evenly over the brokers in the set (at least 1 each): the
+    worker is never promised twice over. When the set changes, every open link is told its new
+    share (READY again: the broker keeps the calls it has here).
 """
 
 from __future__ import annotations
@@ -225,6 +231,7 @@ class _Link:
         self.backoff = Backoff(rng=rng)
         self.reconnect_at: float | None = None
         self.epoch: int | None = None  # its epoch while its latest heartbeat says "active"
+        self.removed = False  # rule 11: the broker left the cluster
 
     @property
     def state(self) -> str:
@@ -270,6 +277,7 @@ class WorkerCore:
         internal_errors: Callable[[], int] = lambda: 0,
         cache: ReplyCache | None = None,
         rng: random.Random | None = None,
+        split: bool = False,
     ) -> None:
         self._clock = clock
         self.services = dict(services)
@@ -279,13 +287,16 @@ class WorkerCore:
         self._internal_errors = internal_errors
         self.cache = cache if cache is not None else ReplyCache(clock)
         self.tracker: LivenessTracker[int] = LivenessTracker(clock, heartbeat_interval, liveness)
+        self._rng = rng
+        self.split = split
         self.links = [_Link(i, ep, rng) for i, ep in enumerate(brokers)]
         self.phase = Phase.RUNNING
         self.calls = 0  # calls started
         self.errors = 0  # replies other than OK from handlers
         self.malformed = Malformed()
-        self._ready = encode(Ready(name, {n: s.spec() for n, s in self.services.items()},
-                                   concurrency + prefetch, weight, dict(info or {})))
+        self._announce = (name, {n: s.spec() for n, s in self.services.items()}, weight, dict(info or {}))
+        self._ready = self._ready_frames(concurrency + prefetch)
+        self._shares: dict[int, list[bytes]] = {}  # rule 11: READY per share, encoded once
         self._disconnect = encode(Disconnect())
         self._running = 0  # handlers started, not finished (sync and async)
         self._threads = 0  # of which sync: each holds a pool thread
@@ -316,6 +327,42 @@ class WorkerCore:
                 f"links=[{links}]>")
 
     # --- inputs ----------------------------------------------------------------------------
+
+    def add_broker(self, endpoint: str) -> tuple[int, list[Action]]:
+        """Rule 11: a broker joined; its link index and the actions that open it."""
+        link = _Link(len(self.links), endpoint, self._rng)
+        self.links.append(link)
+        if self.phase is Phase.STOPPED:
+            return link.index, []
+        out = self._open(link)
+        out.extend(self._reannounce(skip=link))
+        return link.index, out
+
+    def remove_broker(self, index: int) -> list[Action]:
+        """Rule 11: broker `index` left: its link closes for good; the others get its share."""
+        link = self.links[index]
+        if link.removed:
+            return []
+        link.removed = True
+        link.reconnect_at = None
+        self.tracker.forget(index)
+        out: list[Action] = [Log(logging.INFO, f"broker {link.endpoint} left the cluster")]
+        if link.open:
+            out.extend(self._close(link))
+        out.extend(self._reannounce())
+        out.extend(self._drain_step(self._clock()))
+        return out
+
+    def share(self, link: _Link) -> int:
+        """Rule 11: the capacity READY announces on `link`."""
+        total = self.concurrency + self.prefetch
+        if not self.split:
+            return total
+        members = [x.index for x in self.links if not x.removed]
+        if link.index not in members:
+            return total
+        n, rank = len(members), members.index(link.index)
+        return max(1, total // n + (1 if rank < total % n else 0))
 
     def start(self) -> list[Action]:
         """Opens every link (each then says READY)."""
@@ -427,7 +474,7 @@ class WorkerCore:
             self.highest_epoch = link.epoch  # rule 10
         if info.get("register") is True and not self.leaving:  # a leaving worker stays gone
             out.append(Log(logging.INFO, f"broker {link.endpoint} asks this worker to register"))
-            out.append(Send(link.index, self._ready))
+            out.append(Send(link.index, self._ready_on(link)))
         return out
 
     def _follow(self, info: dict[str, Any]) -> list[Action]:
@@ -565,7 +612,28 @@ class WorkerCore:
         self.tracker.seen(link.index)  # a full liveness period to hear from it
         # a leaving worker that reconnects (its broker restarted) says it is leaving: it must
         # not register again and be handed new calls
-        return [OpenLink(link.index), Send(link.index, self._disconnect if self.leaving else self._ready)]
+        return [OpenLink(link.index), Send(link.index, self._disconnect if self.leaving else self._ready_on(link))]
+
+    def _ready_frames(self, capacity: int) -> list[bytes]:
+        name, services, weight, info = self._announce
+        return encode(Ready(name, services, capacity, weight, info))
+
+    def _ready_on(self, link: _Link) -> list[bytes]:
+        """READY for `link`: the whole capacity, or in cluster mode its share (rule 11)."""
+        if not self.split:
+            return self._ready
+        share = self.share(link)
+        frames = self._shares.get(share)
+        if frames is None:
+            frames = self._shares[share] = self._ready_frames(share)
+        return frames
+
+    def _reannounce(self, skip: _Link | None = None) -> list[Action]:
+        """Rule 11: the set changed, so every open link hears its new share."""
+        if not self.split or self.leaving:
+            return []
+        return [Send(x.index, self._ready_on(x)) for x in self.links
+                if x.open and x is not skip and not x.removed]
 
     def _close(self, link: _Link) -> list[Action]:
         link.open = False
@@ -575,7 +643,7 @@ class WorkerCore:
     def _open_failed(self, link: _Link) -> list[Action]:
         self.tracker.forget(link.index)
         out = self._close(link)
-        if self.phase is not Phase.STOPPED:
+        if self.phase is not Phase.STOPPED and not link.removed:
             link.reconnect_at = self._clock() + link.backoff.next_delay()
         return out
 

@@ -19,12 +19,13 @@ import zmq.asyncio
 
 from zrpc._core._calls import PendingCall
 from zrpc._core._clock import Clock, monotonic, timeout_ms
-from zrpc._core._config import resolve_brokers
+from zrpc._core._config import resolve_brokers, resolve_cluster
 from zrpc._core._proxy import ServiceProxy
 from zrpc._core._session import Dropped, Output, Session, Transmit, settle
-from zrpc._defaults import CALL_TIMEOUT, HEARTBEAT_INTERVAL, LIVENESS
+from zrpc._defaults import CALL_TIMEOUT, CLUSTER_NAME, HEARTBEAT_INTERVAL, LIVENESS
 from zrpc._errors import ZrpcError
 from zrpc._io._client import _quietly, log_dropped
+from zrpc._io._follow import ClusterFollower, apply_changes
 from zrpc._io._internal import InternalErrors
 from zrpc._io._security import client_keys
 from zrpc._io._sockets import (
@@ -41,7 +42,8 @@ log = logging.getLogger("zrpc.client")
 
 
 class AsyncClient:
-    """`async with zrpc.AsyncClient() as c: await c.proxy("calc").add(1, 2)`."""
+    """`async with zrpc.AsyncClient() as c: await c.proxy("calc").add(1, 2)`; `cluster=` as
+    for Client (the cluster's brokers, followed through etcd, calls spread over them)."""
 
     def __init__(
         self,
@@ -56,22 +58,33 @@ class AsyncClient:
         context: zmq.asyncio.Context | None = None,
         clock: Clock = monotonic,
         max_message: int | None = None,
+        cluster: str | None = None,
+        cluster_name: str = CLUSTER_NAME,
     ) -> None:
-        self.brokers = resolve_brokers(brokers)
+        self.cluster = resolve_cluster(brokers, cluster)
+        self.brokers = [] if self.cluster else resolve_brokers(brokers)
         self.timeout = timeout
         self.identity = uuid.uuid4().bytes
         self._clock = clock
         self._session = Session(clock, len(self.brokers), timeout, interval=heartbeat_interval,
-                                liveness=liveness, failover_timeout=failover_timeout)
+                                liveness=liveness, failover_timeout=failover_timeout,
+                                spread=self.cluster is not None)
         self._ctx = context or zmq.asyncio.Context()
         self._own_ctx = context is None
-        opts = SocketOptions(curve=client_keys(curve_server_key, curve_secret),
-                             **({"max_message": max_message} if max_message else {}))
-        self._socks = [make_socket(self._ctx, zmq.DEALER, identity=self.identity, options=opts)
-                       for _ in self.brokers]
-        self._monitors = [s.get_monitor_socket(HANDSHAKE_EVENTS) for s in self._socks]
-        for s, ep in zip(self._socks, self.brokers):
-            s.connect(ep)
+        self._opts = SocketOptions(curve=client_keys(curve_server_key, curve_secret),
+                                   **({"max_message": max_message} if max_message else {}))
+        self._socks: list[zmq.Socket[Any] | None] = []  # zmq.asyncio sockets (typed as their base)
+        self._monitors: list[zmq.Socket[Any] | None] = []
+        self._poller = zmq.asyncio.Poller()
+        self._index: dict[Any, tuple[int, bool]] = {}  # socket -> (broker, is its monitor)
+        for ep in self.brokers:
+            self._connect(len(self._socks), ep)
+        self._members: dict[str, int] = {}  # cluster mode: broker name -> session index
+        # the reader polls every TICK at most: it reads what etcd answered without a wake-up
+        self._follower = (ClusterFollower(self.cluster, lambda: None, name=cluster_name, logger=log)
+                          if self.cluster else None)
+        if self._follower is not None:
+            self._follower.start()
         self._reader: asyncio.Task[None] | None = None
         self._closed = False  # no new calls: close() was called, or the reader died
         self._released = False  # sockets and context released (close() ran)
@@ -109,10 +122,10 @@ class AsyncClient:
             reader.cancel()
             await asyncio.wait([reader])  # our own cancellation still reaches us
         self._fail_pending(self._dead or "client closed")
-        for s, m in zip(self._socks, self._monitors):
-            _quietly(s.disable_monitor)
-            _quietly(m.close, 0)
-            _quietly(s.close, 0)
+        if self._follower is not None:
+            _quietly(self._follower.stop)
+        for b in range(len(self._socks)):
+            self._disconnect(b)
         if self._own_ctx:
             self._ctx.term()
 
@@ -180,27 +193,54 @@ class AsyncClient:
         self._dead = f"client I/O task died: {why}"[:500]
         self._fail_pending(self._dead)
 
+    def _connect(self, b: int, endpoint: str) -> None:
+        """Broker `b`'s socket (the next index), with its handshake monitor, polled."""
+        sock = make_socket(self._ctx, zmq.DEALER, identity=self.identity, options=self._opts)
+        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+        self._socks.append(sock)
+        self._monitors.append(monitor)
+        for s, is_monitor in ((sock, False), (monitor, True)):
+            self._index[s] = (b, is_monitor)
+            self._poller.register(s, zmq.POLLIN)
+        sock.connect(endpoint)
+        if len(self.brokers) <= b:
+            self.brokers.append(endpoint)
+
+    def _disconnect(self, b: int) -> None:
+        """Broker `b` left the cluster (or the client closes): its sockets are closed."""
+        sock, monitor = self._socks[b], self._monitors[b]
+        self._socks[b] = self._monitors[b] = None
+        for s in (sock, monitor):
+            if s is not None and self._index.pop(s, None) is not None:
+                _quietly(self._poller.unregister, s)
+        if sock is not None:
+            _quietly(sock.disable_monitor)
+            _quietly(sock.close, 0)
+        if monitor is not None:
+            _quietly(monitor.close, 0)
+
     async def _run(self) -> None:
         """Each message and timer step is contained: a bug costs that one, counted in
         `internal_errors` and logged, and the reader goes on."""
-        poller = zmq.asyncio.Poller()
-        index = {s: i for i, s in enumerate(self._socks)}
-        monitors = {m: i for i, m in enumerate(self._monitors)}
-        for s in [*self._socks, *self._monitors]:
-            poller.register(s, zmq.POLLIN)
+        poller = self._poller
+        index = self._index
         session = self._session
         contain = self._errors.contain
         record = self._errors.record
+        follower = self._follower
         while True:
             now = self._clock()
             for sock, _ in await poller.poll(timeout_ms(session.next_deadline(), now, cap=TICK)):
-                if sock in monitors:
+                owner = index.get(sock)
+                if owner is None:  # closed while handling this batch
+                    continue
+                b, is_monitor = owner
+                if is_monitor:
                     with contain("a security handshake event"):
                         outcome = parse_handshake(await sock.recv_multipart())
                         if outcome is not None:
-                            self._apply(session.handshake(monitors[sock], outcome[1]))
+                            self._apply(session.handshake(b, outcome[1]))
                     continue
-                b = index[sock]
                 while True:
                     try:
                         frames = await sock.recv_multipart(zmq.NOBLOCK)
@@ -210,14 +250,23 @@ class AsyncClient:
                         self._apply(session.frames_received(b, frames))
                     except Exception as exc:  # noqa: BLE001 - a bug costs this one message
                         record(exc, "a message from a broker")
+            if follower is not None:
+                with contain("following the cluster"):
+                    changes = follower.step()
+                    if changes:
+                        self._apply(apply_changes(changes, session, self._members, self._connect,
+                                                  self._disconnect))
             with contain("a timer step"):
                 self._apply(session.tick())
 
     def _apply(self, outputs: list[Output]) -> None:
         for o in outputs:
             if type(o) is Transmit:
+                sock = self._socks[o.broker]
+                if sock is None:  # it left the cluster: the session never sends there
+                    continue
                 # an asyncio socket's send returns a Future (pyzmq's stubs say otherwise)
-                sent = cast("asyncio.Future[Any]", self._socks[o.broker].send_multipart(o.frames, zmq.NOBLOCK))
+                sent = cast("asyncio.Future[Any]", sock.send_multipart(o.frames, zmq.NOBLOCK))
                 if sent.done() and not sent.cancelled():
                     # zmq.Again (that broker cannot take more now) is read here, not left for
                     # nobody to read: the calls keep their deadlines; any other error is a bug

@@ -21,11 +21,12 @@ import zmq
 
 from zrpc._core._calls import PendingCall
 from zrpc._core._clock import Clock, monotonic, timeout_ms
-from zrpc._core._config import resolve_brokers
+from zrpc._core._config import resolve_brokers, resolve_cluster
 from zrpc._core._proxy import ServiceProxy
 from zrpc._core._session import Dropped, Output, Session, Transmit, settle
-from zrpc._defaults import CALL_TIMEOUT, HEARTBEAT_INTERVAL, LIVENESS
+from zrpc._defaults import CALL_TIMEOUT, CLUSTER_NAME, HEARTBEAT_INTERVAL, LIVENESS
 from zrpc._errors import Timeout, ZrpcError
+from zrpc._io._follow import ClusterFollower, apply_changes
 from zrpc._io._internal import InternalErrors
 from zrpc._io._security import client_keys
 from zrpc._io._sockets import (
@@ -107,7 +108,12 @@ class CallFuture(Future[Any]):
 
 
 class Client:
-    """Calls services through the broker(s). Use as a context manager, or call close()."""
+    """Calls services through the broker(s). Use as a context manager, or call close().
+
+    `brokers` (or $ZRPC_BROKERS) names a pair or one broker; `cluster="etcd://H:P[,...]"` (or
+    $ZRPC_CLUSTER) finds the brokers of a cluster through etcd instead, follows them as they
+    join and leave, and spreads calls over them (DESIGN.md §9).
+    """
 
     def __init__(
         self,
@@ -122,13 +128,17 @@ class Client:
         context: zmq.Context[Any] | None = None,
         clock: Clock = monotonic,
         max_message: int | None = None,
+        cluster: str | None = None,
+        cluster_name: str = CLUSTER_NAME,
     ) -> None:
-        self.brokers = resolve_brokers(brokers)
+        self.cluster = resolve_cluster(brokers, cluster)
+        self.brokers = [] if self.cluster else resolve_brokers(brokers)
         self.timeout = timeout
         self.identity = uuid.uuid4().bytes
         self._clock = clock
         self._session = Session(clock, len(self.brokers), timeout, interval=heartbeat_interval,
-                                liveness=liveness, failover_timeout=failover_timeout)
+                                liveness=liveness, failover_timeout=failover_timeout,
+                                spread=self.cluster is not None)
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self._opts = SocketOptions(curve=client_keys(curve_server_key, curve_secret),
@@ -142,12 +152,18 @@ class Client:
         self._errors = InternalErrors(log, "client")
         self._callbacks: _Callbacks | None = None
         self._waker = Waker(self._ctx, "client-" + self.identity.hex())
-        self._socks = [make_socket(self._ctx, zmq.DEALER, identity=self.identity, options=self._opts)
-                       for _ in self.brokers]
+        self._socks: list[zmq.Socket[Any] | None] = []
         # handshake outcomes tell a refused key (Unauthorized) from a silent broker (Timeout)
-        self._monitors = [s.get_monitor_socket(HANDSHAKE_EVENTS) for s in self._socks]
-        for s, ep in zip(self._socks, self.brokers):
-            s.connect(ep)
+        self._monitors: list[zmq.Socket[Any] | None] = []
+        self._poller = zmq.Poller()
+        self._index: dict[zmq.Socket[Any], tuple[int, bool]] = {}  # -> (broker, is its monitor)
+        for ep in self.brokers:
+            self._connect(len(self._socks), ep)
+        self._members: dict[str, int] = {}  # cluster mode: broker name -> session index
+        self._follower = (ClusterFollower(self.cluster, self._waker.wake, name=cluster_name, logger=log)
+                          if self.cluster else None)
+        if self._follower is not None:
+            self._follower.start()
         self._thread = threading.Thread(target=self._loop, name="zrpc-client", daemon=True)
         self._thread.start()
         self._io_ident = self._thread.ident
@@ -229,30 +245,73 @@ class Client:
         finally:
             self._shutdown(died)
 
+    def _connect(self, b: int, endpoint: str) -> None:
+        """Broker `b`'s socket (the next index), with its handshake monitor, polled."""
+        sock = make_socket(self._ctx, zmq.DEALER, identity=self.identity, options=self._opts)
+        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+        self._socks.append(sock)
+        self._monitors.append(monitor)
+        for s, is_monitor in ((sock, False), (monitor, True)):
+            self._index[s] = (b, is_monitor)
+            self._poller.register(s, zmq.POLLIN)
+        sock.connect(endpoint)
+        if len(self.brokers) <= b:
+            self.brokers.append(endpoint)
+
+    def _disconnect(self, b: int) -> None:
+        """Broker `b` left the cluster: its socket is closed, its index never used again."""
+        sock, monitor = self._socks[b], self._monitors[b]
+        self._socks[b] = self._monitors[b] = None
+        for s in (sock, monitor):
+            if s is not None and self._index.pop(s, None) is not None:
+                self._poller.unregister(s)
+        if sock is not None:
+            _quietly(sock.disable_monitor)
+            _quietly(sock.close, 0)
+        if monitor is not None:
+            _quietly(monitor.close, 0)
+
+    def _follow(self) -> None:
+        """Cluster mode: the brokers that joined or left since the last wake-up."""
+        follower = self._follower
+        if follower is not None:
+            changes = follower.step()
+            if changes:
+                self._apply(apply_changes(changes, self._session, self._members, self._connect,
+                                          self._disconnect))
+
+    def _deadline(self) -> float:
+        nxt = self._session.next_deadline()
+        if self._follower is not None:
+            fd = self._follower.next_deadline()
+            if fd is not None:
+                nxt = min(nxt, fd)
+        return nxt
+
     def _run(self) -> None:
         """Each message, new call and timer step is contained: a bug costs that one, counted in
         `internal_errors` and logged, and the loop goes on."""
-        poller = zmq.Poller()
-        index = {s: i for i, s in enumerate(self._socks)}
-        monitors = {m: i for i, m in enumerate(self._monitors)}
-        for s in [*self._socks, *self._monitors]:
-            poller.register(s, zmq.POLLIN)
+        poller = self._poller
+        index = self._index
         poller.register(self._waker.socket, zmq.POLLIN)
         session = self._session
         contain = self._errors.contain
         record = self._errors.record
         while not self._closed.is_set():
             now = self._clock()
-            for sock, _ in poller.poll(timeout_ms(session.next_deadline(), now, cap=POLL_CAP)):
+            for sock, _ in poller.poll(timeout_ms(self._deadline(), now, cap=POLL_CAP)):
                 if sock is self._waker.socket:
                     continue
-                if sock in monitors:
+                owner = index.get(sock)
+                if owner is None:  # closed while handling this batch
+                    continue
+                b, is_monitor = owner
+                if is_monitor:
                     with contain("a security handshake event"):
                         outcome = handshake_outcome(sock)
                         if outcome is not None:
-                            self._apply(session.handshake(monitors[sock], outcome[1]))
+                            self._apply(session.handshake(b, outcome[1]))
                     continue
-                b = index[sock]
                 for _ in range(BATCH):
                     frames = recv_nowait(sock)
                     if frames is None:
@@ -263,6 +322,11 @@ class Client:
                     except Exception as exc:  # noqa: BLE001 - a bug costs this one message
                         record(exc, "a message from a broker")
             self._waker.clear()
+            if self._follower is not None:
+                try:
+                    self._follow()
+                except Exception as exc:  # noqa: BLE001 - a bug costs this step, never the loop
+                    record(exc, "following the cluster")
             outbox = self._outbox
             while outbox:
                 call = outbox.popleft()
@@ -301,10 +365,10 @@ class Client:
         reason = self._dead or "client closed"
         for call in pending:
             call.fail(ZrpcError(reason))
-        for s, m in zip(self._socks, self._monitors):
-            _quietly(s.disable_monitor)
-            _quietly(m.close, 0)
-            _quietly(s.close, 0)
+        if self._follower is not None:
+            _quietly(self._follower.stop)
+        for b in range(len(self._socks)):
+            self._disconnect(b)
         _quietly(self._waker.close)
         if self._own_ctx:
             self._ctx.term()
@@ -321,7 +385,9 @@ class Client:
         for o in outputs:
             if type(o) is Transmit:
                 # not sent (FULL: that broker cannot take more now): its calls keep their deadlines
-                send_nowait(self._socks[o.broker], o.frames)
+                sock = self._socks[o.broker]
+                if sock is not None:  # None: it left the cluster (the session never sends there)
+                    send_nowait(sock, o.frames)
             elif type(o) is Dropped:
                 log_dropped(self.brokers, o)
             else:

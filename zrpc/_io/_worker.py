@@ -32,8 +32,9 @@ from typing import Any
 import zmq
 
 from zrpc._core._clock import Clock, monotonic, timeout_ms
-from zrpc._core._config import MAX_WORKER_BROKERS, is_loopback, resolve_brokers
+from zrpc._core._config import MAX_WORKER_BROKERS, is_loopback, resolve_brokers, resolve_cluster
 from zrpc._core._frames import MAX_METHODS, MAX_SERVICES, Status
+from zrpc._core._membership import parse_cluster
 from zrpc._core._serial import pack_error, pack_result, unpack_call
 from zrpc._core._service import Method, Service
 from zrpc._core._worker import (
@@ -54,6 +55,7 @@ from zrpc._core._worker import (
     WorkerCore,
 )
 from zrpc._defaults import (
+    CLUSTER_NAME,
     DRAIN_TIMEOUT,
     HEARTBEAT_INTERVAL,
     INLINE_LIMIT,
@@ -62,6 +64,7 @@ from zrpc._defaults import (
     WORKER_PREFETCH,
 )
 from zrpc._errors import ProtocolError
+from zrpc._io._follow import ClusterFollower
 from zrpc._io._internal import InternalErrors
 from zrpc._io._security import client_keys
 from zrpc._io._sockets import (
@@ -108,7 +111,10 @@ def _describe(exc: BaseException) -> str:
 
 class Worker:
     """Serves one or more services to the brokers; `run()` blocks until stopped (SIGTERM
-    drains in-flight calls first, a second signal stops at once)."""
+    drains in-flight calls first, a second signal stops at once).
+
+    `cluster="etcd://H:P[,...]"` (or $ZRPC_CLUSTER) serves every broker of a cluster instead,
+    following them as they join and leave, each announced a share of the capacity."""
 
     def __init__(
         self,
@@ -127,6 +133,8 @@ class Worker:
         context: zmq.Context[Any] | None = None,
         clock: Clock = monotonic,
         max_message: int | None = None,
+        cluster: str | None = None,
+        cluster_name: str = CLUSTER_NAME,
     ) -> None:
         svcs = [services] if isinstance(services, Service) else list(services)
         if not svcs or not all(isinstance(s, Service) for s in svcs):
@@ -145,12 +153,16 @@ class Worker:
         if not 0 <= prefetch <= 10_000:
             raise ValueError("prefetch must be between 0 and 10000")
         self.services = {s.name: s for s in svcs}
-        self.brokers = resolve_brokers(brokers, MAX_WORKER_BROKERS)
+        self.cluster = resolve_cluster(brokers, cluster)
+        self.cluster_name = cluster_name
+        self.brokers = [] if self.cluster else resolve_brokers(brokers, MAX_WORKER_BROKERS)
         self.concurrency = concurrency
         self.weight = weight
         self.heartbeat_interval = heartbeat_interval
         # tracebacks show code and paths: by default only to clients on this machine
-        self.send_tracebacks = (all(is_loopback(ep) for ep in self.brokers)
+        here = ([f"tcp://{h}:{p}" for h, p in parse_cluster(self.cluster)] if self.cluster
+                else self.brokers)  # a cluster on this machine has its etcd here too
+        self.send_tracebacks = (all(is_loopback(ep) for ep in here)
                                 if send_tracebacks is None else send_tracebacks)
         self.drain_timeout = drain_timeout
         self.identity = uuid.uuid4().bytes
@@ -165,7 +177,7 @@ class Worker:
             clock, self.services, self.brokers, name=self.name, concurrency=concurrency,
             prefetch=prefetch, weight=weight, info={"host": socket.gethostname(), "pid": os.getpid()},
             heartbeat_interval=heartbeat_interval, liveness=liveness, drain_timeout=drain_timeout,
-            internal_errors=lambda: self._errors.count)
+            internal_errors=lambda: self._errors.count, split=self.cluster is not None)
         # other threads hand the loop their stops, results and failures; it alone feeds the core
         self._stops: deque[bool] = deque()
         self._results: deque[tuple[RunHandler, int, bytes]] = deque()
@@ -173,6 +185,7 @@ class Worker:
         self._jobs: queue.SimpleQueue[RunHandler | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._aloop: asyncio.AbstractEventLoop | None = None
+        self._athread: threading.Thread | None = None
         self._io_counters: dict[str, int] = {}  # send_dropped, replies_lost: once they happen
         self._waker: Waker | None = None
         self._exit: Exit | None = None
@@ -181,6 +194,8 @@ class Worker:
         self._monitors: list[zmq.Socket[Any] | None] = [None] * len(self.brokers)
         self._by_sock: dict[zmq.Socket[Any], tuple[int, bool]] = {}  # -> (link, is its monitor)
         self._poller = zmq.Poller()
+        self._follower: ClusterFollower | None = None  # cluster mode, from run()
+        self._members: dict[str, int] = {}  # cluster mode: broker name -> link
         self.ready = threading.Event()  # set once READY went out to every broker
 
     # --- public --------------------------------------------------------------------------
@@ -226,14 +241,19 @@ class Worker:
             t.start()
         if any(m.is_async for s in self.services.values() for m in s.methods.values()):
             self._aloop = asyncio.new_event_loop()
-            threading.Thread(target=self._aloop.run_forever, name="zrpc-async", daemon=True).start()
+            self._athread = threading.Thread(target=self._aloop.run_forever, name="zrpc-async", daemon=True)
+            self._athread.start()
         self._take_stops()  # stopped before run(): the links open with DISCONNECT, never READY
         for action in self._core.start():  # not contained: a broker that cannot be opened at
             self._do(action)               # all is the caller's error
+        if self.cluster is not None:
+            self._follower = ClusterFollower(self.cluster, waker.wake, name=self.cluster_name, logger=log)
+            self._follower.start()
         self.ready.set()
         log.info("worker %s serving %s on %s (concurrency %d, prefetch %d)", self.name,
-                 ", ".join(sorted(self.services)), ", ".join(self.brokers), self.concurrency,
-                 self._core.prefetch)
+                 ", ".join(sorted(self.services)),
+                 f"the brokers of cluster {self.cluster_name} ({self.cluster})" if self.cluster
+                 else ", ".join(self.brokers), self.concurrency, self._core.prefetch)
         record = self._errors.record
         try:
             while True:
@@ -258,6 +278,11 @@ class Worker:
                     except Exception as exc:  # noqa: BLE001
                         record(exc, "messages from a broker")
                 self._flush_results(waker)
+                if self._follower is not None:
+                    try:
+                        self._follow(self._follower)
+                    except Exception as exc:  # noqa: BLE001
+                        record(exc, "following the cluster")
                 self._take_stops()
                 try:
                     self._execute(self._core.tick())
@@ -270,9 +295,29 @@ class Worker:
         """Milliseconds until the core's next deadline, never 0: a loop that polls without
         waiting burns a core (None: nothing is due, only a message or the waker can wake us)."""
         nxt = self._core.next_deadline()
+        if self._follower is not None:
+            fd = self._follower.next_deadline()
+            if fd is not None:
+                nxt = fd if nxt is None else min(nxt, fd)
         if nxt is None:
             return None
         return max(1, timeout_ms(nxt, self._clock()) or 0)
+
+    def _follow(self, follower: ClusterFollower) -> None:
+        """Cluster mode: a link for each broker that joined, none for those that left."""
+        changes = follower.step()
+        core = self._core
+        for name in changes.left:
+            link = self._members.pop(name, None)
+            if link is not None:
+                self._execute(core.remove_broker(link))
+        for name, endpoint in changes.joined.items():
+            self.brokers.append(endpoint)
+            self._socks.append(None)
+            self._monitors.append(None)
+            link, actions = core.add_broker(endpoint)
+            self._members[name] = link
+            self._execute(actions)
 
     def _take_stops(self) -> None:
         stops = self._stops
@@ -516,6 +561,17 @@ class Worker:
 
     # --- leaving ---------------------------------------------------------------------------
 
+    def _stop_async(self, aloop: asyncio.AbstractEventLoop) -> None:
+        """Stops the async handlers' loop and closes it here: one left for the garbage collector
+        at exit may be closed after its self-pipe was, and print a traceback."""
+        aloop.call_soon_threadsafe(aloop.stop)
+        thread = self._athread
+        if thread is not None:
+            thread.join(timeout=LINGER_MS / 1000)
+            if thread.is_alive():
+                return  # an async handler that never yields: the loop cannot be closed
+        aloop.close()
+
     def _shutdown(self) -> None:
         at_once = self._exit is not None and self._exit.at_once
         linger = 0 if at_once else LINGER_MS  # let the last replies leave
@@ -527,13 +583,18 @@ class Worker:
                 monitor.close(linger=0)
             if sock is not None:
                 sock.close(linger=linger)
+        if self._follower is not None:
+            try:
+                self._follower.stop()
+            except Exception as exc:  # noqa: BLE001 - leaving must go on
+                self._errors.record(exc, "leaving the cluster")
         waker, self._waker = self._waker, None  # a signal now must not wait on its lock
         if waker is not None:
             waker.close()
         for _ in self._threads:
             self._jobs.put(None)
         if self._aloop is not None:
-            self._aloop.call_soon_threadsafe(self._aloop.stop)
+            self._stop_async(self._aloop)
         if self._own_ctx:
             self._ctx.term()
         log.info("worker %s stopped", self.name)

@@ -15,7 +15,7 @@ import click
 from zrpc._core._config import ENV, check_endpoint, resolve_brokers
 from zrpc._core._membership import ENV as CLUSTER_ENV
 from zrpc._core._membership import parse_cluster
-from zrpc._defaults import LOCAL_PAIR
+from zrpc._defaults import CLUSTER_NAME, LOCAL_PAIR
 from zrpc.broker._config import FLAG, Flag
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -60,6 +60,25 @@ def cluster_url(ctx: click.Context | None, param: click.Parameter | None, value:
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     return value.strip()
+
+
+def cluster_name_option(f: F) -> F:
+    return click.option("--cluster-name", default=CLUSTER_NAME, show_default=True,
+                        help="Which cluster of that etcd (with --cluster).")(f)
+
+
+def brokers_or_cluster(brokers: str | None, cluster: str | None,
+                       most: int = 2) -> tuple[list[str], str | None]:
+    """--brokers or --cluster (each maybe from the environment): the command line wins over
+    the environment, a cluster over brokers; both on the command line is a usage error."""
+    ctx = click.get_current_context()
+    typed = {name for name in ("brokers", "cluster")
+             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
+    if typed == {"brokers", "cluster"}:
+        raise click.UsageError("--brokers and --cluster: give one of them")
+    if cluster is not None and "brokers" not in typed:
+        return [], cluster
+    return broker_endpoints(brokers, most), None
 
 
 def curve_client_options(f: F) -> F:

@@ -9,7 +9,13 @@ from typing import Any
 import click
 
 from zrpc._errors import RemoteError, Timeout, ZrpcError
-from zrpc._tools.cli._options import broker_endpoints, brokers_option, curve_client_options
+from zrpc._tools.cli._options import (
+    brokers_option,
+    brokers_or_cluster,
+    cluster_name_option,
+    cluster_option,
+    curve_client_options,
+)
 
 TIMEOUT = 5.0
 """Seconds `zrpc call` waits by default: a person at a shell, not a client riding out a failover."""
@@ -39,15 +45,19 @@ def _jsonable(value: Any) -> Any:
 @click.option("--kw", "kwargs", multiple=True, metavar="KEY=VALUE",
               help="A keyword argument (VALUE as JSON, else a string); repeatable.")
 @brokers_option
+@cluster_option
+@cluster_name_option
 @click.option("--timeout", type=click.FloatRange(0.001, 86400), default=TIMEOUT, show_default=True,
               help="Seconds to wait for the reply.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"result": ...} or {"error": {...}}.')
 @curve_client_options
 def command(target: str, args: tuple[str, ...], kwargs: tuple[str, ...], brokers: str | None,
-            timeout: float, as_json: bool, curve_server_key: str | None, curve_secret: str | None) -> None:
+            cluster: str | None, cluster_name: str, timeout: float, as_json: bool,
+            curve_server_key: str | None, curve_secret: str | None) -> None:
     """Call SERVICE.METHOD with ARGS (JSON literals, else strings) and print the result as JSON.
 
-    Example: zrpc call calc.add 1 2
+    Example: zrpc call calc.add 1 2 (or, through a cluster's brokers, zrpc call --cluster
+    etcd://127.0.0.1:2379 calc.add 1 2)
     """
     from zrpc._io._client import Client
 
@@ -61,15 +71,18 @@ def command(target: str, args: tuple[str, ...], kwargs: tuple[str, ...], brokers
         if not eq or not key.isidentifier():
             raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--kw")
         kw[key] = _parse_value(val)
-    eps = broker_endpoints(brokers)
-    with Client(eps, timeout=timeout, curve_server_key=curve_server_key, curve_secret=curve_secret) as client:
+    eps, url = brokers_or_cluster(brokers, cluster)
+    with Client(eps or None, cluster=url, cluster_name=cluster_name, timeout=timeout,
+                curve_server_key=curve_server_key, curve_secret=curve_secret) as client:
         try:
             result = client.call(service, method, *[_parse_value(a) for a in args], **kw)
         except ZrpcError as exc:
             kind = exc.remote_type if isinstance(exc, RemoteError) else type(exc).__name__
             message = exc.message if isinstance(exc, RemoteError) else str(exc)
             if isinstance(exc, Timeout):
-                message += f" (is a broker running at {', '.join(eps)}?)"
+                where = (f"registered in cluster {cluster_name!r} at {url}" if url
+                         else f"running at {', '.join(eps)}")
+                message += f" (is a broker {where}?)"
             if as_json:
                 click.echo(json.dumps({"error": {"type": kind, "message": message,
                                                  "remote": isinstance(exc, RemoteError)}}))

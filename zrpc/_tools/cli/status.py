@@ -14,7 +14,13 @@ import click
 
 from zrpc import _defaults as D
 from zrpc._errors import ZrpcError
-from zrpc._tools.cli._options import broker_endpoints, brokers_option, cluster_option, curve_client_options
+from zrpc._tools.cli._options import (
+    brokers_option,
+    brokers_or_cluster,
+    cluster_name_option,
+    cluster_option,
+    curve_client_options,
+)
 
 TIMEOUT = 2.0
 """Seconds `zrpc status` waits for each broker: a live one answers at once, a dead one must not
@@ -46,8 +52,9 @@ def fetch_status(endpoints: Sequence[str], timeout: float, **keys: Any) -> dict[
         info = dict(st["broker"])
         info["endpoint"] = ep
         info["counters"] = st.get("counters", {})
-        if "election" in st:
-            info["election"] = st["election"]
+        for part in ("election", "cluster"):  # an elected broker's, or a cluster member's view
+            if part in st:
+                info[part] = st[part]
         brokers.append(info)
         if best is None or info.get("state") == "active":
             best = st
@@ -122,8 +129,7 @@ def fetch_cluster_status(url: str, cluster_name: str, timeout: float, **keys: An
 @click.command("status")
 @brokers_option
 @cluster_option
-@click.option("--cluster-name", default=D.CLUSTER_NAME, show_default=True,
-              help="Which cluster of that etcd (with --cluster).")
+@cluster_name_option
 @click.option("--timeout", type=click.FloatRange(0.01, 600), default=TIMEOUT, show_default=True,
               help="Seconds to wait for each broker.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts.")
@@ -138,14 +144,11 @@ def command(brokers: str | None, cluster: str | None, cluster_name: str, timeout
     etcd lists (with its lease) and the services and workers of them all."""
     keys = {"curve_server_key": curve_server_key, "curve_secret": curve_secret}
     fetch: Callable[[], dict[str, Any]]
-    if cluster is not None:
-        if brokers is not None and click.get_current_context().get_parameter_source(
-                "brokers") is click.core.ParameterSource.COMMANDLINE:
-            raise click.UsageError("--brokers and --cluster: give one of them")
-        where = f"in cluster {cluster_name!r} at {cluster}"
-        fetch = partial(fetch_cluster_status, cluster, cluster_name, timeout, **keys)
+    eps, url = brokers_or_cluster(brokers, cluster)
+    if url is not None:
+        where = f"in cluster {cluster_name!r} at {url}"
+        fetch = partial(fetch_cluster_status, url, cluster_name, timeout, **keys)
     else:
-        eps = broker_endpoints(brokers)
         where = f"at {', '.join(eps)}"
         fetch = partial(fetch_status, eps, timeout, **keys)
     if watch_s is not None and not as_json:

@@ -14,8 +14,10 @@ from zrpc import _defaults as D
 from zrpc._core._config import MAX_WORKER_BROKERS
 from zrpc._core._service import Service
 from zrpc._tools.cli._options import (
-    broker_endpoints,
     brokers_option,
+    brokers_or_cluster,
+    cluster_name_option,
+    cluster_option,
     curve_client_options,
     log_option,
     serving,
@@ -71,6 +73,8 @@ def _where(exc: BaseException) -> str:
 @click.command("worker")
 @click.argument("services", nargs=-1, required=True, metavar="MODULE[:SERVICE]...")
 @brokers_option
+@cluster_option
+@cluster_name_option
 @click.option("--concurrency", type=click.IntRange(1, 10_000), default=D.WORKER_CONCURRENCY, show_default=True,
               help="Calls handled at once (thread pool size).")
 @click.option("--prefetch", type=click.IntRange(0, 10_000), default=D.WORKER_PREFETCH, show_default=True,
@@ -87,17 +91,23 @@ def _where(exc: BaseException) -> str:
               help="Send handlers' tracebacks to clients (default: only when every broker is on loopback).")
 @curve_client_options
 @log_option
-def command(services: tuple[str, ...], brokers: str | None, concurrency: int, prefetch: int, weight: float,
+def command(services: tuple[str, ...], brokers: str | None, cluster: str | None, cluster_name: str,
+            concurrency: int, prefetch: int, weight: float,
             heartbeat_interval: float, liveness: int, send_tracebacks: bool | None,
             curve_server_key: str | None, curve_secret: str | None, log_level: str) -> None:
     """Serve the services defined in MODULE (e.g. `zrpc worker examples.calc:calc`).
+
+    With --cluster, it serves every broker registered in the cluster's etcd, follows them as
+    they join and leave, and announces to each a share of its capacity.
 
     SIGTERM or Ctrl-C finishes the calls in flight, then leaves; a second one stops at once.
     """
     from zrpc._io._worker import Worker
 
     setup_logging(log_level)
-    w = Worker(load_services(services), broker_endpoints(brokers, MAX_WORKER_BROKERS), concurrency=concurrency,
+    eps, url = brokers_or_cluster(brokers, cluster, MAX_WORKER_BROKERS)
+    w = Worker(load_services(services), eps or None, cluster=url, cluster_name=cluster_name,
+               concurrency=concurrency,
                prefetch=prefetch, weight=weight, heartbeat_interval=heartbeat_interval, liveness=liveness,
                send_tracebacks=send_tracebacks, curve_server_key=curve_server_key,
                curve_secret=curve_secret)
