@@ -261,3 +261,20 @@ def test_the_async_client_spreads_over_the_cluster_too(etcd, members, procs, tmp
 
     assert asyncio.run(main()) == [i + 1 for i in range(300)]
     assert all(requests(b) > n + 30 for b, n in zip(bs, before))
+
+
+def test_monitor_follows_the_members_of_a_cluster(etcd, members, procs):
+    (b1,) = start(members, etcd.url, "b1")
+    mon = procs.zrpc("monitor", "--cluster", etcd.url, "--json", "--no-metrics", "--count", "2",
+                     "--duration", "60", name="monitor")
+    procs.expect_exit(mon)
+    log = procs.log_dir / "monitor.log"
+    wait_until(lambda: "listening to" in log.read_text(), 10, what="the monitor listening")
+    b1.tap.wait_metrics()
+    (b2,) = start(members, etcd.url, "b2")  # b1 says member_joined; the monitor finds b2
+    wait_until(lambda: f"listening to {b2.monitor} too" in log.read_text(), 15, what="the monitor following b2")
+    b2.tap.wait_metrics()
+    procs.terminate(b1.proc)  # a clean stop: b2 says member_left at once
+    assert mon.wait(30) == 0
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert [(e["name"], e["subject"]) for e in events] == [("member_joined", "b2"), ("member_left", "b1")]

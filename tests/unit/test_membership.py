@@ -664,3 +664,48 @@ def test_a_broker_not_in_a_cluster_has_no_cluster_in_its_status():
 def test_a_cluster_member_refuses_what_makes_no_sense(config, words):
     with pytest.raises(ValueError, match=words):
         cluster_core(FakeClock(), **config)
+
+
+# --- rule 10: an observer ---------------------------------------------------------------------
+
+
+def test_an_observer_fetches_and_watches_but_never_takes_a_lease():
+    clock = FakeClock()
+    m = Membership(clock, "", {}, ttl=TTL, register=False)
+    (fetch,) = actions(m.start())
+    assert isinstance(fetch, Fetch) and m.state is Registration.OBSERVING
+    members = {"b1": {"frontend": "tcp://h:1", "boot": "x"}}
+    out = m.handle(Snapshot(fetch.seq, members, 7))
+    (watch,) = actions(out)
+    assert isinstance(watch, Watch) and watch.start_revision == 8
+    assert m.members == members
+    m.handle(MemberPut(watch.seq, "b2", {"frontend": "tcp://h:2"}, 9))
+    out = m.handle(MemberDeleted(watch.seq, "b1", 10))
+    assert set(m.members) == {"b2"}
+    assert [a.name for a in out if isinstance(a, Alert)] == ["member_left"]
+    for _ in range(20):  # time passes: no grant, no refresh, nothing at all while the watch runs
+        clock.advance(1.0)
+        assert actions(m.tick()) == []
+    assert m.stop() == []  # no lease: nothing to revoke
+
+
+def test_an_observer_fetches_again_after_a_failure_and_says_etcd_is_unreachable():
+    clock = FakeClock()
+    m = Membership(clock, "", {}, ttl=TTL, register=False)
+    (fetch,) = actions(m.start())
+    out = m.handle(ExchangeFailed(fetch.seq, "fetch", "cannot connect"))
+    assert [(a.name, a.state) for a in out if isinstance(a, Alert)] == [("etcd_unreachable", RAISED)]
+    assert actions(m.tick()) == []
+    clock.advance(EVERY)
+    (again,) = actions(m.tick())
+    assert isinstance(again, Fetch)
+    out = m.handle(Snapshot(again.seq, {}, 3))
+    assert [(a.name, a.state) for a in out if isinstance(a, Alert)] == [("etcd_unreachable", RESOLVED)]
+
+
+def test_an_observer_counts_a_member_with_any_name_as_one_of_the_others():
+    m = Membership(FakeClock(), "", {}, ttl=TTL, register=False)
+    (fetch,) = actions(m.start())
+    m.handle(Snapshot(fetch.seq, {}, 1))
+    out = m.handle(MemberPut(m._watch_seq or 0, "zrpc", {"frontend": "tcp://h:1"}, 2))
+    assert [a.subject for a in out if isinstance(a, Alert)] == ["zrpc"]

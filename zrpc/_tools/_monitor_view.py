@@ -10,7 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -124,8 +124,16 @@ def _line(topic: str, ev: dict[str, Any]) -> tuple[str, str]:
             f"{ev.get('subject', '')} {where} {detail}", style)
 
 
+REFRESH_EVERY = 2.0
+"""Seconds between two looks at a cluster's members (`zrpc monitor --cluster`)."""
+
+
 def watch(endpoints: Sequence[str], *, as_json: bool, exec_cmd: str | None, webhook: str | None,
-          metrics: bool, count: int | None, duration: float | None, curve: CurveKeys | None = None) -> int:
+          metrics: bool, count: int | None, duration: float | None, curve: CurveKeys | None = None,
+          refresh: Callable[[], Sequence[str]] | None = None) -> int:
+    """Prints the brokers' events until Ctrl-C, `count` alerts or `duration`; `refresh` (a
+    cluster's monitor endpoints, read again every REFRESH_EVERY) follows members that join
+    and leave (an OSError from it keeps the endpoints last seen)."""
     from rich.console import Console
 
     console = Console(highlight=False)
@@ -136,7 +144,10 @@ def watch(endpoints: Sequence[str], *, as_json: bool, exec_cmd: str | None, webh
         sub.setsockopt(zmq.SUBSCRIBE, b"metrics")
     for ep in endpoints:
         sub.connect(ep)
-    click.echo(f"monitor: listening to {', '.join(endpoints)} (Ctrl-C stops)", err=True)
+    click.echo(f"monitor: listening to {', '.join(endpoints) or 'no broker yet'} (Ctrl-C stops)", err=True)
+    listening = set(endpoints)
+    next_refresh = time.monotonic() + REFRESH_EVERY
+    refresh_failed = False
     pool = ThreadPoolExecutor(4) if exec_cmd or webhook else None
     seen_alerts = 0
     deadline = time.monotonic() + duration if duration else None
@@ -152,6 +163,23 @@ def watch(endpoints: Sequence[str], *, as_json: bool, exec_cmd: str | None, webh
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
+            if refresh is not None and time.monotonic() >= next_refresh:
+                next_refresh = time.monotonic() + REFRESH_EVERY
+                try:
+                    now = set(refresh())
+                except OSError as exc:
+                    if not refresh_failed:
+                        click.echo(f"monitor: {exc}; listening to the brokers last seen", err=True)
+                    refresh_failed = True
+                else:
+                    refresh_failed = False
+                    for ep in sorted(now - listening):
+                        sub.connect(ep)
+                        click.echo(f"monitor: a broker joined: listening to {ep} too", err=True)
+                    for ep in sorted(listening - now):
+                        sub.disconnect(ep)
+                        click.echo(f"monitor: the broker at {ep} left the cluster", err=True)
+                    listening = now
             if not sub.poll(200 if left is None else int(min(left, 0.2) * 1000) + 1):
                 continue
             frames = sub.recv_multipart()
