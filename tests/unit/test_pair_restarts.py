@@ -1,9 +1,11 @@
 """`zrpc pair`'s restart policy: back off 1 s doubling to 30 s, reset after a minute up, give
-up on a broker that fails at start-up five times in a row; and the loop that applies it."""
+up on a broker that fails at start-up five times in a row; and the loop that applies it, to a
+pair's two brokers or to any number of named children (`zrpc cluster`'s members)."""
 
 from __future__ import annotations
 
 import sys
+import threading
 
 import pytest
 
@@ -14,6 +16,7 @@ from zrpc._tools._pair import (
     Restarts,
     describe_exit,
     run_pair,
+    supervise,
 )
 from zrpc._tools._procs import RESTART_MARK, Processes
 from zrpc.testing import free_port
@@ -122,3 +125,38 @@ def test_one_port_in_two_options_is_refused_before_any_broker_starts(capfd):
     with pytest.raises(OSError, match=f"port {p[3]} is given to more than one socket"):
         run_pair("127.0.0.1", ports, [], restart=True)
     assert "pair: primary" not in capfd.readouterr().err
+
+
+def test_the_loop_supervises_any_number_of_named_children(monkeypatch, capfd):
+    """Three children: the one that dies is restarted (with --restarts 1, and the pair's line
+    shape under the caller's label), the others are left running; a reason from `failed`
+    stops them all with exit 1."""
+    monkeypatch.setattr(_pair, "BACKOFF_FIRST", 0.01)
+    started: list[list[str]] = []
+    seen: dict[str, int] = {}
+
+    def fake_broker(self, *args, **kw):
+        assert args[0] == "broker"
+        started.append(list(args[1:]))
+        dies = args[1] == "b2" and "--restarts" not in args
+        code = "import sys; sys.exit(3)" if dies else "import time; time.sleep(60)"
+        return self.spawn([sys.executable, "-c", code], **kw)
+
+    def failed() -> str | None:
+        return "what they need has gone" if sum(a[0] == "b2" for a in started) == 2 else None
+
+    monkeypatch.setattr(Processes, "zrpc", fake_broker)
+    with Processes() as procs:
+        code = supervise(procs, "group", ["b1", "b2", "b3"], lambda name: [name, "--x"], True,
+                         threading.Event(), lambda children: seen.update((n, p.pid) for n, p in children.items()),
+                         failed)
+        assert all(p.poll() is not None for p in procs.procs)  # stopped on the way out
+    assert code == 1
+    assert sorted(seen) == ["b1", "b2", "b3"]
+    assert started[:3] == [["b1", "--x"], ["b2", "--x"], ["b3", "--x"]]
+    assert started[3:] == [["b2", "--x", "--restarts", "1"]]
+    err = capfd.readouterr().err
+    assert f"group: b2 exited (exit code 3): {RESTART_MARK} in 0.01s (restart 1)" in err
+    assert "group: b2 restarted (pid " in err and ", restarts 1)" in err
+    assert err.index("group: what they need has gone") < err.index("group: stopping")
+    assert "b1 exited" not in err and "b3 exited" not in err

@@ -1,4 +1,5 @@
-"""`zrpc pair`: a primary and a backup broker on this machine, as supervised children.
+"""`zrpc pair`: a primary and a backup broker on this machine, as supervised children (the
+supervision, `supervise`, also runs the members of `zrpc cluster`).
 
 Supervision heals a crash but never hides it: every restart prints a line, and the broker is
 started again with `--restarts N`, so it raises a `broker_restarted` alert and shows the count
@@ -13,7 +14,8 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import click
@@ -101,79 +103,106 @@ def describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
-def run_pair(host: str, ports: PairPorts, extra: Sequence[str], restart: bool) -> int:
-    """Runs both brokers until SIGTERM or Ctrl-C. Non-zero when it had to stop because a broker
-    died (`--no-restart`) or could not be started again."""
-    check_free(host, [*ports.frontend, *ports.state, *ports.monitor])
+def say(label: str, text: str) -> None:
+    """One line of a supervisor's own on stderr, beside its children's logs: `LABEL: text`."""
+    click.echo(f"{label}: {text}", err=True)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event SIGTERM and Ctrl-C set (instead of ending the process at once), so a supervisor
+    stops its children before it exits; the old handlers are back afterwards."""
     stop = threading.Event()
     old = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _supervise(host, ports, extra, restart, stop)
+        yield stop
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
 
 
-def _supervise(host: str, ports: PairPorts, extra: Sequence[str], restart: bool,
-               stop: threading.Event) -> int:
-    policy = {role: Restarts() for role in ROLES}
+def run_pair(host: str, ports: PairPorts, extra: Sequence[str], restart: bool) -> int:
+    """Runs both brokers until SIGTERM or Ctrl-C. Non-zero when it had to stop because a broker
+    died (`--no-restart`) or could not be started again."""
+    check_free(host, [*ports.frontend, *ports.state, *ports.monitor])
+
+    def started(children: Mapping[str, subprocess.Popen[bytes]]) -> None:
+        eps = ",".join(f"tcp://{host}:{p}" for p in ports.frontend)
+        say("pair", f"primary tcp://{host}:{ports.frontend[0]} (pid {children['primary'].pid}), "
+                    f"backup tcp://{host}:{ports.frontend[1]} (pid {children['backup'].pid})")
+        say("pair", f"clients and workers use ZRPC_BROKERS={eps} (the default); Ctrl-C stops both")
+
+    with stop_on_signals() as stop, Processes() as procs:
+        return supervise(procs, "pair", ROLES, lambda role: [*broker_args(role, host, ports), *extra],
+                         restart, stop, started)
+
+
+def supervise(procs: Processes, label: str, names: Sequence[str], argv: Callable[[str], list[str]],
+              restart: bool, stop: threading.Event,
+              started: Callable[[Mapping[str, subprocess.Popen[bytes]]], None] | None = None,
+              failed: Callable[[], str | None] | None = None) -> int:
+    """Runs `zrpc broker ARGV(name)` for every name until `stop` is set, each restarted under
+    its own Restarts when it dies (with `--restarts N`, and a RESTART_MARK line), then stops
+    them in turn. `started` sees the children once all run; `failed`, asked every tick, names
+    a reason to stop (something they need has gone). Non-zero when it stopped for a death under
+    `--no-restart`, for every child given up, or for `failed`."""
+    policy = {name: Restarts() for name in names}
     children: dict[str, subprocess.Popen[bytes]] = {}
-    due: dict[str, float] = {}  # role -> when to start it again
+    due: dict[str, float] = {}  # name -> when to start it again
     given_up: set[str] = set()
     code = 0
 
-    def say(text: str) -> None:
-        click.echo(f"pair: {text}", err=True)
+    def start(name: str) -> None:
+        args = list(argv(name))
+        if policy[name].count:
+            args += ["--restarts", str(policy[name].count)]
+        children[name] = procs.zrpc("broker", *args, inherit=True, die_with_parent=True)
+        policy[name].started(time.monotonic())
 
-    with Processes() as procs:
-        def start(role: str) -> None:
-            argv = [*broker_args(role, host, ports), *extra]
-            if policy[role].count:
-                argv += ["--restarts", str(policy[role].count)]
-            children[role] = procs.zrpc("broker", *argv, inherit=True, die_with_parent=True)
-            policy[role].started(time.monotonic())
-
-        for role in ROLES:
-            start(role)
-        eps = ",".join(f"tcp://{host}:{p}" for p in ports.frontend)
-        say(f"primary tcp://{host}:{ports.frontend[0]} (pid {children['primary'].pid}), "
-            f"backup tcp://{host}:{ports.frontend[1]} (pid {children['backup'].pid})")
-        say(f"clients and workers use ZRPC_BROKERS={eps} (the default); Ctrl-C stops both")
-        while not stop.wait(0.2):
-            now = time.monotonic()
-            for role in ROLES:
-                proc = children.get(role)
-                rc = proc.poll() if proc is not None else None
-                if rc is None:
-                    continue
-                del children[role]
-                if not restart:
-                    say(f"{role} exited ({describe_exit(rc)}); stopping (--no-restart)")
-                    code = 1
-                    stop.set()
-                    break
-                delay = policy[role].exited(now)
-                if delay is None:
-                    say(f"{role} failed at start-up {policy[role].failures} times in a row (last: "
-                        f"{describe_exit(rc)}); not restarting it: see its log lines above")
-                    given_up.add(role)
-                    continue
-                say(f"{role} exited ({describe_exit(rc)}): {RESTART_MARK} in {delay:g}s "
-                    f"(restart {policy[role].count + 1})")
-                due[role] = now + delay
-            if len(given_up) == len(ROLES):
-                say("no broker left to run; stopping")
+    for name in names:
+        start(name)
+    if started is not None:
+        started(children)
+    while not stop.wait(0.2):
+        now = time.monotonic()
+        for name in names:
+            proc = children.get(name)
+            rc = proc.poll() if proc is not None else None
+            if rc is None:
+                continue
+            del children[name]
+            if not restart:
+                say(label, f"{name} exited ({describe_exit(rc)}); stopping (--no-restart)")
                 code = 1
                 stop.set()
-            for role, at in list(due.items()):
-                if stop.is_set():
-                    break
-                if now >= at:
-                    del due[role]
-                    policy[role].count += 1
-                    start(role)
-                    say(f"{role} restarted (pid {children[role].pid}, restarts {policy[role].count})")
-        say("stopping")
-        for proc in children.values():
-            procs.terminate(proc, timeout=5)
+                break
+            delay = policy[name].exited(now)
+            if delay is None:
+                say(label, f"{name} failed at start-up {policy[name].failures} times in a row (last: "
+                           f"{describe_exit(rc)}); not restarting it: see its log lines above")
+                given_up.add(name)
+                continue
+            say(label, f"{name} exited ({describe_exit(rc)}): {RESTART_MARK} in {delay:g}s "
+                       f"(restart {policy[name].count + 1})")
+            due[name] = now + delay
+        if len(given_up) == len(names):
+            say(label, "no broker left to run; stopping")
+            code = 1
+            stop.set()
+        reason = None if stop.is_set() or failed is None else failed()
+        if reason is not None:
+            say(label, reason)
+            code = 1
+            stop.set()
+        for name, at in list(due.items()):
+            if stop.is_set():
+                break
+            if now >= at:
+                del due[name]
+                policy[name].count += 1
+                start(name)
+                say(label, f"{name} restarted (pid {children[name].pid}, restarts {policy[name].count})")
+    say(label, "stopping")
+    for proc in children.values():
+        procs.terminate(proc, timeout=5)
     return code

@@ -26,7 +26,7 @@ from zrpc._io._internal import MARK as INTERNAL_ERROR
 
 TRACEBACK = "Traceback (most recent call last)"
 RESTART_MARK = "restarting it"
-"""`zrpc pair` prints a line with it for every restart of a broker (`pair: primary exited
+"""`zrpc pair` (and `zrpc cluster`) prints a line with it for every restart of a broker (`pair: primary exited
 (-9): restarting it in 1s (restart 1)`)."""
 LOG_MARKS = (TRACEBACK, INTERNAL_ERROR, RESTART_MARK)
 """A log line holding one of these is a problem unless the test declared it."""
