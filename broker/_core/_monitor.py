@@ -59,6 +59,10 @@ CATALOGUE = {
     "etcd_unreachable": ("warning", "etcd does not answer: this member keeps serving with the "
                          "membership it last saw, and nobody new can join; resolved when it answers "
                          "(with --elect: no candidate can take the role meanwhile)"),
+    "worker_restarted": ("warning", "a prefork worker's supervisor restarted one of its processes "
+                         "after it died (the count of restarts so far)"),
+    "result_mismatch": ("warning", "a call run on two workers (redundant) got different replies: "
+                        "one of the two workers answers wrongly"),
     "lease_lost": ("critical", "the active broker of an election could not renew its etcd lease in "
                    "time (or lost its key) and stopped serving before the lease could expire; "
                    "resolved when its lease is renewed again"),
@@ -407,6 +411,8 @@ class Monitor:
                 out += self._raise("broker_restarted", n.subject, **detail)
         elif n.name == "member_joined":
             out += self._event("member_joined", n.subject, **n.detail)
+        elif n.name in ("worker_restarted", "result_mismatch"):
+            out += self._event(n.name, n.subject, "warning", **n.detail)
         elif n.name in CLUSTER_CONDITIONS:
             detail = {k: v for k, v in n.detail.items() if k != "resolved"}
             if n.detail.get("resolved"):

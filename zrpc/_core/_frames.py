@@ -84,6 +84,9 @@ H_TRACE = "trace_id"
 H_RESENT = "resent"  # the client re-sent it after losing its broker: it may have run already
 H_PROBE = "probe"  # broker -> worker: answer from your reply cache only, never run it
 H_EPOCH = "epoch"  # broker -> worker (--elect): the sender's epoch; an older one is refused
+H_CALLER = "caller"  # broker -> worker: the caller's CURVE public key (Z85), when keys are on
+H_HEDGE = "hedge_after_ms"  # client -> broker: run a second copy elsewhere if no reply by then
+H_REDUNDANT = "redundant"  # client -> broker: run on this many workers, compare the replies
 
 
 @dataclass(frozen=True, slots=True)

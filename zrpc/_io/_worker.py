@@ -109,6 +109,20 @@ def _describe(exc: BaseException) -> str:
         return f"<unprintable {type(exc).__name__} object>"
 
 
+PREFORK_ENV = "ZRPC_PREFORK"
+"""Set by `zrpc worker --processes N` in each process it forks: `INDEX:RESTARTS` (which of the N,
+and how often it was restarted), said in READY so the brokers can tell of restarts."""
+
+
+def _ready_info() -> dict[str, Any]:
+    """What READY tells the brokers of this process: host, pid, and its place in a prefork set."""
+    info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
+    index, _, restarts = os.environ.get(PREFORK_ENV, "").partition(":")
+    if index.isdigit() and restarts.isdigit():
+        info["prefork"], info["restarts"] = int(index), int(restarts)
+    return info
+
+
 class Worker:
     """Serves one or more services to the brokers; `run()` blocks until stopped (SIGTERM
     drains in-flight calls first, a second signal stops at once).
@@ -175,7 +189,7 @@ class Worker:
         self._errors = InternalErrors(log, "worker")
         self._core = WorkerCore(
             clock, self.services, self.brokers, name=self.name, concurrency=concurrency,
-            prefetch=prefetch, weight=weight, info={"host": socket.gethostname(), "pid": os.getpid()},
+            prefetch=prefetch, weight=weight, info=_ready_info(),
             heartbeat_interval=heartbeat_interval, liveness=liveness, drain_timeout=drain_timeout,
             internal_errors=lambda: self._errors.count, split=self.cluster is not None)
         # other threads hand the loop their stops, results and failures; it alone feeds the core
