@@ -1,9 +1,12 @@
-"""The tables of the sections after the main one (scaling, queue depth, memory), as rich Tables."""
+"""The tables of the sections after the main one (scaling, queue depth, memory, knobs, cluster),
+as rich Tables."""
 
 from __future__ import annotations
 
+from _cluster import WORKERS, ClusterRow
 from _knobs import KnobRow
 from _sections import SYSTEM_LABELS, WINDOW, Depth, Memory, Point
+from _systems import WORKLOADS
 from rich import box
 from rich.table import Table
 
@@ -79,4 +82,30 @@ def knobs_table(rows: list[KnobRow], box_style: box.Box) -> Table:
         ref = base.get(1 if k.knob.window == 1 else k.knob.window)
         t.add_row(k.knob.label, fmt(r.calls_s), fmt(r.calls_s / ref, 2) if ref else "—", fmt(r.p50_us),
                   fmt(r.p99_us), *cpu_cells([r.cpu_role(role) for role in ("client", "broker", "server")]))
+    return t
+
+
+def cluster_table(rows: list[ClusterRow], box_style: box.Box) -> Table:
+    base = {r.row.workload: r.row.calls_s for r in rows if r.brokers == 1}
+    t = Table(title=f"cluster mode, add(1, 2): one client, {WORKERS} workers, 1 to 3 member brokers of one etcd; "
+                    "CPU µs per call of each process; each broker's % of the calls", box=box_style)
+    t.add_column("brokers", justify="right")
+    t.add_column("calls")
+    for name in ("calls/s", "÷ 1 broker", "p50 µs", "p99 µs", "client µs", "brokers µs", "per broker µs",
+                 "workers µs", "etcd µs", "total µs", "split"):
+        t.add_column(name, justify="right")
+    last = None
+    for c in rows:
+        if last is not None and c.brokers != last:
+            t.add_section()
+        last = c.brokers
+        r = c.row
+        ref = base.get(r.workload)
+        each = "/".join(fmt(r.cpu_us.get(b)) for b in c.names)
+        split = "/".join(f"{100 * s:.0f}" for s in c.share().values()) + " %" if c.share() else "—"
+        how = "sequential" if WORKLOADS[r.workload].window == 1 else f"{WORKLOADS[r.workload].window:,} in flight"
+        t.add_row(str(c.brokers), how, fmt(r.calls_s),
+                  fmt(r.calls_s / ref, 2) if ref else "—", fmt(r.p50_us), fmt(r.p99_us),
+                  fmt(r.cpu_role("client"), 1), fmt(r.cpu_role("broker"), 1), each,
+                  fmt(r.cpu_role("server"), 1), fmt(r.cpu_role("etcd"), 1), fmt(sum(r.cpu_us.values()), 1), split)
     return t
