@@ -247,3 +247,31 @@ def test_a_broker_without_the_service_is_skipped_for_it_a_while():
     clock.advance(1.1)
     again = {s.submit(s.table.prepare("only", "x", (), {}, F()))[0].broker for _ in range(60)}
     assert t.broker in again
+
+
+def test_a_call_that_never_found_a_broker_says_so_in_its_timeout():
+    import pytest
+
+    from zrpc._core._session import settle
+    from zrpc._errors import Timeout
+
+    class Fut:
+        def __init__(self) -> None:
+            self.exc: BaseException | None = None
+
+        def done(self) -> bool:
+            return self.exc is not None
+
+        def set_exception(self, exc: BaseException) -> None:
+            self.exc = exc
+
+    s, clock = make(0)
+    fut = Fut()
+    call = s.table.prepare("calc", "add", (), {}, fut, timeout=0.5)
+    s.submit(call)
+    clock.advance(0.6)
+    (e,) = [o for o in s.tick() if isinstance(o, Expired)]
+    settle(e)
+    assert isinstance(fut.exc, Timeout) and "no broker of the cluster is known" in str(fut.exc)
+    with pytest.raises(Timeout):
+        raise fut.exc

@@ -19,7 +19,7 @@ from zrpc._core._frames import CLIENT, H_RESENT, ClientReply, Heartbeat, Message
 from zrpc._core._liveness import LivenessTracker
 from zrpc._core._malformed import Malformed
 from zrpc._defaults import HEARTBEAT_INTERVAL, LIVENESS
-from zrpc._errors import ProtocolError, Unauthorized
+from zrpc._errors import ProtocolError, Timeout, Unauthorized
 
 UNSERVED_MEMORY = 1.0
 """Seconds a spread client skips a broker, for one service, after it answered that no worker
@@ -42,6 +42,7 @@ class Completed:
 @dataclass(frozen=True, slots=True)
 class Expired:
     call: PendingCall
+    why: str = ""  # said in the Timeout when the deadline passed for a known reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +85,10 @@ def settle(o: Output) -> None:
     if type(o) is Completed:
         o.call.resolve(o.status, o.body)
     elif type(o) is Expired:
-        o.call.timed_out()
+        if o.why:
+            o.call.fail(Timeout(f"{o.call.service}.{o.call.method}: no reply before the deadline ({o.why})"))
+        else:
+            o.call.timed_out()
     elif type(o) is Refused:
         o.call.fail(Unauthorized(o.reason))
 
@@ -267,8 +271,9 @@ class Session:
         if self.liveness.beat():
             out.extend(Transmit(b, self._heartbeat) for b in range(self.brokers) if not self.gone[b])
         for c in self.table.expired():
+            waited = self.spread and c.broker < 0 and any(p is c for p in self._parked)
             self._unload(c)
-            out.append(Expired(c))
+            out.append(Expired(c, self._no_broker() if waited else ""))
         if self._parked:  # waiting for a broker: one may have joined or come back
             self._parked = deque(c for c in self._parked if c.request_id in self.table.pending)
             out.extend(self._unpark())
@@ -397,6 +402,12 @@ class Session:
         if not any(self._usable(b) and b not in tried for b in range(self.brokers)):
             return None
         return self._place(call, avoid=broker)
+
+    def _no_broker(self) -> str:
+        """Why a parked call found no broker, for its Timeout."""
+        if not self.brokers or all(self.gone):
+            return "no broker of the cluster is known: none registered, or etcd unreachable"
+        return "no broker of the cluster was usable: every one silent, refused or passive"
 
     def _unpark(self) -> list[Output]:
         out: list[Output] = []
