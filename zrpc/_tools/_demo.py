@@ -9,6 +9,10 @@ The demo supervises its brokers as `zrpc pair` does, but hides nothing: a proces
 kill on purpose that dies, a broker it had to restart, an internal error or a traceback in any
 child's log, and a charge ledger that was never written all show in the summary and make the
 demo exit non-zero (the children's logs are then kept for reading).
+
+`Story` is what every story shares (narration, the children and their supervision, the load and
+its ledger, the summary and its verdict); `Demo` is the pair's story, and
+zrpc._tools._demo_cluster tells the cluster's (`zrpc demo --cluster`) with the same parts.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +86,9 @@ def read_ledger(path: Path, charged: set[str], charges: int) -> collections.Coun
 class Load:
     """Client threads calling calc.add (idempotent) and calc.charge (not) without pause."""
 
-    def __init__(self, brokers: list[str], ledger: Path) -> None:
-        self.client = Client(brokers, timeout=10)
+    def __init__(self, brokers: list[str] | None, ledger: Path, cluster: str | None = None) -> None:
+        """Calls go to `brokers`, or to the members of the cluster whose etcd is at `cluster`."""
+        self.client = Client(brokers, timeout=10, cluster=cluster)
         self.ledger = ledger
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -143,6 +149,11 @@ class Load:
             times = [since, *sorted(t for t in self.done if t >= since)]
         return max((b - a for a, b in zip(times, times[1:])), default=0.0)
 
+    def slowest(self, since: float) -> float:
+        """The longest a call that completed after `since` took (seconds)."""
+        with self.lock:
+            return max((lat for t, lat in self.latencies if t >= since), default=0.0)
+
     def close(self) -> None:
         self.stop.set()
         for t in self.threads:
@@ -155,15 +166,26 @@ class Load:
         return read_ledger(self.ledger, charged, self.charges)
 
 
-class Demo:
+class StepFailed(Exception):
+    """A step of a story did not happen (a broker never joined, etcd never came up): the story
+    stops there, says why in one line, and keeps the children's logs."""
+
+
+class Story:
+    """What every story shares: narration, the children (started, watched, a crashed broker
+    restarted and counted), the load and its ledger, and the summary with its verdict.
+
+    A story lists its brokers' frontends (`eps`), says how a broker starts (`start_broker`,
+    kept in `brokers`) and how a worker finds them (`worker_args`), and tells itself in `run`,
+    which returns `finish(...)`."""
+
     def __init__(self, plain: bool) -> None:
         self.plain = plain
         self.step = "starting"
         self.log: collections.deque[str] = collections.deque(maxlen=8)
         self.tmp = Path(tempfile.mkdtemp(prefix="zrpc-demo-"))
         self.procs = Processes(log_dir=self.tmp / "logs")
-        self.ports, self.default_ports = _ports()
-        self.eps = [f"tcp://{D.LOCAL_HOST}:{p}" for p in self.ports.frontend]
+        self.eps: list[str] = []  # the brokers' frontends
         self.ledger = self.tmp / "ledger.txt"
         self.unplanned: list[str] = []  # children that died without the demo killing them
         self.restarts: collections.Counter[str] = collections.Counter()  # role -> unplanned restarts
@@ -175,6 +197,27 @@ class Demo:
         self.load: Load | None = None
         self.started = time.monotonic()
         self._printed = 0
+
+    # --- what a story says about itself ----------------------------------------------------
+
+    def start_broker(self, role: str) -> None:
+        """Starts (again) the broker named `role`, with `--restarts N` after unplanned deaths."""
+        raise NotImplementedError
+
+    def worker_args(self) -> list[str]:
+        """How a worker finds the brokers."""
+        raise NotImplementedError
+
+    def run(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __rich__(self) -> Any:
+        """The live view (rich renders it four times a second while the story runs)."""
+        raise NotImplementedError
+
+    def where(self, ev: dict[str, Any]) -> str:
+        """Which broker an alert came from, as the story names it."""
+        return f"[{ev['role']}/{ev['broker_state']}]"
 
     # --- narration -----------------------------------------------------------------------
 
@@ -192,7 +235,7 @@ class Demo:
             if ev.get("name") == "worker_joined":
                 continue
             out.append(f"{ev['severity']:8} {ev['name']:18} {ev['state']:8} {ev['subject']} "
-                       f"[{ev['role']}/{ev['broker_state']}]")
+                       f"{self.where(ev)}")
         return out
 
     def print_new_alerts(self) -> None:
@@ -202,39 +245,22 @@ class Demo:
             for line in lines:
                 click.echo(f"         alert: {line}")
 
-    def __rich__(self) -> Any:
-        """The live view, built from the active broker's metrics events (no extra calls)."""
-        from rich.console import Group
+    def alerts_table(self) -> Any:
+        """The last alerts, coloured by what they say (for the live view)."""
+        from rich.markup import escape
         from rich.table import Table
 
-        rate, p50, p99 = self.load.rate() if self.load else (0.0, None, None)
-        m = (self.feed.latest_metrics() if self.feed else None) or {}
-        head = Table.grid(padding=(0, 2))
-        head.add_row(f"[bold]{self.step}[/]")
-        head.add_row(f"calls/s [bold]{rate:,.0f}[/]   p50 {p50 or 0:.1f} ms   p99 {p99 or 0:.1f} ms   "
-                     f"active broker: [bold]{m.get('role', '-')}[/]   "
-                     f"ok {self.load.ok if self.load else 0}   failed {self.load.failed if self.load else 0}")
-        workers = Table(title="workers (as the active broker sees them)", title_justify="left")
-        for col in ("worker", "outstanding", "ewma ms", "phi"):
-            workers.add_column(col, justify="left" if col == "worker" else "right")
-        for name, w in sorted(m.get("workers", {}).items()):
-            workers.add_row(name, str(w["outstanding"]), f"{w['ewma_ms']:.2f}", f"{w['phi']:.1f}")
         alerts = Table(title="alerts", title_justify="left", show_header=False)
         alerts.add_column("alert")
         for line in (self.alerts_line(0)[-8:] if self.feed else []):
             style = "green" if " resolved " in line else ("red" if line.startswith("critical") else "yellow")
-            alerts.add_row(f"[{style}]{line}[/]")
-        return Group(head, workers, alerts)
+            alerts.add_row(f"[{style}]{escape(line)}[/]")  # escaped: `[b1]` is no markup
+        return alerts
 
-    # --- the story -----------------------------------------------------------------------
-
-    def start_broker(self, role: str) -> None:
-        restarts = ["--restarts", str(self.restarts[role])] if self.restarts[role] else []
-        self.brokers[role] = self.procs.zrpc("broker", *broker_args(role, D.LOCAL_HOST, self.ports),
-                                             "--log-level", "error", *restarts, name=role)
+    # --- the children ----------------------------------------------------------------------
 
     def start_worker(self) -> Any:
-        w = self.procs.zrpc("worker", DEMO_SERVICE, "--brokers", ",".join(self.eps),
+        w = self.procs.zrpc("worker", DEMO_SERVICE, *self.worker_args(),
                             "--log-level", "error", env={"ZRPC_LEDGER": str(self.ledger)},
                             name=f"worker{len(self.workers) + 1}")
         self.workers.append(w)
@@ -287,6 +313,127 @@ class Demo:
             self.watch()
             self.print_new_alerts()
             time.sleep(0.1)  # noqa: sleep (the story's pacing)
+
+    # --- the summary -------------------------------------------------------------------------
+
+    def finish(self, told: dict[str, Any], problems: Sequence[str] = ()) -> dict[str, Any]:
+        """Stops the load and sums the story up: the calls and the ledger, then what the story
+        measured (`told`), then what would make it fail; `problems` are the story's own."""
+        assert self.load is not None and self.feed is not None
+        self.say("stopping the load")
+        self.load.close()
+        self.watch()
+        internal = self.internal_errors()
+        self.print_new_alerts()
+        counts = collections.Counter(f"{e['name']} {e['state']}" for _, e in self.feed.alerts()
+                                     if e["name"] != "worker_joined")
+        try:
+            runs = self.load.ledger_runs()
+            ledger: str | None = None
+        except LedgerError as exc:
+            runs, ledger = collections.Counter(), str(exc)
+        return {
+            "calls made": self.load.ok + self.load.failed + self.load.unknown,
+            "calls failed": self.load.failed,
+            "non-idempotent calls": self.load.charges,
+            "state unknown (not idempotent, reported)": self.load.unknown,
+            "ledger entries": sum(runs.values()),
+            "double executions": sum(n - 1 for n in runs.values() if n > 1),
+            **told,
+            "alerts seen": ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "none",
+            "unplanned exits": ", ".join(self.unplanned) or "none",
+            "broker restarts": sum(self.restarts.values()),
+            "internal errors": internal,
+            "errors": dict(self.load.errors),
+            "problems": ([ledger] if ledger else []) + list(problems) + self.log_problems(),
+        }
+
+    def internal_errors(self) -> int:
+        """Internal errors the brokers and workers counted, over every broker process that ran
+        (a broker's counters start again at 0 when it restarts: the metrics history keeps them)."""
+        assert self.feed is not None
+        total, last = 0, dict[Any, int]()
+        events = [e for _, topic, e in list(self.feed.events) if topic == "metrics"]
+        for ev in events:
+            n = int((ev.get("counters") or {}).get("internal_errors", 0) or 0)
+            prev = last.get(ev.get("broker"), 0)
+            if n < prev:  # a restarted broker
+                total += prev
+            last[ev.get("broker")] = n
+        total += sum(last.values())
+        statuses = [st for st in (_status(ep) for ep in self.eps) if st]
+        latest = sum(int(st.get("counters", {}).get("internal_errors", 0) or 0) for st in statuses)
+        workers: dict[str, int] = {}  # a worker's own count, from the alerts brokers raise on it
+        for _, ev in self.feed.alerts("internal_error"):
+            detail = ev.get("detail") or {}
+            if "worker" in detail and isinstance(detail.get("count"), int):
+                workers[str(detail["worker"])] = max(workers.get(str(detail["worker"]), 0), detail["count"])
+        return max(total, latest) + sum(workers.values())
+
+    def log_problems(self) -> list[str]:
+        """Tracebacks and internal errors in any child's log (they log errors only)."""
+        out = []
+        for log in sorted((self.tmp / "logs").glob("*.log")):
+            hits = [line for _, mark, line in marked_lines(log) if mark in (TRACEBACK, INTERNAL_ERROR)]
+            if hits:
+                out.append(f"{log.stem}: {len(hits)} line(s) with a traceback or an internal error, "
+                           f"first: {hits[0].strip()[:200]}")
+        return out
+
+    def after_children(self) -> None:
+        """What to stop once the children have stopped (what they needed while stopping)."""
+
+    def close(self) -> None:
+        if self.load is not None and not self.load.stop.is_set():
+            self.load.close()
+        if self.feed is not None:
+            self.feed.close()
+        try:
+            self.procs.close(grace=3.0)
+        finally:
+            self.after_children()
+        if self.keep_logs:
+            click.echo(f"demo: the children's logs are kept in {self.tmp / 'logs'}", err=True)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class Demo(Story):
+    """The pair's story: a hung worker, dead workers, a dead primary, and their return."""
+
+    def __init__(self, plain: bool) -> None:
+        super().__init__(plain)
+        self.ports, self.default_ports = _ports()
+        self.eps = [f"tcp://{D.LOCAL_HOST}:{p}" for p in self.ports.frontend]
+
+    def __rich__(self) -> Any:
+        """The live view, built from the active broker's metrics events (no extra calls)."""
+        from rich.console import Group
+        from rich.table import Table
+
+        rate, p50, p99 = self.load.rate() if self.load else (0.0, None, None)
+        m = (self.feed.latest_metrics() if self.feed else None) or {}
+        head = Table.grid(padding=(0, 2))
+        head.add_row(f"[bold]{self.step}[/]")
+        head.add_row(f"calls/s [bold]{rate:,.0f}[/]   p50 {p50 or 0:.1f} ms   p99 {p99 or 0:.1f} ms   "
+                     f"active broker: [bold]{m.get('role', '-')}[/]   "
+                     f"ok {self.load.ok if self.load else 0}   failed {self.load.failed if self.load else 0}")
+        workers = Table(title="workers (as the active broker sees them)", title_justify="left")
+        for col in ("worker", "outstanding", "ewma ms", "phi"):
+            workers.add_column(col, justify="left" if col == "worker" else "right")
+        for name, w in sorted(m.get("workers", {}).items()):
+            workers.add_row(name, str(w["outstanding"]), f"{w['ewma_ms']:.2f}", f"{w['phi']:.1f}")
+        return Group(head, workers, self.alerts_table())
+
+    # --- the story -----------------------------------------------------------------------
+
+    def start_broker(self, role: str) -> None:
+        restarts = ["--restarts", str(self.restarts[role])] if self.restarts[role] else []
+        self.brokers[role] = self.procs.zrpc("broker", *broker_args(role, D.LOCAL_HOST, self.ports),
+                                             "--log-level", "error", *restarts, name=role)
+
+    def worker_args(self) -> list[str]:
+        return ["--brokers", ",".join(self.eps)]
 
     def run(self) -> dict[str, Any]:
         where = "the local pair" if self.default_ports else "free ports (the local pair's are in use)"
@@ -345,83 +492,21 @@ class Demo:
         self.wait_alert("failover", "resolved", timeout=10)
         self.pause(2)
 
-        self.say("stopping the load")
-        self.load.close()
-        self.watch()
-        internal = self.internal_errors()
-        self.print_new_alerts()
-        counts = collections.Counter(f"{e['name']} {e['state']}" for _, e in self.feed.alerts()
-                                     if e["name"] != "worker_joined")
-        try:
-            runs = self.load.ledger_runs()
-            ledger: str | None = None
-        except LedgerError as exc:
-            runs, ledger = collections.Counter(), str(exc)
-        return {
-            "calls made": self.load.ok + self.load.failed + self.load.unknown,
-            "calls failed": self.load.failed,
-            "non-idempotent calls": self.load.charges,
-            "state unknown (not idempotent, reported)": self.load.unknown,
-            "ledger entries": sum(runs.values()),
-            "double executions": sum(n - 1 for n in runs.values() if n > 1),
-            "longest gap at failover": f"{gap * 1000:.0f} ms",
-            "alerts seen": ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "none",
-            "unplanned exits": ", ".join(self.unplanned) or "none",
-            "broker restarts": sum(self.restarts.values()),
-            "internal errors": internal,
-            "errors": dict(self.load.errors),
-            "problems": ([ledger] if ledger else []) + self.log_problems(),
-        }
-
-    def internal_errors(self) -> int:
-        """Internal errors the brokers and workers counted, over every broker process that ran
-        (a broker's counters start again at 0 when it restarts: the metrics history keeps them)."""
-        assert self.feed is not None
-        total, last = 0, dict[Any, int]()
-        events = [e for _, topic, e in list(self.feed.events) if topic == "metrics"]
-        for ev in events:
-            n = int((ev.get("counters") or {}).get("internal_errors", 0) or 0)
-            prev = last.get(ev.get("broker"), 0)
-            if n < prev:  # a restarted broker
-                total += prev
-            last[ev.get("broker")] = n
-        total += sum(last.values())
-        statuses = [st for st in (_status(ep) for ep in self.eps) if st]
-        latest = sum(int(st.get("counters", {}).get("internal_errors", 0) or 0) for st in statuses)
-        workers: dict[str, int] = {}  # a worker's own count, from the alerts brokers raise on it
-        for _, ev in self.feed.alerts("internal_error"):
-            detail = ev.get("detail") or {}
-            if "worker" in detail and isinstance(detail.get("count"), int):
-                workers[str(detail["worker"])] = max(workers.get(str(detail["worker"]), 0), detail["count"])
-        return max(total, latest) + sum(workers.values())
-
-    def log_problems(self) -> list[str]:
-        """Tracebacks and internal errors in any child's log (they log errors only)."""
-        out = []
-        for log in sorted((self.tmp / "logs").glob("*.log")):
-            hits = [line for _, mark, line in marked_lines(log) if mark in (TRACEBACK, INTERNAL_ERROR)]
-            if hits:
-                out.append(f"{log.stem}: {len(hits)} line(s) with a traceback or an internal error, "
-                           f"first: {hits[0].strip()[:200]}")
-        return out
-
-    def close(self) -> None:
-        if self.load is not None and not self.load.stop.is_set():
-            self.load.close()
-        if self.feed is not None:
-            self.feed.close()
-        self.procs.close(grace=3.0)
-        if self.keep_logs:
-            click.echo(f"demo: the children's logs are kept in {self.tmp / 'logs'}", err=True)
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        return self.finish({"longest gap at failover": f"{gap * 1000:.0f} ms"})
 
 
 def run_demo(plain: bool = False) -> int:
+    """The pair's story (`zrpc demo`)."""
+    return run_story(Demo, plain)
+
+
+def run_story(story: Callable[[bool], Story], plain: bool = False) -> int:
+    """Tells `story` live (or as plain lines off a terminal), prints its summary, and exits
+    non-zero when it did not run as promised (its children's logs are then kept)."""
     import sys
 
     plain = plain or not sys.stdout.isatty()  # a live view needs a terminal; logs get lines
-    demo = Demo(plain)
+    demo = story(plain)
     summary: dict[str, Any] = {}
     interrupted = False
     try:
@@ -436,6 +521,11 @@ def run_demo(plain: bool = False) -> int:
         interrupted = True
         click.echo("demo: interrupted; stopping everything", err=True)
         return 130
+    except StepFailed as exc:
+        click.echo(f"demo: FAILED: {exc}", err=True)
+        for problem in [f"unplanned exit: {u}" for u in demo.unplanned] + demo.log_problems():
+            click.echo(f"demo: PROBLEM: {problem}", err=True)
+        return 1
     finally:
         ok = clean(summary)
         demo.keep_logs = not ok and not interrupted  # a failed run leaves its evidence
