@@ -13,6 +13,7 @@ import click
 from zrpc import _defaults as D
 from zrpc._core._config import MAX_WORKER_BROKERS
 from zrpc._core._service import Service
+from zrpc._tools._prefork import DEFAULT_PROCESSES, MAX_PROCESSES, Prefork
 from zrpc._tools.cli._options import (
     brokers_option,
     brokers_or_cluster,
@@ -89,16 +90,25 @@ def _where(exc: BaseException) -> str:
               help="Silent intervals after which a broker is presumed dead and reconnected.")
 @click.option("--send-tracebacks/--no-send-tracebacks", default=None,
               help="Send handlers' tracebacks to clients (default: only when every broker is on loopback).")
+@click.option("--processes", type=click.IntRange(1, MAX_PROCESSES), default=DEFAULT_PROCESSES,
+              show_default=True,
+              help="Worker processes, forked from this one once the services are imported (each with "
+                   "its own --concurrency threads and --prefetch), supervised: one that dies is "
+                   "restarted with backoff, and SIGTERM drains them all.")
 @curve_client_options
 @log_option
 def command(services: tuple[str, ...], brokers: str | None, cluster: str | None, cluster_name: str,
             concurrency: int, prefetch: int, weight: float,
-            heartbeat_interval: float, liveness: int, send_tracebacks: bool | None,
+            heartbeat_interval: float, liveness: int, send_tracebacks: bool | None, processes: int,
             curve_server_key: str | None, curve_secret: str | None, log_level: str) -> None:
     """Serve the services defined in MODULE (e.g. `zrpc worker examples.calc:calc`).
 
     With --cluster, it serves every broker registered in the cluster's etcd, follows them as
     they join and leave, and announces to each a share of its capacity.
+
+    With --processes N, the services are imported once and N worker processes are forked
+    from this one before any socket or thread exists; this process supervises them (a process
+    that dies is restarted with backoff, and each restart is printed and told to the brokers).
 
     SIGTERM or Ctrl-C finishes the calls in flight, then leaves; a second one stops at once.
     """
@@ -106,10 +116,20 @@ def command(services: tuple[str, ...], brokers: str | None, cluster: str | None,
 
     setup_logging(log_level)
     eps, url = brokers_or_cluster(brokers, cluster, MAX_WORKER_BROKERS)
-    w = Worker(load_services(services), eps or None, cluster=url, cluster_name=cluster_name,
-               concurrency=concurrency,
-               prefetch=prefetch, weight=weight, heartbeat_interval=heartbeat_interval, liveness=liveness,
-               send_tracebacks=send_tracebacks, curve_server_key=curve_server_key,
-               curve_secret=curve_secret)
+    svcs = load_services(services)
+
+    def make() -> Worker:
+        return Worker(svcs, eps or None, cluster=url, cluster_name=cluster_name,
+                      concurrency=concurrency,
+                      prefetch=prefetch, weight=weight, heartbeat_interval=heartbeat_interval,
+                      liveness=liveness, send_tracebacks=send_tracebacks,
+                      curve_server_key=curve_server_key, curve_secret=curve_secret)
+
+    if processes > 1:  # the Worker is built in each forked process, never here
+        code = Prefork(processes, make).run(on_ready=serving)
+        if code:
+            click.get_current_context().exit(code)
+        return
+    w = make()
     serving()
     w.run()
