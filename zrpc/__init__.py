@@ -3,6 +3,7 @@
 Everything in __all__ is the public API; the underscored modules are internal.
 """
 
+from zrpc._core._context import CallContext, Middleware, current_call
 from zrpc._core._service import Service
 from zrpc._errors import (
     CallStateUnknown,
@@ -23,9 +24,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
+    "CallContext",
     "CallStateUnknown",
     "Client",
     "MethodNotFound",
+    "Middleware",
     "Overloaded",
     "ProtocolError",
     "RemoteError",
@@ -35,8 +38,11 @@ __all__ = [
     "Unauthorized",
     "Worker",
     "ZrpcError",
+    "current_call",
 ]
 
 for _name in __all__:
     globals()[_name].__module__ = "zrpc"
 del _name
+
+from zrpc import middleware as middleware  # noqa: E402 - zrpc.middleware.Timing after `import zrpc`

@@ -1,10 +1,21 @@
+import types
+
 import zrpc
 
 
 def test_all_is_sorted_and_complete():
-    public = sorted(n for n in dir(zrpc) if not n.startswith("_") and n[0].isupper())
+    """Every public name is in __all__ (submodules such as zrpc.middleware are not names)."""
+    public = sorted(n for n in dir(zrpc)
+                    if not n.startswith("_") and not isinstance(getattr(zrpc, n), types.ModuleType))
     assert list(zrpc.__all__) == sorted(zrpc.__all__)
     assert public == list(zrpc.__all__)
+
+
+def test_the_call_context_and_middleware_are_public():
+    assert {"current_call", "CallContext", "Middleware"} <= set(zrpc.__all__)
+    assert zrpc.current_call() is None  # outside a handler
+    assert zrpc.current_call.__module__ == "zrpc" and zrpc.CallContext.__module__ == "zrpc"
+    assert issubclass(zrpc.middleware.Timing, zrpc.Middleware)
 
 
 def test_errors_share_one_base():

@@ -67,3 +67,30 @@ def test_a_worker_beyond_the_protocols_limits_is_refused_at_once():
     with pytest.raises(ValueError, match="at most 100 services"):
         zrpc.Worker(services, brokers="tcp://127.0.0.1:1")
     zrpc.Worker(services[:100], brokers="tcp://127.0.0.1:1")  # the limit itself is fine
+
+
+KEY = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # a Z85 public key (the zguide's example)
+
+
+def test_allow_keeps_the_caller_keys_and_ready_does_not_carry_them():
+    svc = zrpc.Service("svc")
+    svc.method(lambda: 1, name="a", allow=[KEY])
+    svc.method(lambda: 1, name="b", allow=KEY)  # one key on its own will do
+    svc.method(lambda: 1, name="c")
+    assert svc.get("a").allow == svc.get("b").allow == frozenset({KEY})
+    assert svc.get("c").allow is None
+    assert svc.spec() == {"a": True, "b": True, "c": True}
+
+
+@pytest.mark.parametrize("allow, match", [
+    ([], "names no caller"),
+    (["short"], "is not a CURVE public key"),
+    ([KEY[:-1] + " "], "is not a CURVE public key"),
+    ([KEY.encode()], "is not a CURVE public key"),
+    ([KEY, None], "is not a CURVE public key"),
+])
+def test_allow_refuses_what_is_not_a_list_of_keys_at_decoration(allow, match):
+    svc = zrpc.Service("svc")
+    with pytest.raises(ValueError, match=match):
+        svc.method(lambda: 1, name="a", allow=allow)
+    assert svc.get("a") is None

@@ -830,3 +830,52 @@ def test_a_leaving_worker_tells_a_new_broker_it_is_leaving():
     h.core.handle(StopRequested(drain=True))
     _, out = h.core.add_broker("tcp://b1")
     assert readies(out) == {} and any(isinstance(m, Disconnect) for m in sent(out, 1))
+
+
+# --- per-method authorization (rule 12) -----------------------------------------------------
+
+ADMIN = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # Z85 public keys (the zguide's examples)
+OTHER = "Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID"
+
+guarded = zrpc.Service("w")
+guarded.method(name="add")(add)
+guarded.method(name="reset", allow=[ADMIN])(add)
+guarded.method(name="areset", allow=[ADMIN])(aadd)
+
+
+def test_an_allowed_caller_s_call_runs_and_says_who_called() -> None:
+    h = Harness(service=guarded)
+    (run,) = runs(h.request(1, "reset", caller=ADMIN))
+    assert run.context(h.clock).caller == ADMIN
+    assert statuses(h.finish(run)) == [Status.OK] and h.core.unauthorized == 0
+
+
+@pytest.mark.parametrize("caller, why", [
+    (OTHER, f"caller {OTHER} is not among the keys it allows"),
+    (None, "the broker named no caller (it runs without CURVE keys)"),
+    (["not", "a", "key"], "the broker named no caller"),  # a header of the wrong type names nobody
+])
+def test_another_caller_or_none_is_answered_unauthorized_never_run(caller: Any, why: str) -> None:
+    h = Harness(service=guarded)
+    headers = {} if caller is None else {"caller": caller}
+    for method in ("reset", "areset"):  # sync and async alike
+        out = h.request(1 if method == "reset" else 2, method, **headers)
+        assert runs(out) == [] and statuses(out) == [Status.UNAUTHORIZED]
+        err = unpack_error(replies(out)[0][1].body)
+        assert err["type"] == "Unauthorized" and f"w.{method} refused this call" in err["message"]
+        assert why in err["message"]
+    assert (h.core.unauthorized, h.core.calls, h.core.inflight) == (2, 0, 0)
+
+
+def test_a_refused_call_is_never_cached_a_probe_finds_it_never_ran() -> None:
+    h = Harness(service=guarded)
+    assert statuses(h.request(1, "reset", caller=OTHER)) == [Status.UNAUTHORIZED]
+    assert statuses(h.probe(1, "reset")) == [Status.NOT_SEEN]
+    assert len(h.core.cache) == 0
+
+
+def test_a_method_without_allow_takes_every_caller() -> None:
+    h = Harness(service=guarded)
+    assert len(runs(h.request(1, "add"))) == 1
+    assert len(runs(h.request(2, "add", caller=OTHER))) == 1
+    assert h.core.unauthorized == 0

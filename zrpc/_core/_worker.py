@@ -46,6 +46,10 @@ Rules (docs/protocol.md sections 8 and 10):
     `concurrency + prefetch`, split evenly over the brokers in the set (at least 1 each): the
     worker is never promised twice over. When the set changes, every open link is told its new
     share (READY again: the broker keeps the calls it has here).
+12. A method declared `allow=[keys]` runs only for a caller the broker named (`caller`
+    header: its CURVE key) among those keys; any other call, or one naming no caller (a
+    broker without keys), is answered UNAUTHORIZED, never run and never cached, and counted
+    (`unauthorized`). A probe is answered as for any call (a refused call never ran here).
 """
 
 from __future__ import annotations
@@ -59,11 +63,15 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from zrpc._core._clock import Clock
+from zrpc._core._context import CallContext
 from zrpc._core._frames import (
+    H_ATTEMPT,
     H_BUDGET,
+    H_CALLER,
     H_EPOCH,
     H_IDEMPOTENT,
     H_PROBE,
+    H_TRACE,
     WORKER,
     Disconnect,
     Heartbeat,
@@ -195,6 +203,16 @@ class RunHandler:
     inline: bool = False
     deadline: float | None = None  # from the call's budget: past it, a waiting call never runs
 
+    def context(self, clock: Clock) -> CallContext:
+        """What `zrpc.current_call()` says while it runs (headers of the wrong type are left out)."""
+        req = self.request
+        h = req.headers
+        attempt, trace, caller = h.get(H_ATTEMPT), h.get(H_TRACE), h.get(H_CALLER)
+        return CallContext(req.service, req.method, req.request_id,
+                           attempt if type(attempt) is int else 0,
+                           trace if type(trace) is str else None, self.deadline,
+                           caller if type(caller) is str else None, "server", clock)
+
 
 @dataclass(frozen=True, slots=True)
 class Log:
@@ -305,6 +323,7 @@ class WorkerCore:
         self._leaving_since: float | None = None
         self.highest_epoch = 0  # rule 10
         self.epoch_refused = 0  # calls refused for an older epoch (rule 10)
+        self.unauthorized = 0  # calls refused by a method's allow= (rule 12)
 
     # --- state -----------------------------------------------------------------------------
 
@@ -517,6 +536,10 @@ class WorkerCore:
         if method is None:
             return [self._reply(link, req, Status.METHOD_NOT_FOUND,
                                 pack_error("MethodNotFound", f"no method {req.service}.{req.method} here"))]
+        if method.allow is not None:  # rule 12
+            caller = req.headers.get(H_CALLER)
+            if type(caller) is not str or caller not in method.allow:
+                return [self._unauthorized(link, req, caller)]
         if req.headers.get(H_BUDGET, 1) <= 0:
             return [self._reply(link, req, Status.TIMEOUT, pack_error("Timeout", "deadline passed"))]
         # the broker says whether it may retry the call; a method declared non-idempotent
@@ -537,6 +560,13 @@ class WorkerCore:
             return [call]
         self._waiting.append(call)
         return self._admit()
+
+    def _unauthorized(self, link: int, req: WorkerRequest, caller: Any) -> SendReply:
+        self.unauthorized += 1
+        who = (f"caller {caller[:40]} is not among the keys it allows" if type(caller) is str
+               else "the broker named no caller (it runs without CURVE keys)")
+        return self._reply(link, req, Status.UNAUTHORIZED, pack_error(
+            "Unauthorized", f"{req.service}.{req.method} refused this call: {who}"))
 
     def _admit(self) -> list[Action]:
         """Sync calls waiting for a thread, started while threads are free; one whose budget

@@ -4,14 +4,18 @@ Done-callbacks of asyncio futures are scheduled by the event loop, never run inl
 reader task, so a callback may call the client again. Sends never wait: pyzmq completes a
 non-blocking send at once, and a full pipe's zmq.Again is read off its future here rather than
 left for nobody to read.
+
+Called inside a handler, a call inherits what is left of the handler's deadline and its
+trace id, as with Client; async middleware hooks are awaited around each call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import zmq
@@ -20,10 +24,12 @@ import zmq.asyncio
 from zrpc._core._calls import PendingCall
 from zrpc._core._clock import Clock, monotonic, timeout_ms
 from zrpc._core._config import resolve_brokers, resolve_cluster
+from zrpc._core._context import CallContext, Chain, current_call, inherit
+from zrpc._core._frames import H_TRACE
 from zrpc._core._proxy import ServiceProxy
 from zrpc._core._session import Dropped, Output, Session, Transmit, settle
 from zrpc._defaults import CALL_TIMEOUT, CLUSTER_NAME, HEARTBEAT_INTERVAL, LIVENESS
-from zrpc._errors import ZrpcError
+from zrpc._errors import Timeout, ZrpcError
 from zrpc._io._client import _quietly, log_dropped
 from zrpc._io._follow import ClusterFollower, apply_changes
 from zrpc._io._internal import InternalErrors
@@ -43,7 +49,11 @@ log = logging.getLogger("zrpc.client")
 
 class AsyncClient:
     """`async with zrpc.AsyncClient() as c: await c.proxy("calc").add(1, 2)`; `cluster=` as
-    for Client (the cluster's brokers, followed through etcd, calls spread over them)."""
+    for Client (the cluster's brokers, followed through etcd, calls spread over them).
+
+    `middleware=` as for Client, and hooks may be `async def` (awaited). With middleware,
+    `future()` returns a task that runs the hooks and the call: it sends when the event loop
+    next runs, and is done once the `after` or `on_error` hooks ran."""
 
     def __init__(
         self,
@@ -60,7 +70,9 @@ class AsyncClient:
         max_message: int | None = None,
         cluster: str | None = None,
         cluster_name: str = CLUSTER_NAME,
+        middleware: Iterable[object] | None = None,
     ) -> None:
+        self._chain = Chain(middleware, log)
         self.cluster = resolve_cluster(brokers, cluster)
         self.brokers = [] if self.cluster else resolve_brokers(brokers)
         self.timeout = timeout
@@ -110,6 +122,11 @@ class AsyncClient:
         """Messages from brokers that could not be decoded (or made no sense), dropped."""
         return self._session.malformed.count
 
+    @property
+    def middleware_errors(self) -> int:
+        """Failures of middleware's `after` and `on_error` hooks (each logged; results stood)."""
+        return self._chain.errors
+
     async def close(self) -> None:
         """Fails the calls still pending and releases the sockets and the context. Idempotent;
         also after the reader task died."""
@@ -139,24 +156,70 @@ class AsyncClient:
 
     async def _invoke(self, service: str, method: str, args: tuple[Any, ...],
                       kwargs: dict[str, Any], **options: Any) -> Any:
-        return await self._submit(service, method, args, kwargs, **options)
+        if not self._chain:
+            return await self._submit(service, method, args, kwargs, **options)
+        fut, call = self._prepare(service, method, args, kwargs, options)
+        if call is None:
+            return await fut
+        chain = self._chain
+        ctx = CallContext(service, method, call.request_id, 0, call.headers.get(H_TRACE),
+                          call.deadline, None, "client", self._clock)
+        await chain.abefore(ctx)  # raises: the call fails with it, unsent
+        if self._closed:
+            closed = ZrpcError(self._dead or "client is closed")
+            await chain.aon_error(ctx, closed)
+            raise closed
+        self._send(call)
+        try:
+            result = await fut
+        except BaseException as exc:
+            await chain.aon_error(ctx, exc)
+            raise
+        await chain.aafter(ctx, result)
+        return result
 
     def _submit(self, service: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                 timeout: float | None = None, idempotent: bool | None = None,
-                trace_id: str | None = None) -> asyncio.Future[Any]:
+                trace_id: str | None = None, **options: Any) -> asyncio.Future[Any]:
+        options.update(timeout=timeout, idempotent=idempotent, trace_id=trace_id)
+        if self._chain:  # the hooks may be awaited: a task runs them and the call
+            if self._closed:
+                raise ZrpcError(self._dead or "client is closed")
+            return asyncio.get_running_loop().create_task(
+                self._invoke(service, method, args, kwargs, **options))
+        fut, call = self._prepare(service, method, args, kwargs, options)
+        if call is not None:
+            self._send(call)
+        return fut
+
+    def _prepare(self, service: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 options: dict[str, Any]) -> tuple[asyncio.Future[Any], PendingCall | None]:
+        """A call's future and the call to send (None: it failed at once: its outer call,
+        that of the handler it is made in, is past its deadline)."""
         if self._closed:
             raise ZrpcError(self._dead or "client is closed")
         loop = asyncio.get_running_loop()
-        if self._reader is None:
-            self._reader = loop.create_task(self._read())
+        if self._reader is None:  # in a context of its own: no handler's call is its
+            self._reader = loop.create_task(self._read(), context=contextvars.Context())
         fut = loop.create_future()
+        timeout, trace_id = options.pop("timeout", None), options.pop("trace_id", None)
+        outer = current_call()
+        if outer is not None:  # inside a handler: never outlive its call
+            try:
+                timeout, trace_id = inherit(self.timeout, timeout, trace_id, outer)
+            except Timeout as exc:
+                fut.set_exception(exc)
+                return fut, None
+        idempotent = options.pop("idempotent", None)
         call = self._session.table.prepare(service, method, args, kwargs, fut, timeout, idempotent,
-                                           trace_id)
+                                           trace_id, **options)
+        return fut, call
+
+    def _send(self, call: PendingCall) -> None:
         try:  # a plain try per call: free until something raises
             self._send_new(call)
         except Exception as exc:  # noqa: BLE001 - a bug costs this one call
             self._errors.record(exc, "a new call")
-        return fut
 
     def _send_new(self, call: PendingCall) -> None:
         try:

@@ -4,6 +4,9 @@ Caller threads encode their call and queue it; the I/O thread sends, matches rep
 request id and completes concurrent.futures.Future objects, so any number of calls from any
 number of threads share one socket. No user code ever runs on the I/O thread: done-callbacks
 of the futures it completes run on a callback thread of their own (see `CallFuture`).
+
+Called inside a handler, a call inherits what is left of the handler's deadline and its
+trace id (zrpc._core._context.inherit): a nested call never outlives the call it serves.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import queue
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import CancelledError, Future
 from typing import Any
 
 import zmq
@@ -22,6 +25,7 @@ import zmq
 from zrpc._core._calls import PendingCall
 from zrpc._core._clock import Clock, monotonic, timeout_ms
 from zrpc._core._config import resolve_brokers, resolve_cluster
+from zrpc._core._context import CallContext, Chain, current_call, inherit
 from zrpc._core._proxy import ServiceProxy
 from zrpc._core._session import Dropped, Output, Session, Transmit, settle
 from zrpc._defaults import CALL_TIMEOUT, CLUSTER_NAME, HEARTBEAT_INTERVAL, LIVENESS
@@ -113,6 +117,14 @@ class Client:
     `brokers` (or $ZRPC_BROKERS) names a pair or one broker; `cluster="etcd://H:P[,...]"` (or
     $ZRPC_CLUSTER) finds the brokers of a cluster through etcd instead, follows them as they
     join and leave, and spreads calls over them (DESIGN.md §9).
+
+    `middleware=[m, ...]` (zrpc.Middleware, or any object with `before(ctx)`, `after(ctx,
+    result)` or `on_error(ctx, exc)`; sync hooks only here) sees every call, its context of
+    kind "client": `before` hooks in this order before it is sent (one that raises fails the
+    call with its error, and nothing is sent), `after` or `on_error` in the reverse order once
+    it is done: before `call()` returns; for `future()`, on the client's callback thread just
+    after the future completes. A hook that raises there is logged and counted
+    (`middleware_errors`), and the result stands.
     """
 
     def __init__(
@@ -130,7 +142,11 @@ class Client:
         max_message: int | None = None,
         cluster: str | None = None,
         cluster_name: str = CLUSTER_NAME,
+        middleware: Iterable[object] | None = None,
     ) -> None:
+        chain = Chain(middleware, log)
+        chain.check_sync("a Client's calls (an AsyncClient awaits them)")
+        self._chain = chain
         self.cluster = resolve_cluster(brokers, cluster)
         self.brokers = [] if self.cluster else resolve_brokers(brokers)
         self.timeout = timeout
@@ -190,6 +206,11 @@ class Client:
         """Messages from brokers that could not be decoded (or made no sense), dropped."""
         return self._session.malformed.count
 
+    @property
+    def middleware_errors(self) -> int:
+        """Failures of middleware's `after` and `on_error` hooks (each logged; results stood)."""
+        return self._chain.errors
+
     def close(self) -> None:
         """Fails the calls still pending and releases the sockets and the context.
 
@@ -213,26 +234,80 @@ class Client:
 
     def _submit(self, service: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                 timeout: float | None = None, idempotent: bool | None = None,
-                trace_id: str | None = None) -> Future[Any]:
-        if self._closed.is_set():
-            raise ZrpcError(self._dead or "client is closed")
-        fut = CallFuture(self)
-        call = self._session.table.prepare(service, method, args, kwargs, fut, timeout, idempotent, trace_id)
-        with self._lock:
-            if self._closed.is_set():  # closed while we prepared: the loop may have drained
-                raise ZrpcError(self._dead or "client is closed")
-            self._outbox.append(call)
-        self._waker.wake()
+                trace_id: str | None = None, **options: Any) -> Future[Any]:
+        fut, ctx = self._start(service, method, args, kwargs, timeout, idempotent, trace_id, options)
+        if ctx is not None:  # registered first: the hooks see the result before other callbacks
+            fut.add_done_callback(lambda f: self._finished(ctx, f))
         return fut
 
     def _invoke(self, service: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                 **options: Any) -> Any:
-        fut = self._submit(service, method, args, kwargs, **options)
-        timeout = options.get("timeout") or self.timeout
+        given = options.pop("timeout", None)
+        fut, ctx = self._start(service, method, args, kwargs, given, options.pop("idempotent", None),
+                               options.pop("trace_id", None), options)
+        timeout = given or self.timeout
         try:
-            return fut.result(timeout=timeout + 5.0)  # the loop answers at the deadline
+            result = fut.result(timeout=timeout + 5.0)  # the loop answers at the deadline
         except TimeoutError:
-            raise Timeout(f"{service}.{method}: no reply within {timeout:g}s") from None
+            exc: BaseException = Timeout(f"{service}.{method}: no reply within {timeout:g}s")
+            if ctx is not None:
+                self._chain.on_error(ctx, exc)
+            raise exc from None
+        except BaseException as exc:
+            if ctx is not None:
+                self._chain.on_error(ctx, exc)
+            raise
+        if ctx is not None:
+            self._chain.after(ctx, result)
+        return result
+
+    def _start(self, service: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+               timeout: float | None, idempotent: bool | None, trace_id: str | None,
+               options: dict[str, Any]) -> tuple[Future[Any], CallContext | None]:
+        """Prepares and queues a call: its future, and its context when middleware must hear
+        how it ends (None: no middleware, or the call failed before it was sent)."""
+        if self._closed.is_set():
+            raise ZrpcError(self._dead or "client is closed")
+        fut = CallFuture(self)
+        outer = current_call()
+        if outer is not None:  # inside a handler: never outlive its call
+            try:
+                timeout, trace_id = inherit(self.timeout, timeout, trace_id, outer)
+            except Timeout as exc:
+                fut.set_exception(exc)
+                return fut, None
+        call = self._session.table.prepare(service, method, args, kwargs, fut, timeout, idempotent,
+                                           trace_id, **options)
+        ctx = None
+        chain = self._chain
+        if chain:
+            ctx = CallContext(service, method, call.request_id, 0, trace_id, call.deadline, None,
+                              "client", self._clock)
+            try:
+                chain.before(ctx)
+            except Exception as exc:  # noqa: BLE001 - the call fails with it, unsent
+                fut.set_exception(exc)
+                return fut, None
+        with self._lock:
+            if self._closed.is_set():  # closed while we prepared: the loop may have drained
+                closed = ZrpcError(self._dead or "client is closed")
+                if ctx is not None:
+                    chain.on_error(ctx, closed)
+                raise closed
+            self._outbox.append(call)
+        self._waker.wake()
+        return fut, ctx
+
+    def _finished(self, ctx: CallContext, fut: Future[Any]) -> None:
+        """A future() call is done: its middleware's `after` or `on_error`."""
+        if fut.cancelled():
+            self._chain.on_error(ctx, CancelledError())
+            return
+        exc = fut.exception()
+        if exc is None:
+            self._chain.after(ctx, fut.result())
+        else:
+            self._chain.on_error(ctx, exc)
 
     # --- the I/O thread ------------------------------------------------------------------
 

@@ -5,9 +5,10 @@ whose actions (send, open or close a link, run a handler, log, exit) it carries 
 (admission, the reply cache, probes, draining, liveness, heartbeats) is the core's
 (zrpc/_core/_worker.py). Sync handlers run in a pool of `concurrency` threads, async ones on an
 event loop thread, so a busy handler never stops the loop from reading, replying and
-heartbeating; only handlers declared inline run on the loop's thread (until one is slow). The
-loop sleeps until the core's next deadline or until a handler or stop() rings the waker: an
-idle worker costs nothing.
+heartbeating; only handlers declared inline run on the loop's thread (until one is slow).
+Wherever a handler runs, `zrpc.current_call()` names its call meanwhile, and the worker's
+middleware runs around it in the handler's thread (or task). The loop sleeps until the core's
+next deadline or until a handler or stop() rings the waker: an idle worker costs nothing.
 
 Nothing a handler does can take a slot away: every call is answered, even when its error or
 its result cannot be encoded, and a bug of ours costs one message (counted as an internal
@@ -33,10 +34,11 @@ import zmq
 
 from zrpc._core._clock import Clock, monotonic, timeout_ms
 from zrpc._core._config import MAX_WORKER_BROKERS, is_loopback, resolve_brokers, resolve_cluster
+from zrpc._core._context import CallContext, Chain, entered, left
 from zrpc._core._frames import MAX_METHODS, MAX_SERVICES, Status
 from zrpc._core._membership import parse_cluster
 from zrpc._core._serial import pack_error, pack_result, unpack_call
-from zrpc._core._service import Method, Service
+from zrpc._core._service import Service
 from zrpc._core._worker import (
     INTERNAL_BODY,
     Action,
@@ -128,7 +130,14 @@ class Worker:
     drains in-flight calls first, a second signal stops at once).
 
     `cluster="etcd://H:P[,...]"` (or $ZRPC_CLUSTER) serves every broker of a cluster instead,
-    following them as they join and leave, each announced a share of the capacity."""
+    following them as they join and leave, each announced a share of the capacity.
+
+    `middleware=[m, ...]` (zrpc.Middleware, or any object with `before(ctx)`, `after(ctx,
+    result)` or `on_error(ctx, exc)`) sees every call: `before` hooks in this order, then the
+    handler, then `after` or `on_error` in the reverse order. A `before` that raises answers
+    the call with its error and the handler does not run; an `after` or `on_error` that raises
+    is logged and counted (`counters["middleware_errors"]`), and the reply stands. Async hooks
+    are awaited around async handlers, and refused when a served method is sync."""
 
     def __init__(
         self,
@@ -149,6 +158,7 @@ class Worker:
         max_message: int | None = None,
         cluster: str | None = None,
         cluster_name: str = CLUSTER_NAME,
+        middleware: Iterable[object] | None = None,
     ) -> None:
         svcs = [services] if isinstance(services, Service) else list(services)
         if not svcs or not all(isinstance(s, Service) for s in svcs):
@@ -167,6 +177,9 @@ class Worker:
         if not 0 <= prefetch <= 10_000:
             raise ValueError("prefetch must be between 0 and 10000")
         self.services = {s.name: s for s in svcs}
+        self._chain = Chain(middleware, log)
+        if any(not m.is_async for s in svcs for m in s.methods.values()):
+            self._chain.check_sync("sync handlers")
         self.cluster = resolve_cluster(brokers, cluster)
         self.cluster_name = cluster_name
         self.brokers = [] if self.cluster else resolve_brokers(brokers, MAX_WORKER_BROKERS)
@@ -216,10 +229,12 @@ class Worker:
 
     @property
     def counters(self) -> dict[str, int]:
-        """calls, errors, malformed, internal_errors (and send_dropped, replies_lost)."""
+        """calls, errors, malformed, internal_errors, unauthorized (refused by a method's
+        allow=), middleware_errors (and send_dropped, replies_lost)."""
         core = self._core
         return {"calls": core.calls, "errors": core.errors, "malformed": core.malformed.count,
-                "internal_errors": self._errors.count, **self._io_counters}
+                "internal_errors": self._errors.count, "unauthorized": core.unauthorized,
+                "middleware_errors": self._chain.errors, **self._io_counters}
 
     def stop(self, *, drain: bool = True) -> None:
         """Graceful by default: stop taking calls, finish in-flight ones, then leave."""
@@ -477,7 +492,7 @@ class Worker:
         reply leaves with the others after this batch; a slow one is reported to the core."""
         clock = self._clock
         started = clock()
-        status, body = self._call_sync(call.request.body, call.method)
+        status, body = self._call_sync(call)
         self._results.append((call, status, body))  # answered: nothing below may answer again
         seconds = clock() - started
         if seconds > INLINE_LIMIT:
@@ -502,12 +517,13 @@ class Worker:
             self._thread_error(bug, "encoding a handler's error")
             return Status.ERROR, pack_error(kind, f"<unprintable {kind} object>")
 
-    def _pack(self, value: Any) -> tuple[int, bytes]:
+    def _pack(self, value: Any) -> tuple[int, bytes, TypeError | None]:
+        """The reply for a handler's result, and the error it became if it cannot be sent."""
         try:
-            return Status.OK, pack_result(value)
+            return Status.OK, pack_result(value), None
         except Exception as exc:  # noqa: BLE001 - whatever msgpack raises for it
             text = _cut(_printable(f"result cannot be sent with msgpack: {_describe(exc)}"))
-            return Status.ERROR, pack_error("TypeError", text)
+            return Status.ERROR, pack_error("TypeError", text), TypeError(text)
 
     def _handler_thread(self) -> None:
         """Runs calls until told to stop; nothing a handler does ends it."""
@@ -517,42 +533,100 @@ class Worker:
             if job is None:
                 return
             try:
-                status, body = self._call_sync(job.request.body, job.method)
+                status, body = self._call_sync(job)
             except BaseException as exc:  # noqa: BLE001 - our bug: count it, answer the call
                 self._thread_error(exc, "a call in a handler thread")
                 status, body = Status.ERROR, INTERNAL_BODY
             self._done(job, status, body)
 
-    def _call_sync(self, body: bytes, method: Method) -> tuple[int, bytes]:
+    def _call_sync(self, call: RunHandler) -> tuple[int, bytes]:
+        """Runs a sync handler, `zrpc.current_call()` saying which call it serves meanwhile."""
+        if self._chain:
+            ctx = call.context(self._clock)
+            token = entered(ctx)
+            try:
+                return self._through_chain(call, ctx)
+            finally:
+                left(token)
+        token = entered(call.context, self._clock)  # made only if the handler asks
         try:
-            args, kwargs = unpack_call(body)
+            try:
+                args, kwargs = unpack_call(call.request.body)
+            except ProtocolError as exc:
+                return Status.PROTOCOL_ERROR, pack_error("ProtocolError", str(exc))
+            try:
+                value = call.method.func(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - a handler must never take the worker down
+                return self._error(exc)
+            return self._pack(value)[:2]
+        finally:
+            left(token)
+
+    def _through_chain(self, call: RunHandler, ctx: CallContext) -> tuple[int, bytes]:
+        """The handler inside the middleware: a `before` that raises answers the call instead."""
+        chain = self._chain
+        try:
+            chain.before(ctx)
+        except BaseException as exc:  # noqa: BLE001 - the middleware's error is the answer
+            return self._error(exc)
+        try:
+            args, kwargs = unpack_call(call.request.body)
         except ProtocolError as exc:
+            chain.on_error(ctx, exc)
             return Status.PROTOCOL_ERROR, pack_error("ProtocolError", str(exc))
         try:
-            value = method.func(*args, **kwargs)
+            value = call.method.func(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - a handler must never take the worker down
+            chain.on_error(ctx, exc)
             return self._error(exc)
-        return self._pack(value)
+        status, body, unsent = self._pack(value)
+        if unsent is None:
+            chain.after(ctx, value)
+        else:
+            chain.on_error(ctx, unsent)
+        return status, body
 
     async def _run_async(self, call: RunHandler) -> None:
         try:
-            status, body = await self._call_async(call.request.body, call.method)
+            status, body = await self._call_async(call)
         except BaseException as exc:  # noqa: BLE001 - our bug: count it, answer the call
             self._thread_error(exc, "an async call")
             status, body = Status.ERROR, INTERNAL_BODY
         self._done(call, status, body)
 
-    async def _call_async(self, body: bytes, method: Method) -> tuple[int, bytes]:
+    async def _call_async(self, call: RunHandler) -> tuple[int, bytes]:
+        """An async handler inside the middleware; this task's context names its call."""
+        chain = self._chain
+        ctx = call.context(self._clock) if chain else None  # else made only if the handler asks
+        token = entered(call.context if ctx is None else ctx, self._clock)
         try:
-            args, kwargs = unpack_call(body)
-        except ProtocolError as exc:
-            return Status.PROTOCOL_ERROR, pack_error("ProtocolError", str(exc))
-        try:
-            coro: Coroutine[Any, Any, Any] = method.func(*args, **kwargs)
-            value = await coro
-        except BaseException as exc:  # noqa: BLE001 - cancellation too: the call is answered
-            return self._error(exc)
-        return self._pack(value)
+            if ctx is not None:
+                try:
+                    await chain.abefore(ctx)
+                except BaseException as exc:  # noqa: BLE001 - the middleware's error is the answer
+                    return self._error(exc)
+            try:
+                args, kwargs = unpack_call(call.request.body)
+            except ProtocolError as exc:
+                if ctx is not None:
+                    await chain.aon_error(ctx, exc)
+                return Status.PROTOCOL_ERROR, pack_error("ProtocolError", str(exc))
+            try:
+                coro: Coroutine[Any, Any, Any] = call.method.func(*args, **kwargs)
+                value = await coro
+            except BaseException as exc:  # noqa: BLE001 - cancellation too: the call is answered
+                if ctx is not None:
+                    await chain.aon_error(ctx, exc)
+                return self._error(exc)
+            status, body, unsent = self._pack(value)
+            if ctx is not None:
+                if unsent is None:
+                    await chain.aafter(ctx, value)
+                else:
+                    await chain.aon_error(ctx, unsent)
+            return status, body
+        finally:
+            left(token)
 
     def _async_finished(self, fut: Any) -> None:
         """The future of an async call: _run_async lets nothing out, so anything here is a bug
