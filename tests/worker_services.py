@@ -1,10 +1,12 @@
 """Services for tests that run real worker processes (`zrpc worker tests.worker_services:bad`):
-handlers whose errors or results cannot be encoded as they are."""
+handlers whose errors or results cannot be encoded as they are; `twin`, whose processes can be
+made slow or wrong (hedged and redundant calls)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import zrpc
 
@@ -52,3 +54,36 @@ def add(a: int, b: int) -> int:
 async def async_add(a: int, b: int) -> int:
     await asyncio.sleep(0)  # noqa: sleep (a real suspension point, as an async handler has)
     return a + b
+
+
+twin = zrpc.Service("twin")
+"""One service, processes that differ by their environment: ZRPC_TEST_DELAY (seconds) makes
+`add` and `who` slow, ZRPC_TEST_SKEW (an integer) makes `add` wrong by that much."""
+
+
+def _delay() -> None:
+    delay = float(os.environ.get("ZRPC_TEST_DELAY", "0"))
+    if delay:
+        time.sleep(delay)  # a slow handler is the point
+
+
+@twin.method(name="add")
+def twin_add(a: int, b: int) -> int:
+    _delay()
+    return a + b + int(os.environ.get("ZRPC_TEST_SKEW", "0"))
+
+
+@twin.method
+def who() -> int:
+    """The process that answered."""
+    _delay()
+    return os.getpid()
+
+
+@twin.method(idempotent=False)
+def charge(account: str, delay: float = 0.0) -> int:
+    """Not idempotent: each run appends a line to the file ZRPC_LEDGER names."""
+    with open(os.environ["ZRPC_LEDGER"], "a") as f:
+        f.write(f"{account} {os.getpid()}\n")
+    time.sleep(delay)  # a slow handler is the point
+    return os.getpid()

@@ -113,9 +113,36 @@ It never decodes a call's body; it only holds it (for queueing and idempotent re
 #   seen a newer epoch answers NOT_ACTIVE without running the call: it is passed to the client
 #   (which sends it to the active broker) and counted `not_active_calls`, not as a worker's
 #   error or latency.
+#
+# Rule 20: a hedged call (`hedge_after_ms`) that is idempotent and has had no reply
+#   `hedge_after` after its latest copy went out gets another copy (same request id, attempt
+#   + 1) at a worker with a free slot that does not run it already, while it has run fewer
+#   than `max_attempts` copies in all (2 unless the client says, at most 5), before its
+#   deadline, while this broker is active and the retry budget has a token (rule 10: a copy
+#   costs one). Without a token or such a worker it tries again `hedge_after` later. A call
+#   that is not idempotent (rule 4, decided again each time) is never hedged: the header is
+#   ignored (`hedges_ignored`). A call asking for redundancy too is redundant, not hedged.
+#
+# Rule 21: a call may run on several workers at once (rules 20, 22), INFLIGHT on each (rule
+#   1: `worker`, then `others`). The first reply answers it (rule 16): every copy's slot is
+#   freed at once, and the others are cancelled at the broker: their replies are dropped
+#   (`cancelled_replies`) or compared (rule 22) when they come. A lost worker's copy is
+#   dropped while another copy runs; the last copy of a call is retried as rule 10 says. What
+#   is awaited of cancelled copies is kept until the call's deadline plus `inflight_grace`,
+#   for the last `recent_limit` calls.
+#
+# Rule 22: a redundant call (`redundant: k`) runs at once on k different workers with a free
+#   slot, each copy past the first costing a retry token; with fewer workers or tokens, on as
+#   many as there are (`redundant_short`). The first reply goes to the client; each later one
+#   is compared with it, when both are OK or ERROR (other statuses say a copy did not run the
+#   call): a different status, or OK with another body, is a Notice("result_mismatch")
+#   naming both workers. A redundant call that is not idempotent is answered ProtocolError
+#   and never runs; so is a malformed `hedge_after_ms`, `max_attempts` or `redundant`
+#   header (`copies_refused`).
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import math
@@ -124,14 +151,18 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from zrpc import _defaults as D
+from zrpc._core._calls import H_HEDGE_MAX, HEDGE_COPIES, MAX_COPIES
 from zrpc._core._clock import Clock, budget_ms, deadline_from_budget
 from zrpc._core._frames import (
     H_ATTEMPT,
     H_BUDGET,
     H_EPOCH,
+    H_HEDGE,
     H_IDEMPOTENT,
     H_PROBE,
+    H_REDUNDANT,
     H_RESENT,
+    MAX_BUDGET_MS,
     ClientRequest,
     Ready,
     Status,
@@ -150,6 +181,8 @@ from zrpc.broker._core._records import (
     WAS_RESENT,
     Call,
     CallState,
+    Copies,
+    CopyPlan,
     Key,
     ServiceState,
     WorkerState,
@@ -255,7 +288,7 @@ class AckLeave:
 @dataclass(frozen=True, slots=True)
 class Notice:
     """Something an operator should hear of (worker_joined, worker_lost, call_retried,
-    worker_refused...)."""
+    worker_refused, result_mismatch...)."""
 
     name: str
     subject: str
@@ -266,6 +299,16 @@ Action = Union[SendToWorker, ReplyToClient, AckLeave, Notice]  # noqa: UP007
 
 _ANSWERS = frozenset(int(s) for s in Status) - {int(Status.NOT_SEEN)}
 """Statuses a worker may answer a call with (NOT_SEEN answers probes only)."""
+
+_RESULTS = frozenset({int(Status.OK), int(Status.ERROR)})
+"""Rule 22: the statuses of a handler's outcome, the ones compared between copies."""
+
+
+def _digest(status: int, body: bytes) -> bytes:
+    """Rule 22: what is compared of a reply: an OK body's hash (never decoded, rule 1 of
+    docs/protocol.md §7); an ERROR's status alone (its message and traceback may name the
+    worker's own paths and objects)."""
+    return hashlib.blake2b(body, digest_size=16).digest() if status == Status.OK else b""
 
 
 def _error(status: int, why: str) -> bytes:
@@ -337,6 +380,8 @@ class Dispatcher:
         # call no worker was given and no client re-sent
         self._recent: OrderedDict[Key, tuple[int, tuple[bytes, ...]] | None] = OrderedDict()
         self._recent_limit = recent_limit
+        # rule 21: answered calls' copies still running, by key, oldest first
+        self._copies_out: OrderedDict[Key, Copies] = OrderedDict()
         self._left: OrderedDict[bytes, float] = OrderedDict()  # workers gone on purpose, when
         self._left_memory = left_memory
         self._left_limit = left_limit
@@ -393,6 +438,9 @@ class Dispatcher:
             elif state is INFLIGHT:
                 out.extend(self._inflight_due(call, now))
         self._forget_services(now)
+        copies = self._copies_out
+        while copies and next(iter(copies.values())).expires <= now:  # rule 21
+            copies.popitem(last=False)
         return out
 
     def next_deadline(self) -> float | None:
@@ -477,6 +525,11 @@ class Dispatcher:
                                  "deadline passed before dispatch")]
         svc = self._services.get(req.service)
         call = Call(client_id, req, deadline_from_budget(budget, now), now)
+        headers = req.headers
+        if H_HEDGE in headers or H_REDUNDANT in headers:  # rules 20, 22
+            bad = self._read_copies(call, headers)
+            if bad:
+                return [self._settle(call, Status.PROTOCOL_ERROR, "copies_refused", why=bad)]
         # rule 4 (as `_idempotent`, inline: this is the hot path)
         call.idempotent = idem = call.client_idem and svc is not None and svc.methods.get(req.method, False)
         if not idem and self._may_have_run(key, call.resent):  # rule 11
@@ -494,12 +547,50 @@ class Dispatcher:
         if req.method not in svc.methods:  # rule 9
             return [self._settle(call, Status.METHOD_NOT_FOUND, "method_not_found",
                                  why=f"service {req.service!r} has no method {req.method!r}")]
+        plan = call.plan
+        if plan is not None:
+            refused = self._copies_decided(call, plan)  # rules 20, 22
+            if refused is not None:
+                return [refused]
         if call.resent and not idem:  # rule 12
             return self._probe(svc, call, now)
         worker = self._pick(svc)
         if worker is not None:
+            if plan is not None and plan.redundant > 1:
+                return self._fan_out(svc, call, plan, worker, now)  # rule 22
             return [self._send(call, worker, now)]
         return self._enqueue(svc, call)
+
+    def _read_copies(self, call: Call, headers: dict[str, Any]) -> str:
+        """Rules 20, 22: the client's hedging or redundancy, or why its header is malformed
+        ("" when it is not)."""
+        r = headers.get(H_REDUNDANT)
+        if r is not None and (type(r) is not int or not 1 <= r <= MAX_COPIES):
+            return f"header {H_REDUNDANT} must be an integer from 1 to {MAX_COPIES}"
+        h = headers.get(H_HEDGE)
+        if h is not None and (type(h) is not int or not 0 < h <= MAX_BUDGET_MS):
+            return f"header {H_HEDGE} must be an integer from 1 to {MAX_BUDGET_MS} (ms)"
+        m = headers.get(H_HEDGE_MAX) if h is not None else None
+        if m is not None and (type(m) is not int or not 1 <= m <= MAX_COPIES):
+            return f"header {H_HEDGE_MAX} must be an integer from 1 to {MAX_COPIES}"
+        if r is not None and r > 1:  # rule 20: redundant and hedged is redundant
+            call.plan = CopyPlan(0.0, r, r)
+        elif h is not None:
+            call.plan = CopyPlan(h / 1000, HEDGE_COPIES if m is None else m, 1)
+        return ""
+
+    def _copies_decided(self, call: Call, plan: CopyPlan) -> ReplyToClient | None:
+        """Rules 20, 22, once its idempotency is decided (rule 4): a redundant call must be
+        idempotent (else it is answered); a hedged one is hedged only if it is."""
+        if call.idempotent:
+            return None
+        if plan.redundant > 1:
+            return self._settle(call, Status.PROTOCOL_ERROR, "copies_refused", why=(
+                f"{call.service}.{call.method} is not idempotent: a redundant call runs on "
+                "several workers, so it was not run"))
+        call.plan = None
+        self.counters["hedges_ignored"] += 1
+        return None
 
     def _idempotent(self, svc: ServiceState | None, call: Call) -> bool:
         """Rule 4: the workers' word, lowered by the client's."""
@@ -677,8 +768,10 @@ class Dispatcher:
     def _inflight_due(self, call: Call, now: float) -> list[Action]:
         """Rule 7: its reply never came (too large for the socket, dropped on a full pipe,
         lost by the worker): the client has timed out already; free the slot, and say what is
-        known."""
-        worker = call.worker
+        known. Before that, its timer is a hedge's (rule 20)."""
+        if now < call.deadline + self._inflight_grace:
+            return self._hedge_due(call, now)
+        running = call.running()  # rule 21: every copy's slot
         self.counters["inflight_expired"] += 1
         if call.idempotent:
             out: list[Action] = [self._settle(call, Status.TIMEOUT, "timeouts",
@@ -686,7 +779,7 @@ class Dispatcher:
         else:
             out = [self._settle(call, Status.CALL_STATE_UNKNOWN, "state_unknown",
                                 why="the worker did not reply by the deadline; the call may have run")]
-        if worker is not None:
+        for worker, _ in running:
             out.extend(self._slot_freed(worker, now))
         return out
 
@@ -740,15 +833,160 @@ class Dispatcher:
         self._hold(call)
         worker.calls[key] = call
         worker.outstanding += 1
-        self._arm(call, call.deadline + self._inflight_grace)  # rule 7
+        when = call.deadline + self._inflight_grace  # rule 7
+        plan = call.plan
+        if plan is not None:
+            plan.sent += 1
+            if plan.hedge_after:
+                when = self._next_hedge(call, plan, now, when)  # rule 20
+        self._arm(call, when)
+        return SendToWorker(worker.id, self._run_message(call, now))
+
+    def _run_message(self, call: Call, now: float) -> WorkerRequest:
         headers = dict(call.headers)  # rule 5: what the worker is told
         headers[H_BUDGET] = budget_ms(call.deadline, now)
         headers[H_IDEMPOTENT] = call.idempotent
         headers[H_ATTEMPT] = call.attempt
         headers.pop(H_PROBE, None)  # only the broker asks a probe; a client's is dropped
         self._stamp(headers)
-        return SendToWorker(worker.id, WorkerRequest(call.client_id, call.request_id, call.service,
-                                                     call.method, headers, call.body))
+        return WorkerRequest(call.client_id, call.request_id, call.service, call.method, headers,
+                             call.body)
+
+    # --- copies: hedged and redundant calls (rules 20-22) ---------------------------------
+
+    def _send_copy(self, call: Call, plan: CopyPlan, worker: WorkerState, now: float
+                   ) -> SendToWorker:
+        """Rule 21: one more copy of an INFLIGHT call, at another worker (same request id,
+        attempt + 1), paid with a retry token."""
+        self._retry_tokens -= 1  # rules 20, 22: bounded by the retry budget
+        call.attempt += 1
+        plan.sent += 1
+        call.others += ((worker, now),)
+        if worker.id not in call.given:
+            call.given += (worker.id,)
+        worker.calls[call.key] = call
+        worker.outstanding += 1
+        return SendToWorker(worker.id, self._run_message(call, now))
+
+    def _pick_other(self, svc: ServiceState, call: Call) -> WorkerState | None:
+        """Rules 5, 20, 22: a worker with a free slot that does not run this call already."""
+        if self._retry_tokens < 1:
+            return None
+        busy = [w for w, _ in call.running()]
+        cands = [w for w in svc.workers
+                 if w.outstanding < w.capacity and not w.leaving and w not in busy]
+        if not cands:
+            return None
+        chosen = svc.strategy.choose([w for w in cands if not w.ejected] or cands)
+        assert isinstance(chosen, WorkerState)  # one of `cands`
+        return chosen
+
+    def _fan_out(self, svc: ServiceState, call: Call, plan: CopyPlan, worker: WorkerState,
+                 now: float) -> list[Action]:
+        """Rule 22: the first copy to `worker`, the others to as many other workers as the
+        call asks for, free slots and retry tokens allow."""
+        out: list[Action] = [self._send(call, worker, now)]
+        for _ in range(plan.redundant - 1):
+            other = self._pick_other(svc, call)
+            if other is None:
+                self.counters["redundant_short"] += 1
+                break
+            self.counters["redundant_copies"] += 1
+            out.append(self._send_copy(call, plan, other, now))
+        return out
+
+    def _next_hedge(self, call: Call, plan: CopyPlan, now: float, when: float) -> float:
+        """Rule 20: when its next copy is due (none after the last allowed, or past the
+        deadline); returns the call's timer, the earlier of that and `when`."""
+        at = now + plan.hedge_after
+        if plan.sent < plan.max_copies and at < call.deadline and self._active:
+            plan.hedge_at = at
+            return min(at, when)
+        plan.hedge_at = math.inf
+        return when
+
+    def _hedge_due(self, call: Call, now: float) -> list[Action]:
+        """Rule 20: no reply `hedge_after` after its latest copy: one more, if it may."""
+        out: list[Action] = []
+        when = call.deadline + self._inflight_grace  # rule 7
+        plan = call.plan
+        if plan is None:  # no longer hedged: only the deadline is left
+            self._arm(call, when)
+            return out
+        svc = self._services.get(call.service)
+        if svc is None or not self._idempotent(svc, call):  # rule 4: decided again
+            call.plan = None
+            self.counters["hedges_ignored"] += 1
+            self._arm(call, when)
+            return out
+        if self._active and now < call.deadline:  # rule 13
+            worker = self._pick_other(svc, call)
+            if worker is None:
+                self.counters["hedges_skipped"] += 1
+            else:
+                self.counters["hedges"] += 1
+                out.append(self._send_copy(call, plan, worker, now))
+        self._arm(call, self._next_hedge(call, plan, now, when))
+        return out
+
+    def _drop_copy(self, call: Call, worker: WorkerState) -> None:
+        """Rule 21: `worker` (lost) no longer runs `call`; another copy still does."""
+        if call.worker is worker:
+            (call.worker, call.sent_at), call.others = call.others[0], call.others[1:]
+        else:
+            call.others = tuple(o for o in call.others if o[0] is not worker)
+
+    def _first_reply(self, worker: WorkerState, call: Call, reply: WorkerReply, now: float
+                     ) -> list[Action]:
+        """Rule 21: the first reply to a call running on several workers answers it; the
+        other copies are cancelled here, their replies awaited only to be dropped or compared."""
+        running = call.running()
+        sent_at = next(t for w, t in running if w is worker)
+        if reply.status == Status.NOT_ACTIVE:  # rule 19
+            status, body, counter = int(Status.NOT_ACTIVE), reply.body, "not_active_calls"
+        else:
+            record_reply(worker, self._services.get(call.service), now - sent_at,
+                         reply.status == Status.OK, self._alpha)
+            status, body = self._checked_status(reply)
+            counter = "replies"
+        plan = call.plan
+        redundant = plan is not None and plan.redundant > 1
+        digest = _digest(reply.status, reply.body) if redundant and reply.status in _RESULTS else None
+        pending = {w.id: (w.name, t) for w, t in running if w is not worker}
+        self._remember_copies(call.key, Copies(call, worker.name, reply.status, digest, pending,
+                                               call.deadline + self._inflight_grace))
+        out: list[Action] = [self._settle(call, status, counter, body=body)]
+        for w, _ in running:
+            out.extend(self._slot_freed(w, now))
+        return out
+
+    def _remember_copies(self, key: Key, copies: Copies) -> None:
+        """Rules 18, 21: bounded, the oldest forgotten first."""
+        out = self._copies_out
+        out.pop(key, None)
+        out[key] = copies
+        if len(out) > self._recent_limit:
+            out.popitem(last=False)
+
+    def _copy_replied(self, worker: WorkerState | None, worker_id: bytes, key: Key,
+                      copies: Copies, reply: WorkerReply, now: float) -> list[Action]:
+        """Rules 21, 22: a cancelled copy's reply: dropped, and compared with the first."""
+        name, sent_at = copies.pending.pop(worker_id)
+        if not copies.pending:
+            del self._copies_out[key]
+        self.counters["cancelled_replies"] += 1
+        if worker is not None and reply.status in _ANSWERS and reply.status != Status.NOT_ACTIVE:
+            # its latency is the worker's (outlier ejection), not the service's: the call was
+            # answered already
+            record_reply(worker, None, now - sent_at, reply.status == Status.OK, self._alpha)
+        if copies.digest is None or reply.status not in _RESULTS:
+            return []
+        if reply.status == copies.status and _digest(reply.status, reply.body) == copies.digest:
+            return []
+        self.counters["result_mismatches"] += 1
+        return [Notice("result_mismatch", f"{copies.service}.{copies.method}", {
+            "service": copies.service, "method": copies.method, "workers": [copies.first, name],
+            "request_id": copies.request_id})]
 
     def _drain(self, worker: WorkerState, now: float) -> list[Action]:
         """Rule 6: fills a worker's free slots from the queues of its services, oldest call
@@ -780,8 +1018,15 @@ class Dispatcher:
             return [self._settle(call, Status.METHOD_NOT_FOUND, "method_not_found",
                                  why=f"service {svc.name!r} has no method {call.method!r}")]
         call.idempotent = self._idempotent(svc, call)  # rule 4
+        plan = call.plan
+        if plan is not None:
+            refused = self._copies_decided(call, plan)  # rules 20, 22
+            if refused is not None:
+                return [refused]
         if call.resent and not call.idempotent and not call.probed:
             return self._probe(svc, call, now)  # rule 12: it may have run before this broker started
+        if plan is not None and plan.redundant > 1:
+            return self._fan_out(svc, call, plan, worker, now)  # rule 22
         return [self._send(call, worker, now)]
 
     def _slot_freed(self, worker: WorkerState, now: float) -> list[Action]:
@@ -804,6 +1049,11 @@ class Dispatcher:
             if w is not None:
                 del w.calls[call.key]
                 w.outstanding -= 1
+            if call.others:  # rule 21: every copy is cancelled here
+                for o, _ in call.others:
+                    del o.calls[call.key]
+                    o.outstanding -= 1
+                call.others = ()
         elif state is PROBING:
             self._probing.pop(call.key, None)
         call.state = DONE
@@ -870,6 +1120,8 @@ class Dispatcher:
         worker = self._workers.get(worker_id)
         call = worker.calls.get(key) if worker is not None else None
         if worker is not None and call is not None:  # the answer to a call it was given
+            if call.others:
+                return self._first_reply(worker, call, reply, now)  # rule 21
             if reply.status == Status.NOT_ACTIVE:  # rule 19: refused by epoch, never ran there
                 refused: list[Action] = [self._settle(call, Status.NOT_ACTIVE, "not_active_calls",
                                                       body=reply.body)]
@@ -887,6 +1139,9 @@ class Dispatcher:
         held = self._calls.get(key)
         if held is not None and held.state is PROBING and worker_id in held.probes:
             return self._probe_answered(worker_id, held, reply)
+        copies = self._copies_out.get(key)
+        if copies is not None and worker_id in copies.pending:  # rule 21
+            return self._copy_replied(worker, worker_id, key, copies, reply, now)
         if held is not None:
             given: tuple[bytes, ...] = held.given
         else:
@@ -1023,11 +1278,16 @@ class Dispatcher:
         calls = sorted(worker.calls.values(), key=lambda c: c.arrived)  # rule 10: oldest first
         worker.calls.clear()
         worker.outstanding = 0
-        for call in calls:  # rule 1: off the worker, not yet anywhere else
-            call.worker = None
-            call.state = HELD
-        out.extend(self._remove(worker, now))
+        alone: list[Call] = []
         for call in calls:
+            if call.others:  # rule 21: another copy runs it still
+                self._drop_copy(call, worker)
+                continue
+            call.worker = None  # rule 1: off the worker, not yet anywhere else
+            call.state = HELD
+            alone.append(call)
+        out.extend(self._remove(worker, now))
+        for call in alone:
             out.extend(self._retry(call, now))
         return out
 
@@ -1097,6 +1357,7 @@ class Dispatcher:
         for name, n in self.counters.items():
             need(n >= 0, f"counter {name} is {n}")
         need(self._queued_bytes >= 0, f"queued_bytes is {self._queued_bytes}")
+        need(self._retry_tokens >= 0, f"retry tokens are {self._retry_tokens}")
         queued_bytes = 0
         queued: set[Key] = set()
         for name, svc in self._services.items():
@@ -1127,8 +1388,15 @@ class Dispatcher:
                 need(key in queued, f"{key} QUEUED but in no queue")
             elif c.state is INFLIGHT:
                 need(c.worker is not None and c.worker.calls.get(key) is c, f"{key} not on its worker")
+                running = [w for w, _ in c.running()]
+                need(len({id(w) for w in running}) == len(running), f"{key} twice on one worker")
+                for w in running:  # rule 21: every copy on a live worker that holds it
+                    need(self._workers.get(w.id) is w and w.calls.get(key) is c,
+                         f"{key}: a copy on {w.name} that it does not hold")
             else:
                 need(self._probing.get(key) is c, f"{key} probing but not listed")
+            if c.state is not INFLIGHT:
+                need(not c.others, f"{key} has copies running while {c.state.name}")
         for key, c in self._probing.items():
             need(self._calls.get(key) is c and c.state is PROBING, f"{key} listed as probing")
         for wid, w in self._workers.items():
@@ -1136,9 +1404,11 @@ class Dispatcher:
             need(w.outstanding == len(w.calls), f"{w.name}: outstanding {w.outstanding}, "
                  f"{len(w.calls)} calls")
             for key, c in w.calls.items():
-                need(self._calls.get(key) is c and c.worker is w, f"{w.name}: stray call {key}")
+                need(self._calls.get(key) is c and any(o is w for o, _ in c.running()),
+                     f"{w.name}: stray call {key}")
             for name in w.services:
                 of = self._services.get(name)
                 need(of is not None and w in of.workers, f"{w.name}: not listed in {name}")
         need(len(self._recent) <= self._recent_limit, "recent answers over their bound")
+        need(len(self._copies_out) <= self._recent_limit, "cancelled copies over their bound")
         need(len(self._left) <= self._left_limit, "departed workers over their bound")

@@ -7,6 +7,7 @@ say when; nothing here decides anything.
 from __future__ import annotations
 
 import enum
+import math
 from collections import deque
 
 from zrpc._core._frames import H_ATTEMPT, H_IDEMPOTENT, H_RESENT, ClientRequest, Ready
@@ -49,8 +50,8 @@ class Call:
 
     __slots__ = (
         "arrived", "attempt", "body", "client_id", "client_idem", "deadline", "expires",
-        "given", "headers", "idempotent", "method", "probed", "probes", "ran", "request_id",
-        "resent", "sent_at", "service", "state", "timer", "view_ok", "worker",
+        "given", "headers", "idempotent", "method", "others", "plan", "probed", "probes", "ran",
+        "request_id", "resent", "sent_at", "service", "state", "timer", "view_ok", "worker",
     )
 
     def __init__(self, client_id: bytes, req: ClientRequest, deadline: float, now: float) -> None:
@@ -77,14 +78,63 @@ class Call:
         self.probes: set[bytes] = set()  # probed workers that have not answered yet
         self.view_ok = False  # while probing: every worker that could have run it was asked
         self.probed = False  # a probe found it never ran: it may now run once
+        self.plan: CopyPlan | None = None  # hedged or redundant (the Dispatcher's rules 20-22)
+        self.others: tuple[tuple[WorkerState, float], ...] = ()  # further copies: (worker, sent at)
 
     @property
     def key(self) -> Key:
         return (self.client_id, self.request_id)
 
+    def running(self) -> list[tuple[WorkerState, float]]:
+        """Every worker running it now, with when it was sent there (INFLIGHT: the first is
+        `worker`)."""
+        w = self.worker
+        return [(w, self.sent_at), *self.others] if w is not None else list(self.others)
+
     def __repr__(self) -> str:
         return (f"<Call {self.service}.{self.method} {self.client_id.hex()}:{self.request_id} "
                 f"{self.state.name}>")
+
+
+class CopyPlan:
+    """What a client asked of a call's copies (the Dispatcher's rules 20, 22), and how far
+    the broker is with them."""
+
+    __slots__ = ("hedge_after", "hedge_at", "max_copies", "redundant", "sent")
+
+    def __init__(self, hedge_after: float, max_copies: int, redundant: int) -> None:
+        self.hedge_after = hedge_after  # seconds without a reply before another copy; 0: none
+        self.hedge_at = math.inf  # when the next hedged copy is due
+        self.max_copies = max_copies  # a hedged call runs at most this many copies in all
+        self.redundant = redundant  # workers a redundant call runs on at once (1: not redundant)
+        self.sent = 0  # copies sent to run (the first, retries, hedges, redundant ones)
+
+    def __repr__(self) -> str:
+        what = (f"redundant={self.redundant}" if self.redundant > 1 else
+                f"hedge_after={self.hedge_after:g}s max={self.max_copies}")
+        return f"<CopyPlan {what} sent={self.sent}>"
+
+
+class Copies:
+    """The copies of an answered call still running at other workers (rule 21): their
+    replies are dropped, or compared with the first one (a redundant call)."""
+
+    __slots__ = ("digest", "expires", "first", "method", "pending", "request_id", "service",
+                 "status")
+
+    def __init__(self, call: Call, first: str, status: int, digest: bytes | None,
+                 pending: dict[bytes, tuple[str, float]], expires: float) -> None:
+        self.service = call.service
+        self.method = call.method
+        self.request_id = call.request_id
+        self.first = first  # the name of the worker whose reply was forwarded
+        self.status = status
+        self.digest = digest  # of the forwarded reply's body; None: nothing to compare
+        self.pending = pending  # worker id -> (name, sent at), for the copies not yet replied
+        self.expires = expires  # forgotten then (the call's deadline and in-flight grace)
+
+    def __repr__(self) -> str:
+        return f"<Copies {self.service}.{self.method} {self.request_id} pending={len(self.pending)}>"
 
 
 class WorkerState:

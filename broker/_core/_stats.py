@@ -37,6 +37,14 @@ COUNTERS: dict[str, str] = {
     "inflight_expired": "calls still at a worker past their deadline and its grace",
     "workers_refused": "READY messages refused (too many services)",
     "bad_statuses": "worker answers with a status the protocol does not define",
+    "hedges": "copies of hedged calls sent to another worker",
+    "hedges_skipped": "hedges not sent when due: no retry token, or no other worker with room",
+    "hedges_ignored": "hedged calls not hedged: the method is not idempotent",
+    "redundant_copies": "copies of redundant calls sent past the first",
+    "redundant_short": "redundant calls run on fewer workers than asked (workers or tokens)",
+    "copies_refused": "hedged or redundant calls refused: not idempotent, or a malformed header",
+    "cancelled_replies": "answers from copies of a call another copy answered first (dropped)",
+    "result_mismatches": "redundant calls whose copies answered differently",
 }
 """Every counter the Dispatcher keeps, and what it counts (in the order they are reported)."""
 

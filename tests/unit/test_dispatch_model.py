@@ -15,7 +15,10 @@ After every step:
 5. while deactivated nothing is sent to a worker (neither a call nor a probe) and nothing
    waits (queued or probing): it was answered NOT_ACTIVE;
 6. a non-idempotent call that arrived re-sent (it may have run through another broker) is
-   probed before it runs.
+   probed before it runs;
+7. hedged and redundant calls (some with malformed headers) are in the mix: a redundant
+   non-idempotent call never runs; copies beyond the first, with retries, never exceed what
+   the retry budget allowed; a `result_mismatch` names two different workers given the call.
 
 At the end the clock runs past every deadline: nothing is held, everything was answered.
 """
@@ -36,6 +39,7 @@ from zrpc.broker._core._dispatch import (
     Deactivated,
     Dispatcher,
     Event,
+    Notice,
     ReplyArrived,
     ReplyToClient,
     RequestArrived,
@@ -50,6 +54,12 @@ WORKERS = [b"w1", b"w2", b"w3", b"w4"]
 CLIENTS = [b"c1", b"c2"]
 SERVICES = {"calc": {"add": True, "charge": False}, "other": {"add": True}}
 METHODS = ["add", "charge", "nope"]  # "nope" is announced by no worker
+COPIES: dict[str, dict[str, object]] = {  # hedged and redundant calls, and malformed asks
+    "none": {}, "hedge": {"hedge_after_ms": 5}, "hedge3": {"hedge_after_ms": 100, "max_attempts": 3},
+    "redundant2": {"redundant": 2}, "redundant3": {"redundant": 3},
+    "both": {"redundant": 2, "hedge_after_ms": 5}, "bad": {"redundant": "2"},
+}
+TOKENS, RATIO = 3.0, 0.2
 
 
 class DispatcherModel(RuleBasedStateMachine):
@@ -59,13 +69,14 @@ class DispatcherModel(RuleBasedStateMachine):
         # small bounds, so that they are reached; a short probe horizon, so that probes are
         # decided both ways within a few steps
         self.d = Dispatcher(self.clock, service_grace=1.0, default_timeout=3.0, queue_limit=6,
-                            queue_bytes=120, max_inflight_per_client=8, retry_tokens=3.0,
-                            max_attempts=3, inflight_grace=1.0, recent_limit=10**6,
+                            queue_bytes=120, max_inflight_per_client=8, retry_tokens=TOKENS,
+                            retry_ratio=RATIO, max_attempts=3, inflight_grace=1.0, recent_limit=10**6,
                             probe_horizon=0.25)
         self.accepted: Counter[tuple[bytes, int]] = Counter()
         self.answered: Counter[tuple[bytes, int]] = Counter()
         self.runs: Counter[tuple[bytes, int]] = Counter()
-        self.calls: dict[tuple[bytes, int], tuple[str, str, bool | None]] = {}
+        self.calls: dict[tuple[bytes, int], tuple[str, str, bool | None, str]] = {}
+        self.redundant: set[tuple[bytes, int]] = set()  # asked to run on several workers
         self.non_idempotent: set[tuple[bytes, int]] = set()
         self.given: list[tuple[bytes, tuple[bytes, int]]] = []  # (worker, call) sent or probed
         self.probed: dict[tuple[bytes, int], set[bytes]] = {}  # call -> workers probed for it
@@ -88,7 +99,13 @@ class DispatcherModel(RuleBasedStateMachine):
                     self.resent_unprobed.discard(key)
                 elif key in self.non_idempotent:
                     assert key not in self.resent_unprobed, f"{key} re-sent, run without a probe"
+                    assert key not in self.redundant, f"{key} redundant and not idempotent: run"
                     self.runs[key] += 1
+            elif isinstance(a, Notice) and a.name == "result_mismatch":
+                rid = a.detail["request_id"]
+                workers = [w.encode() for w in a.detail["workers"]]
+                assert len(set(workers)) == 2, a
+                assert any(all((w, (c, rid)) in self.given for w in workers) for c in CLIENTS), a
         self.steps += 1
 
     def feed(self, event: Event) -> None:
@@ -101,15 +118,19 @@ class DispatcherModel(RuleBasedStateMachine):
           service=st.sampled_from(["calc", "calc", "other", "ghost"]),
           method=st.sampled_from(METHODS), idem=st.sampled_from([None, True, False]),
           resent=st.booleans(), budget=st.sampled_from([None, 0, 1, 50, 400, 2500]),
-          size=st.integers(0, 16))
+          size=st.integers(0, 16),
+          copies=st.sampled_from(["none", "none", "none", *sorted(COPIES)]))
     def request(self, client: bytes, rid: int, service: str, method: str, idem: bool | None,
-                resent: bool, budget: int | None, size: int) -> None:
+                resent: bool, budget: int | None, size: int, copies: str = "none") -> None:
         key = (client, rid)
-        # a request id names one call: a repeat is the same call (same service, method, flag)
-        service, method, idem = self.calls.setdefault(key, (service, method, idem))
+        # a request id names one call: a repeat is the same call (same service, method, flag,
+        # copies)
+        service, method, idem, copies = self.calls.setdefault(key, (service, method, idem, copies))
         if idem is False or method != "add":
             self.non_idempotent.add(key)
-        headers: dict[str, object] = {}
+        if copies in ("redundant2", "redundant3", "both"):
+            self.redundant.add(key)
+        headers: dict[str, object] = dict(COPIES[copies])
         if budget is not None:
             headers["budget_ms"] = budget
         if idem is not None:
@@ -127,11 +148,24 @@ class DispatcherModel(RuleBasedStateMachine):
     def request_charge(self, rid: int, resent: bool) -> None:
         """The calls that matter most: non-idempotent ones, often repeated or re-sent."""
         self.request(CLIENTS[0], rid, "calc", "charge", None, resent, 2500, 4)
+
+    @rule(rid=st.integers(200, 205), copies=st.sampled_from(sorted(COPIES)))
+    def request_copies(self, rid: int, copies: str) -> None:
+        """Calls that may run on several workers: hedged, redundant, or asking for either
+        on a method that is not idempotent."""
+        method = "charge" if rid == 205 else "add"
+        self.request(CLIENTS[1], rid, "calc", method, None, False, 2500, 4, copies)
     @rule(worker=st.sampled_from(WORKERS), capacity=st.integers(1, 4),
           services=st.sampled_from([{"calc"}, {"calc"}, {"calc", "other"}, {"other"}]))
     def ready(self, worker: bytes, capacity: int, services: set[str]) -> None:
         ready = Ready(worker.decode(), {s: SERVICES[s] for s in sorted(services)}, capacity)
         self.feed(WorkerReady(worker, ready))
+
+    @rule(first=st.sampled_from(WORKERS), second=st.sampled_from(WORKERS))
+    def two_calc_workers(self, first: bytes, second: bytes) -> None:
+        """Room for copies: two workers of the service (READY again, if they were)."""
+        for worker in {first, second}:
+            self.feed(WorkerReady(worker, Ready(worker.decode(), {"calc": SERVICES["calc"]}, 3)))
 
     @rule(data=st.data(), status=st.sampled_from([Status.OK, Status.OK, Status.ERROR,
                                                   Status.NOT_SEEN, Status.NOT_SEEN, 42]))
@@ -169,7 +203,7 @@ class DispatcherModel(RuleBasedStateMachine):
         else:
             self.run(self.d.handle(Activated()))  # it may start what waits at once
 
-    @rule(dt=st.sampled_from([0.0, 0.0, 0.01, 0.3, 1.0, 2.5, 11.0]))
+    @rule(dt=st.sampled_from([0.0, 0.0, 0.005, 0.01, 0.01, 0.1, 0.3, 1.0, 2.5, 11.0]))
     def advance(self, dt: float) -> None:
         self.clock.advance(dt)
         self.run(self.d.tick(), inactive=not self.d.active)
@@ -190,6 +224,12 @@ class DispatcherModel(RuleBasedStateMachine):
     def non_idempotent_calls_run_at_most_once(self) -> None:
         twice = [k for k in self.non_idempotent if self.runs[k] > 1]
         assert not twice, twice
+
+    @invariant()
+    def copies_are_bounded_by_the_retry_budget(self) -> None:
+        c = self.d.counters
+        extra = c["hedges"] + c["redundant_copies"] + c["retries"]
+        assert extra <= TOKENS + RATIO * c["requests"] + 1e-9, dict(c)
 
     @invariant()
     def nothing_waits_while_deactivated(self) -> None:

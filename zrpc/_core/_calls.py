@@ -10,7 +10,17 @@ from collections.abc import Iterator
 from typing import Any
 
 from zrpc._core._clock import Clock, budget_ms
-from zrpc._core._frames import H_ATTEMPT, H_BUDGET, H_IDEMPOTENT, H_TRACE, MAX_BUDGET_MS, ClientRequest, encode
+from zrpc._core._frames import (
+    H_ATTEMPT,
+    H_BUDGET,
+    H_HEDGE,
+    H_IDEMPOTENT,
+    H_REDUNDANT,
+    H_TRACE,
+    MAX_BUDGET_MS,
+    ClientRequest,
+    encode,
+)
 from zrpc._core._serial import outcome, pack_call
 from zrpc._errors import ProtocolError, Timeout, ZrpcError
 
@@ -19,6 +29,48 @@ COMPACT_MIN = 256
 """The deadline heap keeps an entry per answered call until its deadline; it is rebuilt when
 dead entries outnumber live ones COMPACT_FACTOR to one (and there are more than COMPACT_MIN),
 so its size follows the calls in flight, not rate x timeout. Amortised O(1) per call."""
+
+H_HEDGE_MAX = "max_attempts"
+"""Header (client -> broker, with `hedge_after_ms`): the most copies of a hedged call, the
+first included (docs/protocol.md §4)."""
+HEDGE_COPIES = 2
+"""Copies of a hedged call when the client does not say: the first and one hedge."""
+MAX_COPIES = 5
+"""The most copies of one call, hedged or redundant: each is a worker's time."""
+
+
+def check_copies(hedge_after: float | None, max_attempts: int | None, redundant: int | None,
+                 timeout: float | None = None) -> None:
+    """Raises ValueError unless the options of a hedged or redundant call make sense
+    (`timeout`, when known, bounds `hedge_after`)."""
+    if hedge_after is not None:
+        if isinstance(hedge_after, bool) or not isinstance(hedge_after, (int, float)) or not (
+                0 < hedge_after < MAX_BUDGET_MS / 1000):
+            raise ValueError("hedge_after must be a positive number of seconds")
+        if timeout is not None and not hedge_after < timeout:
+            raise ValueError(f"hedge_after ({hedge_after:g}s) must be less than the call's "
+                             f"timeout ({timeout:g}s): the copy would never be sent")
+        if redundant is not None:
+            raise ValueError("hedge_after and redundant exclude each other: a redundant call "
+                             "runs on several workers at once already")
+    elif max_attempts is not None:
+        raise ValueError("max_attempts counts the copies of a hedged call: it needs hedge_after")
+    for name, n in (("max_attempts", max_attempts), ("redundant", redundant)):
+        if n is not None and (type(n) is not int or not 2 <= n <= MAX_COPIES):
+            raise ValueError(f"{name} must be an integer from 2 to {MAX_COPIES}")
+
+
+def copy_headers(hedge_after: float | None, max_attempts: int | None, redundant: int | None
+                 ) -> dict[str, int]:
+    """The headers of checked options (docs/protocol.md §4): whole milliseconds, at least 1."""
+    headers: dict[str, int] = {}
+    if hedge_after is not None:
+        headers[H_HEDGE] = max(1, round(hedge_after * 1000))
+        if max_attempts is not None:
+            headers[H_HEDGE_MAX] = max_attempts
+    if redundant is not None:
+        headers[H_REDUNDANT] = redundant
+    return headers
 
 
 class PendingCall:
@@ -91,8 +143,15 @@ class CallTable:
 
     def prepare(self, service: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                 future: Any, timeout: float | None = None, idempotent: bool | None = None,
-                trace_id: str | None = None) -> PendingCall:
-        """Builds a call (safe from any thread: it touches no table state)."""
+                trace_id: str | None = None, *, hedge_after: float | None = None,
+                max_attempts: int | None = None, redundant: int | None = None) -> PendingCall:
+        """Builds a call (safe from any thread: it touches no table state).
+
+        `hedge_after` (seconds, with `max_attempts` copies in all) or `redundant` (workers)
+        ask the broker for copies of an idempotent call (docs/protocol.md §7, rules 16-17).
+        A hedge that could not go before a deadline inherited from an outer call is dropped;
+        against the client's own timeout it is an error.
+        """
         if not isinstance(service, str) or not service or not isinstance(method, str) or not method:
             raise ValueError("service and method must be non-empty strings")
         t = self.default_timeout if timeout is None else timeout
@@ -103,6 +162,12 @@ class CallTable:
             headers[H_IDEMPOTENT] = bool(idempotent)
         if trace_id is not None:
             headers[H_TRACE] = trace_id
+        if hedge_after is not None or redundant is not None or max_attempts is not None:
+            check_copies(hedge_after, max_attempts, redundant,
+                         timeout=self.default_timeout if timeout is None else None)
+            if hedge_after is not None and not hedge_after < t:  # a shorter, inherited deadline
+                hedge_after = max_attempts = None
+            headers.update(copy_headers(hedge_after, max_attempts, redundant))
         body = pack_call(args, kwargs)
         return PendingCall(next(self._ids), service, method, headers, body, self._clock() + t, future)
 
