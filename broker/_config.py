@@ -96,7 +96,8 @@ class BrokerConfig:
     curve_secret: str | None = field(default=None, metadata=flag(
         "This broker's key pair (NAME.key_secret): encrypts every socket.", kind="file"))
     curve_authorized: str | None = field(default=None, metadata=flag(
-        "Directory of public keys (*.key) admitted; reloaded on SIGHUP.", kind="dir"))
+        "Directory of public keys (*.key) admitted, with their roles if it holds a roles.toml "
+        "(who may serve and call what: docs/operations.md §7); reloaded on SIGHUP.", kind="dir"))
     max_inflight_per_client: int = field(default=D.MAX_INFLIGHT_PER_CLIENT, metadata=flag(
         "Calls one client may have queued or running; beyond, Overloaded.", range=(1, 10_000_000)))
     thresholds: Thresholds = field(default_factory=Thresholds, metadata={FLAG: THRESHOLD_FLAGS})

@@ -19,8 +19,9 @@ from zrpc._core._membership import parse_cluster
 from zrpc._core._serial import pack_result
 from zrpc._io._etcd import EtcdEdge, EtcdError, KeyEdge, KeyValue, LeaseGone
 from zrpc._io._internal import InternalErrors
-from zrpc._io._security import CurveKeys, ZapGuard, load_authorized, server_keys
+from zrpc._io._security import ROLES_FILE, CurveKeys, Roles, ZapGuard, authorized_keys, load_roles, server_keys
 from zrpc._io._sockets import (
+    NOBLOCK,
     Sent,
     SocketOptions,
     Waker,
@@ -151,26 +152,36 @@ class Broker:
         self._stop.set()
 
     def reload_keys(self) -> None:
-        """SIGHUP: read the authorized keys directory again."""
+        """SIGHUP: read the authorized keys directory (its keys and roles) again."""
         self._reload.set()
 
-    def _security(self) -> tuple[CurveKeys | None, ZapGuard | None]:
+    def _security(self) -> tuple[CurveKeys | None, ZapGuard | None, Roles | None]:
         """CURVE on every socket when keys are given (DESIGN.md §6); ZAP admits only the public
-        keys in --curve-authorized (and this broker's own, which its peer uses)."""
+        keys in --curve-authorized (and this broker's own, which its peer uses); the roles in
+        that directory's ROLES_FILE, if any, say what each key may do."""
         secret, authorized = self.config.curve_secret, self.config.curve_authorized
         if secret is None or authorized is None:
             if (secret is None) != (authorized is None):
                 raise ValueError("--curve-secret and --curve-authorized go together")
-            return None, None
+            return None, None, None
         keys = server_keys(secret)
-        guard = ZapGuard(self._ctx, load_authorized(authorized) | {keys.public})
+        named = authorized_keys(authorized)
+        roles = load_roles(authorized, named)  # a mistake in it stops the start, in one line
+        guard = ZapGuard(self._ctx, set(named.values()) | {keys.public})
         guard.start()
-        return keys, guard
+        return keys, guard, roles
+
+    def _say_roles(self, roles: Roles | None) -> None:
+        if roles is not None:
+            self.log.info("%s", roles.describe())
+        else:
+            self.log.info("no %s in %s: every authorized key may serve and call everything",
+                          ROLES_FILE, self.config.curve_authorized)
 
     def bind(self) -> None:
         """Binds every socket, or closes those it made and raises OSError naming what failed."""
         cfg = self.config
-        self._keys, self._guard = self._security()
+        self._keys, self._guard, roles = self._security()
         keys = self._keys
         opts = SocketOptions(max_message=cfg.max_message, curve=keys)
         made: list[zmq.Socket[Any]] = []
@@ -205,7 +216,13 @@ class Broker:
             for sock in made:
                 sock.close(linger=0)
             self._front = self._pub = self._sub = self._mon = None
+            if self._guard is not None:
+                self._guard.stop()
+                self._guard = None
             raise
+        if self._guard is not None:
+            self._say_roles(roles)
+            self._execute(self.core.authorize(roles))
         self.ready.set()
 
     def run(self) -> None:
@@ -237,6 +254,7 @@ class Broker:
         execute(core.start())
         frames_received = core.frames_received
         record = self._errors.record
+        keyed = self._guard is not None  # rule 13: every message's sender key, for the core
         try:
             while not self._stop.is_set():
                 ms = self._poll_timeout()
@@ -254,14 +272,18 @@ class Broker:
                     # its peer took over before it serves anything from its backlog
                     self._read_peer()
                     for _ in range(BATCH):
-                        msg = recv_nowait(front)
+                        user: str | None = None
+                        if keyed:
+                            msg, user = _recv_keyed(front)
+                        else:
+                            msg = recv_nowait(front)
                         if msg is None:
                             core.drained()
                             break
                         # a bug costs this one message, never the broker (a plain try: it
                         # costs nothing on this path until something raises)
                         try:
-                            execute(frames_received(msg[0], msg[1:]))
+                            execute(frames_received(msg[0], msg[1:], user))
                         except Exception as exc:  # noqa: BLE001 - that is the point
                             record(exc, "a frontend message")
                 else:
@@ -422,17 +444,23 @@ class Broker:
                 waker.close()
 
     def _security_events(self) -> None:
-        """SIGHUP's reload of the authorized keys, and the keys ZAP refused (for the core)."""
+        """SIGHUP's reload of the authorized keys and their roles (both, or neither: a mistake
+        in either keeps the old ones), and the keys ZAP refused (for the core)."""
         guard, keys, directory = self._guard, self._keys, self.config.curve_authorized
         if guard is None or keys is None or directory is None:
             return
         if self._reload.is_set():
             self._reload.clear()
             try:
-                guard.allowed = load_authorized(directory) | {keys.public}
-                self.log.info("reloaded %d authorized keys", len(guard.allowed) - 1)
+                named = authorized_keys(directory)
+                roles = load_roles(directory, named)
             except ValueError as exc:
-                self.log.error("keeping the old authorized keys: %s", exc)
+                self.log.error("keeping the old authorized keys and roles: %s", exc)
+            else:
+                guard.allowed = set(named.values()) | {keys.public}
+                self.log.info("reloaded %d authorized keys", len(named))
+                self._say_roles(roles)
+                self._execute(self.core.authorize(roles))
         while guard.refused:
             address, key, reason = guard.refused.popleft()
             self._execute(self.core.refused(address, key, reason))
@@ -501,6 +529,25 @@ class Broker:
         else:
             counters["send_full"] += 1
         return sent
+
+
+def _recv_keyed(sock: zmq.Socket[Any]) -> tuple[list[bytes] | None, str | None]:
+    """recv_nowait's message (None when there is none yet), and the ZAP User-Id it came with:
+    the sender's CURVE public key in Z85 (every frame of a CURVE connection carries it)."""
+    recv = sock.recv
+    try:
+        frame = recv(NOBLOCK, copy=False)
+    except zmq.Again:
+        return None, None
+    try:
+        user = frame.get("User-Id")
+    except zmq.ZMQError:
+        user = None
+    parts = [frame.bytes]
+    while frame.more:
+        frame = recv(NOBLOCK, copy=False)
+        parts.append(frame.bytes)
+    return parts, user if isinstance(user, str) and user else None
 
 
 def _drain(inbox: queue.SimpleQueue[Any]) -> list[Any]:

@@ -6,8 +6,8 @@ none), the Monitor and the workers' LivenessTracker, with an injected clock. The
 (broker/_loop.py) hands it what it read and carries out the actions it returns; it decides
 nothing but to skip the later SendCalls to a worker one of them failed to reach. The verbs:
 `start`, `frames_received`, `peer_state_received`, `call_not_sent`,
-`refused`, `checkpoint`, `drained`, `tick`, `next_deadline`; in cluster mode `cluster_events`
-and `leave` too, with `--elect` `election_events` and `leave`.
+`refused`, `authorize`, `checkpoint`, `drained`, `tick`, `next_deadline`; in cluster mode
+`cluster_events` and `leave` too, with `--elect` `election_events` and `leave`.
 
 Rules (DESIGN.md §3-5, docs/protocol.md §7-8):
 
@@ -58,9 +58,32 @@ Rules (DESIGN.md §3-5, docs/protocol.md §7-8):
     worker's `active_epoch` above ours, or a worker refusing a call of ours with NOT_ACTIVE
     (it has seen a newer epoch), makes it step down. Its alerts (failover, lease_lost,
     etcd_unreachable) go out in every state; `leave` revokes its lease on a clean stop.
+13. Who calls (CURVE keys on): the loop hands every message's ZAP User-Id (the sender's
+    public key, Z85) to `frames_received`. A client REQUEST loses any `caller` header it
+    carries, and gets its sender's key as `caller` when there is one, before anything else
+    reads it: a client cannot claim an identity.
+14. Roles (`authorize`, docs/operations.md §7): a READY offering a service outside its key's
+    `serve` is refused: nothing of it reaches the dispatcher (a worker registered already
+    leaves, as under new roles); the worker is told why (its heartbeats carry `refused`: it
+    is kept, heartbeated and never asked to register, so it does not reconnect in a loop),
+    counted (`unauthorized_workers`). A client REQUEST
+    outside its key's `call`, or for a `zrpc` method other than OPEN_METHODS without `admin`,
+    is answered UNAUTHORIZED before it can be a vote (`unauthorized_calls`). Each raises
+    `unauthorized` (subject: the key's name, detail: key, what, service). New roles judge
+    every worker again: a registered one no longer allowed leaves (its calls in flight
+    finish), a refused one now allowed is asked to register. No roles: every key may do
+    everything.
+15. `zrpc.health` (as gRPC's health protocol): SERVING while this broker serves and the
+    service has a registered worker that is not leaving; NOT_SERVING for a service a worker
+    offered once (or when this broker does not serve); UNKNOWN for one never offered. No
+    argument: the broker itself.
+16. A READY whose `info` says `restarts` above what this broker last saw under that worker
+    name (above 0 for a name it never saw) is a `worker_restarted` notice, before the
+    dispatcher hears of it.
 
-Counters: the core counts what it sees (`received`, `malformed`, `not_active`); the loop,
-which alone sees sends, counts `sent`, `unroutable` and `send_full` in the same `counters`.
+Counters: the core counts what it sees (`received`, `malformed`, `not_active`,
+`unauthorized_workers`, `unauthorized_calls`); the loop, which alone sees sends, counts
+`sent`, `unroutable` and `send_full` in the same `counters`.
 """
 
 from __future__ import annotations
@@ -75,6 +98,7 @@ from typing import Any, Protocol
 from zrpc._core._clock import Clock
 from zrpc._core._frames import (
     CLIENT,
+    H_CALLER,
     WORKER,
     ClientReply,
     ClientRequest,
@@ -93,7 +117,7 @@ from zrpc._core._membership import Alert as ClusterAlert
 from zrpc._core._membership import Event as ClusterEvent
 from zrpc._core._membership import Log as ClusterLog
 from zrpc._core._membership import Output as ClusterOutput
-from zrpc._core._serial import pack_error, pack_result
+from zrpc._core._serial import pack_error, pack_result, unpack_call
 from zrpc._core._service import RESERVED
 from zrpc._errors import ProtocolError
 from zrpc.broker._core._bstar import (
@@ -156,6 +180,20 @@ ALWAYS_NOTICED = frozenset({"unauthorized", "internal_error", "broker_restarted"
 """Notices a passive broker reports too: they are about this broker, not about the calls the
 active one serves."""
 
+OPEN_METHODS = frozenset({"ping", "health"})
+"""`zrpc` methods every authorized key may call; the others (status, services) need `admin`."""
+
+REFUSED_LIMIT = 1000
+"""Workers refused by their roles kept at once (heartbeated, never asked to register); the
+oldest is let go first (it reconnects, and is refused again)."""
+
+SEEN_LIMIT = 10_000
+"""Services and worker names remembered for `zrpc.health` and `worker_restarted`; the oldest
+is forgotten first."""
+
+SERVING, NOT_SERVING, UNKNOWN = "SERVING", "NOT_SERVING", "UNKNOWN"
+"""`zrpc.health` answers (gRPC's health statuses)."""
+
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING}
 
 
@@ -201,6 +239,27 @@ class Settings(Protocol):
     def elect(self) -> str | None: ...
     @property
     def election(self) -> str: ...
+
+
+class Authority(Protocol):
+    """What the core asks of the roles of the keys (zrpc._io._security.Roles, a layer above
+    the cores: named here by shape)."""
+
+    def may_serve(self, key: str | None, service: str) -> bool: ...
+    def may_call(self, key: str | None, service: str) -> bool: ...
+    def may_admin(self, key: str | None) -> bool: ...
+    def label(self, key: str | None) -> str: ...
+
+
+@dataclass(slots=True)
+class _Refused:
+    """A worker refused by its key's roles (rule 14)."""
+
+    key: str | None
+    name: str
+    services: tuple[str, ...]
+    why: str
+    seen: float
 
 
 class Errors(Protocol):
@@ -311,7 +370,8 @@ class BrokerCore:
         self._election = self._elector(config, clock)
         self.malformed = Malformed()
         self.counters: dict[str, int] = dict.fromkeys(
-            ("received", "sent", "malformed", "unroutable", "send_full", "not_active"), 0)
+            ("received", "sent", "malformed", "unroutable", "send_full", "not_active",
+             "unauthorized_workers", "unauthorized_calls"), 0)
         self.metrics: dict[str, Any] = {}  # the latest `metrics` snapshot
         self.last_status: dict[str, Any] = {}  # refreshed every METRICS_PERIOD, for Prometheus
         now = clock()
@@ -329,6 +389,11 @@ class BrokerCore:
         self._errors_reported = 0
         self._worker_errors: dict[bytes, int] = {}  # internal errors each worker last reported
         self._restart_resolved = False
+        self._roles: Authority | None = None  # rule 14 (None: every key may do everything)
+        self._worker_keys: dict[bytes, str] = {}  # each registered worker's key (rule 13)
+        self._refused: dict[bytes, _Refused] = {}  # refused by roles, oldest first (rule 14)
+        self._services_seen: dict[str, None] = {}  # offered in a READY, oldest first (rule 15)
+        self._restarts: dict[str, int] = {}  # worker name -> restarts last seen (rule 16)
 
     # --- read-only views -----------------------------------------------------------------
 
@@ -402,14 +467,16 @@ class BrokerCore:
         self._mark = self._clock()
         return out
 
-    def frames_received(self, peer: bytes, frames: list[bytes]) -> list[Action]:
-        """A message from the frontend: `frames` after the routing id `peer`."""
+    def frames_received(self, peer: bytes, frames: list[bytes],
+                        caller: str | None = None) -> list[Action]:
+        """A message from the frontend: `frames` after the routing id `peer`; `caller` is its
+        sender's public key (Z85, the ZAP User-Id) when keys are on (rule 13)."""
         self.counters["received"] += 1
         out: list[Action] = []
         try:
             if self._election is not None:
                 self._election_due(out)  # rule 12: past the fence deadline, nothing more starts
-            self._on_frames(peer, frames, out)
+            self._on_frames(peer, frames, caller, out)
         except Exception as exc:  # noqa: BLE001 - a bug costs this one message (rule 10)
             self._failed(exc, peer, frames, out)
         return out
@@ -447,6 +514,33 @@ class BrokerCore:
         """The security layer refused a peer's key (rule 8: noticed in every state)."""
         out: list[Action] = []
         self._notice(Notice("unauthorized", address, {"reason": reason, "key": key}), out)
+        return out
+
+    def authorize(self, roles: Authority | None) -> list[Action]:
+        """The roles of the keys, at start and after each reload (None: no roles file): every
+        worker is judged again (rule 14)."""
+        out: list[Action] = []
+        with self._contain("new roles"):
+            self._roles = roles
+            d = self._dispatcher
+            if roles is not None:
+                for wid, key in list(self._worker_keys.items()):
+                    w = d.workers.get(wid)
+                    if w is None or w.leaving or wid in self._refused:
+                        continue
+                    denied = [s for s in w.services if not roles.may_serve(key, s)]
+                    if denied:
+                        self._refuse_worker(wid, key, w.name, tuple(w.services), denied, out)
+            for peer, r in list(self._refused.items()):
+                if roles is None or all(roles.may_serve(r.key, s) for s in r.services):
+                    del self._refused[peer]
+                    if d.has_worker(peer):
+                        continue  # still finishing its calls: it re-registers when it reconnects
+                    info = self._hello()
+                    info["register"] = True
+                    out.append(Send(peer, encode(Heartbeat(WORKER, info))))
+                    out.append(Log(logging.INFO, "worker %s may serve %s now: asked to register",
+                                   (r.name, ",".join(r.services))))
         return out
 
     def cluster_events(self, events: Sequence[ClusterEvent]) -> list[Action]:
@@ -554,7 +648,11 @@ class BrokerCore:
         try:
             if self._liveness.beat():
                 frames = encode(Heartbeat(WORKER, self._hello()))
-                out.extend(Send(wid, frames) for wid in self._dispatcher.worker_ids())
+                refused = self._refused
+                out.extend(Send(wid, frames) for wid in self._dispatcher.worker_ids()
+                           if wid not in refused)
+                if refused:
+                    self._beat_refused(out)
         except Exception as exc:  # noqa: BLE001
             record(exc, "heartbeats to workers")
         self._report_errors(out)
@@ -619,7 +717,8 @@ class BrokerCore:
 
     # --- input ---------------------------------------------------------------------------
 
-    def _on_frames(self, peer: bytes, frames: list[bytes], out: list[Action]) -> None:
+    def _on_frames(self, peer: bytes, frames: list[bytes], caller: str | None,
+                   out: list[Action]) -> None:
         if len(frames) != 2:
             self._malformed(peer, f"{len(frames)} frames, expected 2", out)
             return
@@ -633,6 +732,13 @@ class BrokerCore:
             return
         d = self._dispatcher
         if type(msg) is ClientRequest:
+            headers = msg.headers  # rule 13: the broker says who calls, never the client
+            if caller is not None:
+                headers[H_CALLER] = caller
+            elif H_CALLER in headers:
+                del headers[H_CALLER]
+            if self._roles is not None and not self._may_call(peer, msg, caller, out):
+                return  # rule 14: refused before it could be a vote
             bstar = self._bstar
             if msg.service == RESERVED:
                 self._internal(peer, msg, out)
@@ -649,9 +755,7 @@ class BrokerCore:
                 self._refused_by_worker(peer, out)
             self._worker_event(peer, ReplyArrived(peer, msg), out)
         elif type(msg) is Ready:
-            self._carry_out(d.handle(WorkerReady(peer, msg)), out)
-            self._liveness.seen(peer)
-            out.append(Send(peer, encode(Heartbeat(WORKER, self._hello()))))
+            self._ready(peer, msg, caller, out)
         elif type(msg) is Heartbeat:
             if msg.sender == WORKER:
                 self._worker_seen(peer, out)
@@ -662,6 +766,7 @@ class BrokerCore:
             else:
                 out.append(Send(peer, encode(Heartbeat(CLIENT, self._hello()))))
         elif type(msg) is Disconnect:
+            self._refused.pop(peer, None)  # leaving on purpose: nothing more to tell it
             self._worker_event(peer, WorkerLeaving(peer), out)
             if d.has_worker(peer):  # still finishing calls: still watched
                 self._liveness.seen(peer)
@@ -706,19 +811,144 @@ class BrokerCore:
             body, status = pack_result(self._dispatcher.services_map()), Status.OK
         elif req.method == "ping":
             body, status = pack_result("pong"), Status.OK
+        elif req.method == "health":
+            body, status = self._health(req.body)
         else:
             body = pack_error("MethodNotFound", f"the broker has no method zrpc.{req.method}")
             status = Status.METHOD_NOT_FOUND
         out.append(Send(peer, encode(ClientReply(req.request_id, status, body))))
+
+    def _ready(self, peer: bytes, msg: Ready, caller: str | None, out: list[Action]) -> None:
+        """A worker registers (or announces itself again): its roles first (rule 14), then its
+        restarts (rule 16), then the dispatcher; a READY the dispatcher refused (a limit) is
+        answered with the reason in the heartbeat, as one refused by roles is."""
+        roles = self._roles
+        if roles is not None:
+            denied = [s for s in msg.services if not roles.may_serve(caller, s)]
+            if denied:
+                self._refuse_worker(peer, caller, msg.worker_id, tuple(msg.services), denied, out)
+                return
+        self._refused.pop(peer, None)
+        self._restarted(msg, out)
+        d = self._dispatcher
+        actions = d.handle(WorkerReady(peer, msg))
+        self._carry_out(actions, out)
+        self._liveness.seen(peer)
+        hello = self._hello()
+        if d.has_worker(peer):
+            if caller is not None:
+                self._worker_keys[peer] = caller
+            for name in msg.services:
+                _remember(self._services_seen, name, None)
+        else:
+            why = [a.detail.get("reason") for a in actions if type(a) is Notice
+                   and a.name == "worker_refused"]
+            hello["refused"] = str(why[0]) if why else "refused by the broker"
+        out.append(Send(peer, encode(Heartbeat(WORKER, hello))))
+
+    def _refuse_worker(self, peer: bytes, key: str | None, name: str, services: tuple[str, ...],
+                       denied: list[str], out: list[Action]) -> None:
+        """Rule 14: told why, kept (heartbeated, never asked to register), counted, alerted; a
+        registered one leaves (no new call; those in flight finish)."""
+        roles = self._roles
+        label = roles.label(key) if roles is not None else str(key)
+        why = (f"the key {label} may not serve {', '.join(denied)} (see the roles file of the "
+               "broker)")
+        if self._dispatcher.has_worker(peer):
+            self._worker_event(peer, WorkerLeaving(peer), out)
+        self.counters["unauthorized_workers"] += 1
+        self._refused.pop(peer, None)
+        self._refused[peer] = _Refused(key, name, services, why, self._clock())
+        while len(self._refused) > REFUSED_LIMIT:
+            del self._refused[next(iter(self._refused))]
+        info = self._hello()
+        info["refused"] = why
+        out.append(Send(peer, encode(Heartbeat(WORKER, info))))
+        self._notice(Notice("unauthorized", label, {
+            "key": key, "what": "serve", "service": ", ".join(denied), "worker": name,
+            "reason": why}), out)
+
+    def _beat_refused(self, out: list[Action]) -> None:
+        """Rule 14: each refused worker still heard is heartbeated with the reason; one silent
+        for a liveness timeout is let go."""
+        now, timeout = self._clock(), self._liveness.timeout
+        for peer, r in list(self._refused.items()):
+            if now - r.seen > timeout:
+                del self._refused[peer]
+                continue
+            info = self._hello()
+            info["refused"] = r.why
+            out.append(Send(peer, encode(Heartbeat(WORKER, info))))
+
+    def _may_call(self, peer: bytes, req: ClientRequest, caller: str | None,
+                  out: list[Action]) -> bool:
+        """Rule 14: a call outside the key's role is answered UNAUTHORIZED, counted, alerted."""
+        roles = self._roles
+        assert roles is not None
+        if req.service == RESERVED:
+            if req.method in OPEN_METHODS or roles.may_admin(caller):
+                return True
+            what, target = "admin", f"{RESERVED}.{req.method}"
+            label = roles.label(caller)
+            why = (f"the key {label} may not call {target}: an admin method (admin = true in the "
+                   "roles file of the broker)")
+        elif roles.may_call(caller, req.service):
+            return True
+        else:
+            what, target = "call", req.service
+            label = roles.label(caller)
+            why = f"the key {label} may not call {target} (see the roles file of the broker)"
+        self.counters["unauthorized_calls"] += 1
+        out.append(Send(peer, encode(ClientReply(req.request_id, Status.UNAUTHORIZED,
+                                                 pack_error("Unauthorized", why)))))
+        self._notice(Notice("unauthorized", label, {
+            "key": caller, "what": what, "service": target, "method": req.method,
+            "reason": why}), out)
+        return False
+
+    def _health(self, body: bytes) -> tuple[bytes, Status]:
+        """Rule 15: `zrpc.health(service=None)`."""
+        try:
+            args, kwargs = unpack_call(body) if body else ([], {})
+        except ProtocolError as exc:
+            return pack_error("ProtocolError", str(exc)), Status.PROTOCOL_ERROR
+        service = args[0] if args else kwargs.get("service")
+        if (len(args) + len(kwargs) > 1 or not set(kwargs) <= {"service"}
+                or not (service is None or isinstance(service, str))):
+            return pack_error("ProtocolError", "zrpc.health takes one argument: a service name "
+                                               "(none: the broker itself)"), Status.PROTOCOL_ERROR
+        status = SERVING if self._serving else NOT_SERVING
+        if service is not None:
+            served = any(service in w.services and not w.leaving
+                         for w in self._dispatcher.workers.values())
+            if not served:
+                status = NOT_SERVING if service in self._services_seen else UNKNOWN
+        return pack_result({"status": status, "service": service, "state": self.state}), Status.OK
+
+    def _restarted(self, msg: Ready, out: list[Action]) -> None:
+        """Rule 16: a prefork worker's process came back after a crash."""
+        n = msg.info.get("restarts")
+        if type(n) is not int or n < 0:
+            return
+        before = self._restarts.get(msg.worker_id, 0)
+        _remember(self._restarts, msg.worker_id, n)
+        if n > before:
+            info = msg.info
+            self._notice(Notice("worker_restarted", msg.worker_id, {
+                "restarts": n, "prefork": info.get("prefork"), "host": info.get("host"),
+                "pid": info.get("pid")}), out)
 
     def _worker_seen(self, peer: bytes, out: list[Action]) -> None:
         """Any traffic from a worker is a heartbeat; an unknown one is asked to register
         (this broker restarted, or declared it dead while it was only stopped), unless it
         is one that left cleanly: it is gone on purpose."""
         d = self._dispatcher
+        refused = self._refused.get(peer)
+        if refused is not None:  # rule 14: kept while it is heard, never asked to register
+            refused.seen = self._clock()
         if d.has_worker(peer):
             self._liveness.seen(peer)
-        elif d.wants_register(peer):
+        elif refused is None and d.wants_register(peer):
             info = self._hello()
             info["register"] = True
             out.append(Send(peer, encode(Heartbeat(WORKER, info))))
@@ -823,6 +1053,8 @@ class BrokerCore:
             self._monitor_outputs(alerts, out)
         for wid in [w for w in self._worker_errors if not d.has_worker(w)]:
             del self._worker_errors[wid]  # bounded by the workers we know, whatever path removed one
+        for wid in [w for w in self._worker_keys if not d.has_worker(w)]:
+            del self._worker_keys[wid]
         out.append(ReleaseMemory())
 
     def _restart_settled(self, out: list[Action]) -> None:
@@ -865,6 +1097,7 @@ class BrokerCore:
         self._monitor.forget(wid)
         self._liveness.forget(wid)
         self._worker_errors.pop(wid, None)
+        self._worker_keys.pop(wid, None)
 
     def _activate(self, serving: bool, out: list[Action]) -> None:
         self._carry_out(self._dispatcher.handle(Activated() if serving else Deactivated()), out)
@@ -1018,3 +1251,11 @@ class BrokerCore:
             yield
         except Exception as exc:  # noqa: BLE001 - rule 10
             self._errors.record(exc, what)
+
+
+def _remember(seen: dict[Any, Any], key: Any, value: Any) -> None:
+    """Bounded memory (SEEN_LIMIT), oldest first: `key` is made the newest."""
+    seen.pop(key, None)
+    seen[key] = value
+    while len(seen) > SEEN_LIMIT:
+        del seen[next(iter(seen))]

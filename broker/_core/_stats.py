@@ -96,7 +96,7 @@ def worker_view(w: WorkerState) -> dict[str, Any]:
         "errors": w.errors,
         "leaving": w.leaving,
         "ejected": w.ejected,
-        **{k: v for k, v in w.info.items() if k in ("host", "pid")},
+        **{k: v for k, v in w.info.items() if k in ("host", "pid", "prefork", "restarts")},
     }
 
 

@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 
 import zrpc
-from tests import REPO
 from zrpc._tools._procs import TRACEBACK
 from zrpc.testing import wait_until
 
@@ -309,10 +308,6 @@ def test_allow_refuses_every_caller_when_the_broker_runs_without_keys(cluster, c
     assert c.proxy("guarded").open_door()["caller"] is None  # a method without allow= takes anyone
 
 
-def _broker_stamps_the_caller() -> bool:
-    return "H_CALLER" in (REPO / "broker" / "_core" / "_broker.py").read_text()
-
-
 @pytest.fixture
 def keys(tmp_path):
     from zrpc._io._security import keygen
@@ -327,8 +322,6 @@ def keys(tmp_path):
 
 
 def test_allow_runs_the_allowed_key_and_refuses_another_with_real_keys(cluster, keys, monkeypatch):
-    if not _broker_stamps_the_caller():
-        pytest.skip("the broker does not name callers (the `caller` header) yet")
     def curve(who: str) -> dict[str, str]:
         return {"curve_server_key": str(keys["broker"][0]), "curve_secret": str(keys[who][1])}
 

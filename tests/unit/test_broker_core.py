@@ -1,5 +1,6 @@
 """BrokerCore's rules on a fake clock: the vote and NOT_ACTIVE, `zrpc.*` on a passive broker,
-which alerts go out, the timers, malformed input counted, a bug contained, and its repr."""
+which alerts go out, the timers, malformed input counted, a bug contained, its repr, the
+caller's key and the roles of keys, zrpc.health and worker_restarted."""
 
 from __future__ import annotations
 
@@ -13,15 +14,18 @@ from zrpc._core._frames import (
     WORKER,
     ClientReply,
     ClientRequest,
+    Disconnect,
     Heartbeat,
     Ready,
     Status,
+    WorkerReply,
     WorkerRequest,
     decode_frames,
     encode,
 )
 from zrpc._core._serial import pack_call, unpack_error, unpack_result
 from zrpc._io._internal import InternalErrors
+from zrpc._io._security import Role, Roles
 from zrpc.broker._config import BrokerConfig
 from zrpc.broker._core._broker import (
     DRAIN_TIMEOUTS,
@@ -35,6 +39,7 @@ from zrpc.broker._core._broker import (
     SendCall,
 )
 from zrpc.broker._core._bstar import BStar, encode_state
+from zrpc.broker._core._dispatch import Dispatcher
 from zrpc.testing import FakeClock
 
 INTERVAL = 0.25
@@ -328,3 +333,198 @@ def test_state_and_peer_state_go_together() -> None:
     with pytest.raises(ValueError, match="go together"):
         BrokerCore(BrokerConfig(state="tcp://127.0.0.1:1"), FakeClock(),
                    InternalErrors(logging.getLogger("zrpc.broker.test"), "broker"))
+
+
+# --- who calls, and the roles of the keys (rules 13, 14) ------------------------------------
+
+APP, OPS, GOOD, ROGUE, STRANGER = (f"{n:<5}".replace(" ", "0") * 8 for n in
+                                   ("app", "ops", "good", "rogue", "who"))  # 40-character "keys"
+
+
+def with_roles(core: BrokerCore, **extra: Any) -> Roles:
+    roles = Roles("roles.toml", {APP: Role(call=frozenset({"calc"})),
+                                 OPS: Role(call=frozenset({"*"}), admin=True),
+                                 GOOD: Role(serve=frozenset({"calc"})),
+                                 **extra},
+                  names={APP: "app", GOOD: "good", ROGUE: "rogue"})
+    assert core.authorize(roles) == []
+    return roles
+
+
+def sent_to(actions: list[Action], peer: bytes) -> list[Any]:
+    return [decode_frames(a.frames) for a in actions if type(a) in (Send, SendCall)
+            and (a.peer if type(a) is Send else a.worker) == peer]
+
+
+def ready(core: BrokerCore, wid: bytes, key: str | None, name: str = "w",
+          services: dict[str, dict[str, bool]] | None = None, **info: Any) -> list[Action]:
+    return core.frames_received(wid, encode(Ready(name, services or SERVICES, 2, 1.0, info)), key)
+
+
+def test_the_broker_stamps_the_callers_key_and_drops_one_a_client_claims() -> None:
+    core = make(FakeClock())
+    ready(core, b"w1", GOOD)
+    out = core.frames_received(CLIENT_ID, request(1, caller=OPS), APP)
+    (call,) = [m for m in sent_to(out, b"w1") if isinstance(m, WorkerRequest)]
+    assert call.headers["caller"] == APP
+    out = core.frames_received(CLIENT_ID, request(2, caller=OPS))  # no keys: no caller at all
+    (call,) = [m for m in sent_to(out, b"w1") if isinstance(m, WorkerRequest)]
+    assert "caller" not in call.headers
+
+
+def test_a_ready_outside_its_keys_role_is_refused_told_why_kept_and_alerted() -> None:
+    clock = FakeClock()
+    core = make(clock)
+    with_roles(core)
+    out = ready(core, b"w1", ROGUE, "rogue-1")
+    assert not core.dispatcher.has_worker(b"w1")
+    (hb,) = sent_to(out, b"w1")
+    assert isinstance(hb, Heartbeat) and hb.info["refused"].startswith("the key rogue may not serve calc")
+    (pub,) = [a for a in out if type(a) is Publish]
+    assert pub.topic == "alert.unauthorized" and pub.event["subject"] == "rogue"
+    assert pub.event["detail"] | {"reason": "-"} == {"key": ROGUE, "what": "serve", "service": "calc",
+                                                     "worker": "rogue-1", "reason": "-"}
+    assert core.counters["unauthorized_workers"] == 1
+    # its heartbeats keep it, and are answered with the reason: it is never asked to register
+    for _ in range(8):
+        clock.advance(INTERVAL / 2)
+        assert not any("register" in m.info for m in sent_to(
+            core.frames_received(b"w1", encode(Heartbeat(WORKER, {})), ROGUE), b"w1"))
+        beats = [m for m in sent_to(core.tick(), b"w1") if isinstance(m, Heartbeat)]
+        assert all(m.info["refused"] == hb.info["refused"] for m in beats)
+    assert core.counters["unauthorized_workers"] == 1
+    # silent for its liveness timeout: let go (no more heartbeats)
+    clock.advance(core.liveness.timeout + INTERVAL)
+    core.tick()
+    clock.advance(INTERVAL)
+    assert sent_to(core.tick(), b"w1") == []
+
+
+def test_a_call_outside_its_keys_role_is_answered_unauthorized_and_never_dispatched() -> None:
+    core = make(FakeClock())
+    with_roles(core)
+    ready(core, b"w1", GOOD)
+    requests = core.dispatcher.counters["requests"]
+    out = core.frames_received(CLIENT_ID, request(1, "billing", "charge"), APP)
+    (r,) = replies(out)
+    assert r.status == Status.UNAUTHORIZED
+    err = unpack_error(r.body)
+    assert err["type"] == "Unauthorized" and "the key app may not call billing" in err["message"]
+    assert not [a for a in out if type(a) is SendCall]
+    assert core.dispatcher.counters["requests"] == requests and core.counters["unauthorized_calls"] == 1
+    assert ("unauthorized", "event") in alerts(out)
+    (r,) = replies(core.frames_received(CLIENT_ID, request(2), STRANGER))  # named nowhere: nothing
+    assert r.status == Status.UNAUTHORIZED and STRANGER in unpack_error(r.body)["message"]
+    assert [a for a in core.frames_received(CLIENT_ID, request(3), APP) if type(a) is SendCall]
+
+
+def test_a_refused_call_to_a_passive_broker_is_not_a_vote() -> None:
+    clock = FakeClock()
+    core = backup_passive(clock)
+    with_roles(core)
+    clock.advance(10 * INTERVAL)  # its peer is silent: an allowed request would be a vote
+    (r,) = replies(core.frames_received(CLIENT_ID, request(1), STRANGER))
+    assert r.status == Status.UNAUTHORIZED and core.state == "passive"
+
+
+def test_admin_methods_need_admin_and_ping_and_health_do_not() -> None:
+    core = make(FakeClock())
+    with_roles(core)
+    out: list[Action] = []
+    for rid, method in enumerate(("status", "services", "ping", "health", "nope"), 1):
+        out += core.frames_received(CLIENT_ID, encode(ClientRequest(rid, "zrpc", method, {}, pack_call(
+            (), {}))), APP)
+    status, services, ping, health, nope = replies(out)
+    assert status.status == services.status == nope.status == Status.UNAUTHORIZED
+    assert "an admin method" in unpack_error(status.body)["message"]
+    assert ping.status == health.status == Status.OK
+    (st,) = replies(core.frames_received(CLIENT_ID, request(9, "zrpc", "status"), OPS))
+    assert st.status == Status.OK and unpack_result(st.body)["counters"]["unauthorized_calls"] == 3
+
+
+def test_new_roles_ask_a_refused_worker_back_and_make_a_revoked_one_leave() -> None:
+    clock = FakeClock()
+    core = make(clock)
+    with_roles(core)
+    ready(core, b"w1", ROGUE, "rogue-1")
+    ready(core, b"w2", GOOD, "good-1")
+    (call,) = [a for a in core.frames_received(CLIENT_ID, request(1), APP) if type(a) is SendCall]
+    assert call.worker == b"w2"
+    # grant: the refused one is asked to register, and is let in when it does
+    out = core.authorize(Roles(
+        "roles.toml", {APP: Role(call=frozenset({"calc"})), ROGUE: Role(serve=frozenset({"calc"}))},
+        names={ROGUE: "rogue"}))
+    (hb,) = sent_to(out, b"w1")
+    assert isinstance(hb, Heartbeat) and hb.info["register"] is True
+    ready(core, b"w1", ROGUE, "rogue-1")
+    assert core.dispatcher.has_worker(b"w1")
+    # ...and good, no longer named, now leaves: its call in flight still completes
+    assert core.dispatcher.workers[b"w2"].leaving
+    assert ("worker_leaving", "event") in alerts(out) and ("unauthorized", "event") in alerts(out)
+    done = core.frames_received(b"w2", encode(WorkerReply(CLIENT_ID, 1, Status.OK, b"\x03")), GOOD)
+    (r,) = replies(done)
+    assert r.status == Status.OK and not core.dispatcher.has_worker(b"w2")
+    # no roles at all: everything is allowed again
+    core.authorize(None)
+    (r,) = replies(core.frames_received(CLIENT_ID, request(2, "zrpc", "status"), STRANGER))
+    assert r.status == Status.OK
+
+
+def test_a_ready_the_dispatcher_refuses_is_answered_with_the_reason() -> None:
+    clock = FakeClock()
+    errors = InternalErrors(logging.getLogger("zrpc.broker.test"), "broker")
+    core = BrokerCore(BrokerConfig(heartbeat_interval=INTERVAL), clock, errors,
+                      dispatcher=Dispatcher(clock, max_services=1))
+    core.start()
+    (hb,) = sent_to(ready(core, b"w1", None, services={"a": {}, "b": {}}), b"w1")
+    assert isinstance(hb, Heartbeat) and "at most 1" in hb.info["refused"]
+    (hb,) = sent_to(ready(core, b"w2", None, services={"a": {}}), b"w2")
+    assert isinstance(hb, Heartbeat) and "refused" not in hb.info
+
+
+# --- zrpc.health (rule 15) ----------------------------------------------------------------------
+
+
+def health(core: BrokerCore, *args: Any, **kwargs: Any) -> Any:
+    req = encode(ClientRequest(1, "zrpc", "health", {}, pack_call(args, kwargs)))
+    (r,) = replies(core.frames_received(CLIENT_ID, req))
+    return unpack_result(r.body) if r.status == Status.OK else r.status
+
+
+def test_health_says_serving_not_serving_or_unknown_as_grpc_does() -> None:
+    clock = FakeClock()
+    core = make(clock)
+    assert health(core) == {"status": "SERVING", "service": None, "state": "active"}
+    assert health(core, "calc")["status"] == "UNKNOWN"
+    register(core, b"w1")
+    assert health(core, "calc")["status"] == "SERVING"
+    assert health(core, service="calc")["status"] == "SERVING"
+    core.frames_received(b"w1", encode(Disconnect()))  # leaving: no longer serving
+    assert health(core, "calc")["status"] == "NOT_SERVING"
+    assert health(core, "other")["status"] == "UNKNOWN"
+    assert health(core, 1) == health(core, "a", "b") == health(core, what="x") == Status.PROTOCOL_ERROR
+    (r,) = replies(core.frames_received(CLIENT_ID, encode(ClientRequest(2, "zrpc", "health", {}, b""))))
+    assert unpack_result(r.body)["status"] == "SERVING"  # an empty body: the broker itself
+
+
+def test_a_passive_broker_is_not_serving_whatever_its_workers() -> None:
+    core = backup_passive(FakeClock())
+    register(core, b"w1")
+    assert health(core)["status"] == health(core, "calc")["status"] == "NOT_SERVING"
+    assert health(core, "other")["status"] == "UNKNOWN"
+
+
+# --- worker_restarted (rule 16) -------------------------------------------------------------------
+
+
+def test_a_ready_with_more_restarts_than_last_seen_is_a_worker_restarted_alert() -> None:
+    core = make(FakeClock())
+    info = {"host": "h", "pid": 7, "prefork": 2}
+    assert ("worker_restarted", "event") not in alerts(ready(core, b"w1", None, "w-2", restarts=0, **info))
+    out = ready(core, b"w2", None, "w-2", restarts=1, **info)
+    (pub,) = [a for a in out if type(a) is Publish and a.topic == "alert.worker_restarted"]
+    assert pub.event["subject"] == "w-2"
+    assert pub.event["detail"] == {"restarts": 1, "prefork": 2, "host": "h", "pid": 7}
+    assert ("worker_restarted", "event") not in alerts(ready(core, b"w2", None, "w-2", restarts=1, **info))
+    assert ("worker_restarted", "event") in alerts(ready(core, b"w3", None, "w-3", restarts=4, **info))
+    assert ("worker_restarted", "event") not in alerts(ready(core, b"w4", None, "w-4", **info))

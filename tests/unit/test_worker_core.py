@@ -879,3 +879,15 @@ def test_a_method_without_allow_takes_every_caller() -> None:
     assert len(runs(h.request(1, "add"))) == 1
     assert len(runs(h.request(2, "add", caller=OTHER))) == 1
     assert h.core.unauthorized == 0
+
+
+def test_a_refused_worker_says_why_once_per_reason():
+    h = Harness(1)
+    out = h.heartbeat(0, state="active", refused="key worker1 may not serve w")
+    assert [a.text for a in out if isinstance(a, Log) and a.level == logging.ERROR] == [
+        "broker tcp://b0 refused this worker: key worker1 may not serve w"]
+    assert not [a for a in h.heartbeat(0, state="active", refused="key worker1 may not serve w")
+                if isinstance(a, Log) and a.level == logging.ERROR]
+    h.heartbeat(0, state="active")  # accepted again: a new refusal is said again
+    assert [a for a in h.heartbeat(0, state="active", refused="again")
+            if isinstance(a, Log) and a.level == logging.ERROR]

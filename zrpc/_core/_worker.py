@@ -250,6 +250,7 @@ class _Link:
         self.reconnect_at: float | None = None
         self.epoch: int | None = None  # its epoch while its latest heartbeat says "active"
         self.removed = False  # rule 11: the broker left the cluster
+        self.refused_why: str | None = None  # why its heartbeats say it refused our READY
 
     @property
     def state(self) -> str:
@@ -487,6 +488,11 @@ class WorkerCore:
 
     def _heartbeat(self, link: _Link, info: dict[str, Any]) -> list[Action]:
         out = self._follow(info)
+        why = info.get("refused")  # our READY was refused (a key's roles, a limit): said once
+        why = why[:300] if isinstance(why, str) else None
+        if why is not None and why != link.refused_why:
+            out.append(Log(logging.ERROR, f"broker {link.endpoint} refused this worker: {why}"))
+        link.refused_why = why
         state, epoch = info.get("state"), info.get("epoch")
         link.epoch = epoch if state == "active" and type(epoch) is int and epoch >= 0 else None
         if link.epoch is not None and self.highest_epoch < link.epoch <= MAX_EPOCH:

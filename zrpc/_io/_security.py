@@ -1,13 +1,18 @@
-"""CurveZMQ keys: generating them, loading them with clear errors, and what a socket needs.
+"""CurveZMQ keys: generating them, loading them with clear errors, what a socket needs, and
+the roles of the keys a broker admits.
 
 Key files are zmq.auth certificates: NAME.key holds a public key (give it to peers),
-NAME.key_secret holds the key pair (keep it; mode 0600).
+NAME.key_secret holds the key pair (keep it; mode 0600). A broker's authorized directory
+holds the NAME.key files it admits and, optionally, ROLES_FILE: what each key may do
+(docs/operations.md §7).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +86,17 @@ def client_keys(server_key_path: str | os.PathLike[str] | None,
     return CurveKeys(public, secret, load_public(server_key_path))
 
 
-def load_authorized(directory: str | os.PathLike[str]) -> set[bytes]:
-    """The public keys found in DIR (every *.key file)."""
+def authorized_keys(directory: str | os.PathLike[str]) -> dict[str, bytes]:
+    """The public keys found in DIR, by name (NAME.key: NAME -> its Z85 public key)."""
     d = Path(directory)
     if not d.is_dir():
         raise ValueError(f"authorized keys directory {d} does not exist")
-    keys = set()
-    for f in sorted(d.glob("*.key")):
-        keys.add(load_public(f))
-    return keys
+    return {f.name[:-len(".key")]: load_public(f) for f in sorted(d.glob("*.key"))}
+
+
+def load_authorized(directory: str | os.PathLike[str]) -> set[bytes]:
+    """The public keys found in DIR (every *.key file)."""
+    return set(authorized_keys(directory).values())
 
 
 def key_text(key: bytes) -> str:
@@ -161,3 +168,156 @@ class ZapGuard:
 
     def stop(self) -> None:
         self._auth.stop()
+
+
+# --- roles -----------------------------------------------------------------------------------
+
+ROLES_FILE = "roles.toml"
+"""The roles of the authorized keys: a file of this name in the authorized directory, read
+with the keys (at start and on SIGHUP). Without one, every authorized key may do everything."""
+
+ANY = "*"
+"""In `serve` or `call`: every service."""
+
+_ROLE_FIELDS = ("serve", "call", "admin")
+
+
+@dataclass(frozen=True)
+class Role:
+    """What one key may do: serve and call these services (ANY: every one), and call the
+    broker's admin methods (`zrpc.*` but ping and health)."""
+
+    serve: frozenset[str] = frozenset()
+    call: frozenset[str] = frozenset()
+    admin: bool = False
+
+    def serves(self, service: str) -> bool:
+        return ANY in self.serve or service in self.serve
+
+    def calls(self, service: str) -> bool:
+        return ANY in self.call or service in self.call
+
+    def __str__(self) -> str:
+        def names(s: frozenset[str]) -> str:
+            return ",".join(sorted(s)) or "-"
+
+        return f"serve {names(self.serve)}, call {names(self.call)}{', admin' if self.admin else ''}"
+
+
+NO_ROLE = Role()
+"""A key a roles file does not name, when it has no [default]: zrpc.ping and zrpc.health only."""
+
+
+@dataclass(frozen=True)
+class Roles:
+    """A roles file, read: each key's Role by its Z85 public key, the role of the keys it does
+    not name, and the names of the directory's key files (for logs and alerts)."""
+
+    source: str
+    keys: Mapping[str, Role]
+    default: Role = NO_ROLE
+    names: Mapping[str, str] = field(default_factory=dict)
+    """Z85 public key -> the name of its key file."""
+
+    def role(self, key: str | None) -> Role:
+        """A message without a key (none can reach a broker with keys) may do nothing."""
+        return NO_ROLE if key is None else self.keys.get(key, self.default)
+
+    def may_serve(self, key: str | None, service: str) -> bool:
+        return self.role(key).serves(service)
+
+    def may_call(self, key: str | None, service: str) -> bool:
+        return self.role(key).calls(service)
+
+    def may_admin(self, key: str | None) -> bool:
+        return self.role(key).admin
+
+    def label(self, key: str | None) -> str:
+        """The key's file name when the directory has it, else the key itself."""
+        if key is None:
+            return "(no key)"
+        return self.names.get(key, key)
+
+    def describe(self) -> str:
+        """One line for the broker's log."""
+        return (f"roles from {self.source}: {len(self.keys)} key(s) named, any other key: "
+                f"{self.default}")
+
+
+def is_key_text(text: str) -> bool:
+    """Whether `text` is a CURVE public key in Z85 (40 characters, as NAME.key holds it)."""
+    if len(text) != 40:
+        return False
+    try:
+        return len(zmq.utils.z85.decode(text.encode("ascii"))) == 32
+    except (ValueError, KeyError, UnicodeEncodeError, IndexError):
+        return False
+
+
+def parse_roles(text: str, source: str, named: Mapping[str, bytes]) -> Roles:
+    """A roles file's text (TOML): `[default]` and `[keys.NAME]` tables of `serve`, `call`
+    (lists of service names, or "*") and `admin` (bool). NAME is a key file's name in the
+    authorized directory (`named`: NAME -> Z85 key) or a Z85 public key. Any mistake is a
+    ValueError of one line, naming the file and the table."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{source} is not valid TOML: {exc}") from None
+    unknown = sorted(set(doc) - {"default", "keys"})
+    if unknown:
+        raise ValueError(f"{source}: unknown table or key {', '.join(unknown)} (a roles file has "
+                         "[default] and [keys.NAME] tables)")
+    default = _role(doc.get("default", {}), f"{source}: [default]")
+    tables = doc.get("keys", {})
+    if not isinstance(tables, dict):
+        raise ValueError(f"{source}: `keys` must be tables ([keys.NAME])")
+    keys: dict[str, Role] = {}
+    for name, spec in tables.items():
+        where = f"{source}: [keys.{name if name.isidentifier() else repr(name)}]"
+        raw = named.get(name)
+        if raw is not None:
+            key = raw.decode("ascii")
+        elif is_key_text(name):
+            key = name
+        else:
+            raise ValueError(f"{where}: there is no {name}.key in the authorized directory (name a "
+                             "key file without its .key, or give a public key in Z85)")
+        if key in keys:
+            raise ValueError(f"{where}: this key has a table already (by its name and its Z85 text)")
+        keys[key] = _role(spec, where)
+    names = {v.decode("ascii"): k for k, v in named.items()}
+    return Roles(source, keys, default, names)
+
+
+def _role(spec: Any, where: str) -> Role:
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: expected a table of serve, call and admin")
+    unknown = sorted(set(spec) - set(_ROLE_FIELDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown field {', '.join(unknown)} (expected serve, call, admin)")
+    admin = spec.get("admin", False)
+    if type(admin) is not bool:
+        raise ValueError(f"{where}: admin must be true or false")
+    return Role(_services(spec.get("serve", []), where, "serve"),
+                _services(spec.get("call", []), where, "call"), admin)
+
+
+def _services(value: Any, where: str, what: str) -> frozenset[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{where}: {what} must be a list of service names (or [\"*\"] for all)")
+    if "zrpc" in value:
+        raise ValueError(f"{where}: {what} names zrpc, the broker's own service: its admin methods "
+                         "are granted by admin = true (zrpc.ping and zrpc.health are open to all)")
+    return frozenset(value)
+
+
+def load_roles(directory: str | os.PathLike[str], named: Mapping[str, bytes]) -> Roles | None:
+    """The authorized directory's ROLES_FILE, parsed (None when there is none: no roles)."""
+    path = Path(directory) / ROLES_FILE
+    if not path.exists():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    return parse_roles(text, str(path), named)

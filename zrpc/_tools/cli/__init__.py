@@ -11,10 +11,10 @@ import click
 from zrpc import __version__
 from zrpc import _defaults as D
 from zrpc._errors import ZrpcError
-from zrpc._tools.cli import broker, call, cluster, demo, keygen, monitor, pair, status, worker
+from zrpc._tools.cli import broker, call, cluster, demo, health, keygen, monitor, pair, status, worker
 from zrpc._tools.cli._options import SERVING
 
-COMMANDS = (pair, cluster, broker, worker, call, status, monitor, demo, keygen)
+COMMANDS = (pair, cluster, broker, worker, call, status, health, monitor, demo, keygen)
 
 HELP = f"""zrpc: RPC over ZeroMQ with high availability built in.
 
