@@ -30,15 +30,15 @@ from zrpc._core._proxy import ServiceProxy
 from zrpc._core._session import Dropped, Output, Session, Transmit, settle
 from zrpc._defaults import CALL_TIMEOUT, CLUSTER_NAME, HEARTBEAT_INTERVAL, LIVENESS
 from zrpc._errors import Timeout, ZrpcError
-from zrpc._io._client import _quietly, log_dropped
+from zrpc._io._client import log_dropped
 from zrpc._io._follow import ClusterFollower, apply_changes
 from zrpc._io._internal import InternalErrors
 from zrpc._io._security import client_keys
 from zrpc._io._sockets import (
-    HANDSHAKE_EVENTS,
+    BrokerLinks,
     SocketOptions,
-    make_socket,
     parse_handshake,
+    quietly,
 )
 
 TICK = 0.05
@@ -85,12 +85,15 @@ class AsyncClient:
         self._own_ctx = context is None
         self._opts = SocketOptions(curve=client_keys(curve_server_key, curve_secret),
                                    **({"max_message": max_message} if max_message else {}))
-        self._socks: list[zmq.Socket[Any] | None] = []  # zmq.asyncio sockets (typed as their base)
-        self._monitors: list[zmq.Socket[Any] | None] = []
         self._poller = zmq.asyncio.Poller()
-        self._index: dict[Any, tuple[int, bool]] = {}  # socket -> (broker, is its monitor)
-        for ep in self.brokers:
-            self._connect(len(self._socks), ep)
+        # one DEALER per broker; handshake monitors tell a refused key (Unauthorized) from a
+        # silent broker (Timeout)
+        self._links = BrokerLinks(self._ctx, self._poller, self.identity, self._opts)
+        self._socks = self._links.socks  # the same list: the hot path reads it
+        self._index = self._links.index
+        for b, ep in enumerate(self.brokers):
+            self._links.connect(b, ep)
+        self.brokers = self._links.endpoints  # grows as brokers join (cluster mode)
         self._members: dict[str, int] = {}  # cluster mode: broker name -> session index
         # the reader polls every TICK at most: it reads what etcd answered without a wake-up
         self._follower = (ClusterFollower(self.cluster, lambda: None, name=cluster_name, logger=log)
@@ -140,9 +143,8 @@ class AsyncClient:
             await asyncio.wait([reader])  # our own cancellation still reaches us
         self._fail_pending(self._dead or "client closed")
         if self._follower is not None:
-            _quietly(self._follower.stop)
-        for b in range(len(self._socks)):
-            self._disconnect(b)
+            quietly(self._follower.stop)
+        self._links.close()
         if self._own_ctx:
             self._ctx.term()
 
@@ -256,32 +258,6 @@ class AsyncClient:
         self._dead = f"client I/O task died: {why}"[:500]
         self._fail_pending(self._dead)
 
-    def _connect(self, b: int, endpoint: str) -> None:
-        """Broker `b`'s socket (the next index), with its handshake monitor, polled."""
-        sock = make_socket(self._ctx, zmq.DEALER, identity=self.identity, options=self._opts)
-        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
-        self._socks.append(sock)
-        self._monitors.append(monitor)
-        for s, is_monitor in ((sock, False), (monitor, True)):
-            self._index[s] = (b, is_monitor)
-            self._poller.register(s, zmq.POLLIN)
-        sock.connect(endpoint)
-        if len(self.brokers) <= b:
-            self.brokers.append(endpoint)
-
-    def _disconnect(self, b: int) -> None:
-        """Broker `b` left the cluster (or the client closes): its sockets are closed."""
-        sock, monitor = self._socks[b], self._monitors[b]
-        self._socks[b] = self._monitors[b] = None
-        for s in (sock, monitor):
-            if s is not None and self._index.pop(s, None) is not None:
-                _quietly(self._poller.unregister, s)
-        if sock is not None:
-            _quietly(sock.disable_monitor)
-            _quietly(sock.close, 0)
-        if monitor is not None:
-            _quietly(monitor.close, 0)
-
     async def _run(self) -> None:
         """Each message and timer step is contained: a bug costs that one, counted in
         `internal_errors` and logged, and the reader goes on."""
@@ -317,8 +293,8 @@ class AsyncClient:
                 with contain("following the cluster"):
                     changes = follower.step()
                     if changes:
-                        self._apply(apply_changes(changes, session, self._members, self._connect,
-                                                  self._disconnect))
+                        self._apply(apply_changes(changes, session, self._members, self._links.connect,
+                                                  self._links.disconnect))
             with contain("a timer step"):
                 self._apply(session.tick())
 

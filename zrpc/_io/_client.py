@@ -34,11 +34,11 @@ from zrpc._io._follow import ClusterFollower, apply_changes
 from zrpc._io._internal import InternalErrors
 from zrpc._io._security import client_keys
 from zrpc._io._sockets import (
-    HANDSHAKE_EVENTS,
+    BrokerLinks,
     SocketOptions,
     Waker,
     handshake_outcome,
-    make_socket,
+    quietly,
     recv_nowait,
     send_nowait,
 )
@@ -168,13 +168,15 @@ class Client:
         self._errors = InternalErrors(log, "client")
         self._callbacks: _Callbacks | None = None
         self._waker = Waker(self._ctx, "client-" + self.identity.hex())
-        self._socks: list[zmq.Socket[Any] | None] = []
-        # handshake outcomes tell a refused key (Unauthorized) from a silent broker (Timeout)
-        self._monitors: list[zmq.Socket[Any] | None] = []
         self._poller = zmq.Poller()
-        self._index: dict[zmq.Socket[Any], tuple[int, bool]] = {}  # -> (broker, is its monitor)
-        for ep in self.brokers:
-            self._connect(len(self._socks), ep)
+        # one DEALER per broker; handshake monitors tell a refused key (Unauthorized) from a
+        # silent broker (Timeout)
+        self._links = BrokerLinks(self._ctx, self._poller, self.identity, self._opts)
+        self._socks = self._links.socks  # the same list: the hot path reads it
+        self._index = self._links.index
+        for b, ep in enumerate(self.brokers):
+            self._links.connect(b, ep)
+        self.brokers = self._links.endpoints  # grows as brokers join (cluster mode)
         self._members: dict[str, int] = {}  # cluster mode: broker name -> session index
         self._follower = (ClusterFollower(self.cluster, self._waker.wake, name=cluster_name, logger=log)
                           if self.cluster else None)
@@ -320,40 +322,14 @@ class Client:
         finally:
             self._shutdown(died)
 
-    def _connect(self, b: int, endpoint: str) -> None:
-        """Broker `b`'s socket (the next index), with its handshake monitor, polled."""
-        sock = make_socket(self._ctx, zmq.DEALER, identity=self.identity, options=self._opts)
-        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
-        self._socks.append(sock)
-        self._monitors.append(monitor)
-        for s, is_monitor in ((sock, False), (monitor, True)):
-            self._index[s] = (b, is_monitor)
-            self._poller.register(s, zmq.POLLIN)
-        sock.connect(endpoint)
-        if len(self.brokers) <= b:
-            self.brokers.append(endpoint)
-
-    def _disconnect(self, b: int) -> None:
-        """Broker `b` left the cluster: its socket is closed, its index never used again."""
-        sock, monitor = self._socks[b], self._monitors[b]
-        self._socks[b] = self._monitors[b] = None
-        for s in (sock, monitor):
-            if s is not None and self._index.pop(s, None) is not None:
-                self._poller.unregister(s)
-        if sock is not None:
-            _quietly(sock.disable_monitor)
-            _quietly(sock.close, 0)
-        if monitor is not None:
-            _quietly(monitor.close, 0)
-
     def _follow(self) -> None:
         """Cluster mode: the brokers that joined or left since the last wake-up."""
         follower = self._follower
         if follower is not None:
             changes = follower.step()
             if changes:
-                self._apply(apply_changes(changes, self._session, self._members, self._connect,
-                                          self._disconnect))
+                self._apply(apply_changes(changes, self._session, self._members, self._links.connect,
+                                          self._links.disconnect))
 
     def _deadline(self) -> float:
         nxt = self._session.next_deadline()
@@ -441,10 +417,9 @@ class Client:
         for call in pending:
             call.fail(ZrpcError(reason))
         if self._follower is not None:
-            _quietly(self._follower.stop)
-        for b in range(len(self._socks)):
-            self._disconnect(b)
-        _quietly(self._waker.close)
+            quietly(self._follower.stop)
+        self._links.close()
+        quietly(self._waker.close)
         if self._own_ctx:
             self._ctx.term()
         if self._callbacks is not None:
@@ -473,11 +448,3 @@ def log_dropped(brokers: Sequence[str], o: Dropped) -> None:
     """One line per malformed message the session says is worth it, the same for both clients."""
     log.warning("dropped malformed message #%d from broker %s: %s", o.count, brokers[o.broker],
                 o.reason)
-
-
-def _quietly(fn: Callable[..., object], *args: Any) -> None:
-    """Releasing one socket must not keep the others (and the context) from being released."""
-    try:
-        fn(*args)
-    except Exception:  # noqa: BLE001
-        pass

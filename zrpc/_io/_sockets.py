@@ -221,3 +221,56 @@ def parse_handshake(frames: list[bytes]) -> tuple[bool, str | None] | None:
     if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         return True, "security handshake failed (CURVE keys on one side only, or the wrong server key)"
     return None
+
+
+def quietly(fn: Callable[..., object], *args: Any) -> None:
+    """Releasing one socket must not keep the others (and the context) from being released."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+class BrokerLinks:
+    """A client's DEALER per broker, each with its handshake monitor, by the session's broker
+    index; one list for both clients (threads and asyncio: `ctx` and `poller` say which).
+
+    Indexes only grow: a broker that left the cluster keeps its index with None in `socks`
+    (the session never sends there again)."""
+
+    def __init__(self, ctx: Any, poller: Any, identity: bytes, options: SocketOptions) -> None:
+        self._ctx, self._poller, self._identity, self._options = ctx, poller, identity, options
+        self.endpoints: list[str] = []
+        self.socks: list[zmq.Socket[Any] | None] = []
+        self.monitors: list[zmq.Socket[Any] | None] = []
+        self.index: dict[Any, tuple[int, bool]] = {}  # socket -> (broker, is its monitor)
+
+    def connect(self, b: int, endpoint: str) -> None:
+        """Broker `b`'s socket (always the next index), with its handshake monitor, polled."""
+        sock = make_socket(self._ctx, zmq.DEALER, identity=self._identity, options=self._options)
+        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+        self.socks.append(sock)
+        self.monitors.append(monitor)
+        for s, is_monitor in ((sock, False), (monitor, True)):
+            self.index[s] = (b, is_monitor)
+            self._poller.register(s, zmq.POLLIN)
+        sock.connect(endpoint)
+        if len(self.endpoints) <= b:
+            self.endpoints.append(endpoint)
+
+    def disconnect(self, b: int) -> None:
+        """Broker `b` left the cluster (or the client closes): its sockets are closed."""
+        sock, monitor = self.socks[b], self.monitors[b]
+        self.socks[b] = self.monitors[b] = None
+        for s in (sock, monitor):
+            if s is not None and self.index.pop(s, None) is not None:
+                quietly(self._poller.unregister, s)
+        if sock is not None:
+            quietly(sock.disable_monitor)
+            quietly(sock.close, 0)
+        if monitor is not None:
+            quietly(monitor.close, 0)
+
+    def close(self) -> None:
+        for b in range(len(self.socks)):
+            self.disconnect(b)
