@@ -19,7 +19,16 @@ from zrpc._core._membership import parse_cluster
 from zrpc._core._serial import pack_result
 from zrpc._io._etcd import EtcdEdge, EtcdError, KeyEdge, KeyValue, LeaseGone
 from zrpc._io._internal import InternalErrors
-from zrpc._io._security import ROLES_FILE, CurveKeys, Roles, ZapGuard, authorized_keys, load_roles, server_keys
+from zrpc._io._security import (
+    EVERY_ROLE,
+    ROLES_FILE,
+    CurveKeys,
+    Roles,
+    ZapGuard,
+    authorized_keys,
+    load_roles,
+    server_keys,
+)
 from zrpc._io._sockets import (
     NOBLOCK,
     Sent,
@@ -169,10 +178,10 @@ class Broker:
         roles = load_roles(authorized, named)  # a mistake in it stops the start, in one line
         guard = ZapGuard(self._ctx, set(named.values()) | {keys.public})
         guard.start()
-        return keys, guard, roles
+        return keys, guard, (roles or Roles.everyone(named)).admitting(guard.allowed)
 
     def _say_roles(self, roles: Roles | None) -> None:
-        if roles is not None:
+        if roles is not None and (roles.keys or roles.default is not EVERY_ROLE):  # a roles file
             self.log.info("%s", roles.describe())
         else:
             self.log.info("no %s in %s: every authorized key may serve and call everything",
@@ -453,11 +462,12 @@ class Broker:
             self._reload.clear()
             try:
                 named = authorized_keys(directory)
-                roles = load_roles(directory, named)
+                roles = load_roles(directory, named) or Roles.everyone(named)
             except ValueError as exc:
                 self.log.error("keeping the old authorized keys and roles: %s", exc)
             else:
                 guard.allowed = set(named.values()) | {keys.public}
+                roles = roles.admitting(guard.allowed)
                 self.log.info("reloaded %d authorized keys", len(named))
                 self._say_roles(roles)
                 self._execute(self.core.authorize(roles))

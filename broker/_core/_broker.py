@@ -363,7 +363,8 @@ class BrokerCore:
         self._dispatcher = dispatcher or Dispatcher(
             clock, strategy=config.lb, queue_limit=config.queue_limit,
             queue_bytes=config.queue_bytes, service_grace=config.service_grace,
-            max_inflight_per_client=config.max_inflight_per_client)
+            max_inflight_per_client=config.max_inflight_per_client,
+            run_unseen=not config.cluster)  # a cluster's members all serve (rule 12)
         self._liveness: LivenessTracker[bytes] = LivenessTracker(clock, interval, config.liveness)
         self._monitor = Monitor(clock, interval, config.thresholds)
         self._cluster = self._membership(config, clock)

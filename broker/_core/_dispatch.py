@@ -80,7 +80,9 @@ It never decodes a call's body; it only holds it (for queueing and idempotent re
 #   was up, and no worker of the service joined, was lost or started leaving, for
 #   `probe_horizon` before the probe began, and none joined during it (one that does is
 #   probed too). Otherwise it is answered CallStateUnknown, as it is when an asked worker
-#   goes before it answers.
+#   goes before it answers. A cluster member (`run_unseen=False`) never runs it on NOT_SEEN
+#   alone: every member serves, so the member the client left may be up and still hold the
+#   call in its queue, to start it later; the answer is CallStateUnknown.
 #
 # Rule 13: while deactivated (Binary Star left ACTIVE) nothing new starts here: queued and
 #   probing calls, new requests and a lost worker's idempotent calls are answered NotActive
@@ -119,7 +121,9 @@ It never decodes a call's body; it only holds it (for queueing and idempotent re
 #   + 1) at a worker with a free slot that does not run it already, while it has run fewer
 #   than `max_attempts` copies in all (2 unless the client says, at most 5), before its
 #   deadline, while this broker is active and the retry budget has a token (rule 10: a copy
-#   costs one). Without a token or such a worker it tries again `hedge_after` later. A call
+#   costs one). Without a token or such a worker it tries again later, waiting twice as long
+#   each time (from `hedge_after`, and never less than HEDGE_FLOOR: a client asking for 1 ms
+#   must not make the broker wake a thousand times a second per call). A call
 #   that is not idempotent (rule 4, decided again each time) is never hedged: the header is
 #   ignored (`hedges_ignored`). A call asking for redundancy too is redundant, not hedged.
 #
@@ -163,6 +167,7 @@ from zrpc._core._frames import (
     H_REDUNDANT,
     H_RESENT,
     MAX_BUDGET_MS,
+    NO_WORKER,
     ClientRequest,
     Ready,
     Status,
@@ -297,6 +302,11 @@ class Notice:
 
 Action = Union[SendToWorker, ReplyToClient, AckLeave, Notice]  # noqa: UP007
 
+HEDGE_FLOOR = 0.01
+"""Seconds between two looks at a hedged call, at least (rule 20)."""
+HEDGE_BACKOFF_MAX = 6
+"""A hedge that keeps finding no token or worker waits up to 2**6 times its interval."""
+
 _ANSWERS = frozenset(int(s) for s in Status) - {int(Status.NOT_SEEN)}
 """Statuses a worker may answer a call with (NOT_SEEN answers probes only)."""
 
@@ -344,8 +354,10 @@ class Dispatcher:
         max_services: int = 10_000,
         left_memory: float = 60.0,
         left_limit: int = 10_000,
+        run_unseen: bool = True,
     ) -> None:
         make_strategy(strategy)  # validate early
+        self._run_unseen = run_unseen  # rule 12
         self._clock = clock
         self._strategy_name = strategy
         self._queue_limit = queue_limit
@@ -541,7 +553,7 @@ class Dispatcher:
             if svc is None:
                 if len(self._services) >= self._max_services:  # rule 18
                     return [self._settle(call, Status.SERVICE_UNAVAILABLE, "unavailable",
-                                         why=f"no worker serves {req.service!r}")]
+                                         why=f"{NO_WORKER} {req.service!r}")]
                 svc = self._new_service(req.service, -math.inf, now)
             return self._enqueue(svc, call)
         if req.method not in svc.methods:  # rule 9
@@ -631,7 +643,7 @@ class Dispatcher:
                 f"no worker serves {call.service!r} here to ask whether this re-sent call "
                 "already ran"))
         return self._settle(call, Status.SERVICE_UNAVAILABLE, "unavailable",
-                            why=f"no worker serves {call.service!r}")
+                            why=f"{NO_WORKER} {call.service!r}")
 
     # --- probing re-sent calls (rule 12) -------------------------------------------------
 
@@ -679,6 +691,10 @@ class Dispatcher:
             return [self._settle(call, Status.CALL_STATE_UNKNOWN, "state_unknown", why=(
                 "cannot tell whether it already ran: a worker this broker did not ask may "
                 "have run it (workers joined or were lost lately)"))]
+        if not self._run_unseen:
+            return [self._settle(call, Status.CALL_STATE_UNKNOWN, "state_unknown", why=(
+                "no worker has run it, but the cluster member it was first sent to may still "
+                "start it from its queue: it is not run here"))]
         return self._dispatch_probed(call, self._clock())
 
     def _dispatch_probed(self, call: Call, now: float) -> list[Action]:
@@ -689,7 +705,7 @@ class Dispatcher:
         svc = self._services.get(call.service)
         if svc is None or not serving(svc):  # rule 8
             return [self._settle(call, Status.SERVICE_UNAVAILABLE, "unavailable",
-                                 why=f"no worker serves {call.service!r}")]
+                                 why=f"{NO_WORKER} {call.service!r}")]
         worker = self._pick(svc)
         if worker is not None:
             return [self._send(call, worker, now)]
@@ -898,7 +914,7 @@ class Dispatcher:
     def _next_hedge(self, call: Call, plan: CopyPlan, now: float, when: float) -> float:
         """Rule 20: when its next copy is due (none after the last allowed, or past the
         deadline); returns the call's timer, the earlier of that and `when`."""
-        at = now + plan.hedge_after
+        at = now + max(plan.hedge_after, HEDGE_FLOOR) * (1 << min(plan.skips, HEDGE_BACKOFF_MAX))
         if plan.sent < plan.max_copies and at < call.deadline and self._active:
             plan.hedge_at = at
             return min(at, when)
@@ -923,7 +939,9 @@ class Dispatcher:
             worker = self._pick_other(svc, call)
             if worker is None:
                 self.counters["hedges_skipped"] += 1
+                plan.skips += 1
             else:
+                plan.skips = 0
                 self.counters["hedges"] += 1
                 out.append(self._send_copy(call, plan, worker, now))
         self._arm(call, self._next_hedge(call, plan, now, when))

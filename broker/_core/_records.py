@@ -100,7 +100,7 @@ class CopyPlan:
     """What a client asked of a call's copies (the Dispatcher's rules 20, 22), and how far
     the broker is with them."""
 
-    __slots__ = ("hedge_after", "hedge_at", "max_copies", "redundant", "sent")
+    __slots__ = ("hedge_after", "hedge_at", "max_copies", "redundant", "sent", "skips")
 
     def __init__(self, hedge_after: float, max_copies: int, redundant: int) -> None:
         self.hedge_after = hedge_after  # seconds without a reply before another copy; 0: none
@@ -108,6 +108,7 @@ class CopyPlan:
         self.max_copies = max_copies  # a hedged call runs at most this many copies in all
         self.redundant = redundant  # workers a redundant call runs on at once (1: not redundant)
         self.sent = 0  # copies sent to run (the first, retries, hedges, redundant ones)
+        self.skips = 0  # hedges due in a row that found no token or worker (rule 20 backs off)
 
     def __repr__(self) -> str:
         what = (f"redundant={self.redundant}" if self.redundant > 1 else

@@ -165,6 +165,34 @@ def test_sigstop_a_broker_is_avoided_within_the_heartbeat_time_and_serves_after_
     assert slowest < FAILOVER + SLACK
 
 
+def test_charges_queued_at_a_stopped_broker_never_run_twice_once_it_resumes(etcd, members, procs, tmp_path):
+    """Calls wait in a member's queue (one slot per worker); the member is stopped, its clients
+    re-send them elsewhere; when it resumes it must not start them too."""
+    t_start = time.monotonic()
+    b1, b2, b3 = start(members, etcd.url, "b1", "b2", "b3")
+    ledger = tmp_path / "ledger.jsonl"
+    ledger_workers(procs, etcd.url, ledger, 2, "--concurrency", "1")
+    wait_served([b1, b2, b3], 2)
+    with Load(None, cluster=etcd.url, method="charge", threads=30, delay=0.05) as charges:
+        # a member's view is complete (rule 12's horizon) once its workers were stable for a
+        # call's lifetime: only then would NOT_SEEN alone let it run a re-sent call
+        wait_until(lambda: charges.ok_since(0) >= 100 and time.monotonic() - t_start > D.CALL_TIMEOUT + 1,
+                   30, what="charges running, the members' views complete")
+        procs.signal(b2.proc, signal.SIGSTOP)
+        try:
+            t_stop = time.monotonic()
+            wait_until(lambda: charges.ok_since(t_stop + FAILOVER) >= 50, 30, what="charges elsewhere")
+        finally:
+            procs.signal(b2.proc, signal.SIGCONT)
+        t_cont = time.monotonic()
+        wait_until(lambda: charges.ok_since(t_cont + 1.0) >= 100, 30, what="charges after it resumed")
+    charges.check_accounted()
+    assert other_errors(charges) == [], other_errors(charges)[:3]
+    verdict = judge_ledger(read_ledger(ledger), charges, fenced=False)  # at most once
+    print(f"\n{verdict['executions']} charges through three members, one stopped with calls queued: "
+          f"each ran at most once ({verdict['unknown']} state unknown)")
+
+
 def test_etcd_lost_changes_nothing_running_and_a_new_broker_joins_once_it_is_back(
         etcd, members, procs, tmp_path):
     b1, b2 = start(members, etcd.url, "b1", "b2")

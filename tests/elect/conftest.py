@@ -115,8 +115,9 @@ class Load:
     with a unique account; every call ends as a result or a zrpc error, recorded with when."""
 
     def __init__(self, brokers: list[str] | None, threads: int = 3, method: str = "add",
-                 timeout: float = D.CALL_TIMEOUT, cluster: str | None = None) -> None:
+                 timeout: float = D.CALL_TIMEOUT, cluster: str | None = None, delay: float = 0.0) -> None:
         self.client = zrpc.Client(brokers, timeout=timeout, cluster=cluster)
+        self.delay = delay  # seconds each charge takes in its handler
         self.method = method
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -138,7 +139,7 @@ class Load:
                 self.attempted.add(key)
                 self.started[key] = time.monotonic()
             try:
-                r = proxy.add(n, t) if self.method == "add" else proxy.charge(key, 1)
+                r = proxy.add(n, t) if self.method == "add" else proxy.charge(key, 1, self.delay)
                 with self.lock:
                     self.results[key] = (time.monotonic(), r)
             except zrpc.ZrpcError as exc:

@@ -300,3 +300,30 @@ def test_a_handler_sees_the_callers_key(cluster, keys):
             assert c.call("whoami", "key") == z85(keys, "ops")
     finally:
         tap.close()
+
+
+def test_a_key_removed_from_the_directory_is_cut_off_on_its_open_connection(cluster, keys):
+    """ZAP judges a key at the handshake only: after SIGHUP the broker refuses what a removed
+    key sends on the connection it already has (no roles file: every key may do everything)."""
+    (keys["authorized"] / "roles.toml").unlink()
+    ep, broker, tap = start_broker(cluster, keys)
+    try:
+        cluster.worker(ep, *flags(keys, "calc-worker"))
+        with zrpc.Client([ep], timeout=3, **kw(keys, "app")) as c:
+            assert c.proxy("calc").add(1, 2) == 3  # connected, and allowed
+            (keys["authorized"] / "app.key").unlink()
+            cluster.procs.signal(broker, signal.SIGHUP)
+            log = cluster.procs.child(broker).log
+            wait_until(lambda: log.read_text().count("reloaded") >= 1, 10, what="the keys reloaded")
+
+            def refused() -> bool:
+                try:
+                    c.proxy("calc").add(1, 2)
+                except zrpc.Unauthorized:
+                    return True
+                return False
+
+            wait_until(refused, 10, what="the removed key refused on its open connection")
+        assert _calls_calc(keys, ep, "plain") is True  # the others go on
+    finally:
+        tap.close()

@@ -415,6 +415,20 @@ def test_resent_non_idempotent_call_probes_every_worker_first():
     assert replies(reply(d, run.worker_id, 7))[0].status == Status.OK
 
 
+def test_a_cluster_member_never_runs_a_resent_call_on_not_seen_alone():
+    """The member the client left may be up, holding the call in its queue: at most once."""
+    d, _ = settled(run_unseen=False)
+    out = request(d, 7, method="charge", resent=True)
+    assert len(probes(out)) == 2 and runs(out) == []
+    assert reply(d, b"w1", 7, status=Status.NOT_SEEN) == []
+    out = reply(d, b"w2", 7, status=Status.NOT_SEEN)
+    (r,) = replies(out)
+    assert runs(out) == [] and r.status == Status.CALL_STATE_UNKNOWN and d.inflight == 0
+    out = request(d, 8, method="charge", resent=True)  # one that ran somewhere: its answer
+    (r,) = replies(reply(d, b"w1", 8, status=Status.OK))
+    assert r.status == Status.OK
+
+
 def test_probes_carry_no_body():
     d, _ = settled()
     out = request(d, 7, method="charge", resent=True, body=b"x" * 100_000)

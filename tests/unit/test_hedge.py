@@ -156,8 +156,22 @@ def test_with_no_free_worker_the_hedge_waits_for_one() -> None:
     assert runs(d.tick()) == [] and d.counters["hedges_skipped"] == 1
     answer(d, b.worker_id, 2)  # room again
     clock.advance(0.05)
+    assert runs(d.tick()) == []  # after a skip the hedge waits twice as long (rule 20)
+    clock.advance(0.051)
     (copy,) = runs(d.tick())
     assert copy.worker_id == b.worker_id and copy.message.request_id == 1
+
+
+def test_a_one_millisecond_hedge_that_finds_no_worker_backs_off() -> None:
+    """A client asking for 1 ms must not make the broker look at the call 1,000 times a second."""
+    d, clock = make()
+    ready(d, b"w1", capacity=1)
+    request(d, 1, hedge_after_ms=1)
+    for _ in range(1000):  # one second in 1 ms steps
+        clock.advance(0.001)
+        d.tick()
+    looks = d.counters["hedges_skipped"]
+    assert 1 <= looks <= 10, looks
 
 
 def test_a_lost_worker_with_a_copy_elsewhere_is_not_retried() -> None:

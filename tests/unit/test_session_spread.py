@@ -15,9 +15,12 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from zrpc._core._frames import CLIENT, H_RESENT, ClientReply, Heartbeat, Status, decode_frames
+from zrpc._core._frames import CLIENT, H_RESENT, NO_WORKER, ClientReply, Heartbeat, Status, decode_frames
+from zrpc._core._serial import pack_error
 from zrpc._core._session import Completed, Expired, Session, Transmit
 from zrpc.testing import FakeClock
+
+NO_WORKER_BODY = pack_error("ServiceUnavailable", f"{NO_WORKER} 'only'")
 
 
 class F:
@@ -226,10 +229,10 @@ def test_service_unavailable_tries_the_brokers_not_tried_then_gives_the_answer()
     (t,) = s.submit(call)
     tried = [t.broker]
     for _ in range(2):  # two more brokers to try
-        (t,) = sent(s.received(tried[-1], ClientReply(call.request_id, Status.SERVICE_UNAVAILABLE, b"")))
+        (t,) = sent(s.received(tried[-1], ClientReply(call.request_id, Status.SERVICE_UNAVAILABLE, NO_WORKER_BODY)))
         assert t.broker not in tried
         tried.append(t.broker)
-    (done,) = s.received(tried[-1], ClientReply(call.request_id, Status.SERVICE_UNAVAILABLE, b""))
+    (done,) = s.received(tried[-1], ClientReply(call.request_id, Status.SERVICE_UNAVAILABLE, NO_WORKER_BODY))
     assert isinstance(done, Completed) and done.status == Status.SERVICE_UNAVAILABLE
     assert sorted(tried) == [0, 1, 2] and sum(s.load) == 0
 
@@ -238,7 +241,7 @@ def test_a_broker_without_the_service_is_skipped_for_it_a_while():
     s, clock = make(2)
     call = s.table.prepare("only", "x", (), {}, F())
     (t,) = s.submit(call)
-    (t2,) = sent(s.received(t.broker, ClientReply(call.request_id, Status.SERVICE_UNAVAILABLE, b"")))
+    (t2,) = sent(s.received(t.broker, ClientReply(call.request_id, Status.SERVICE_UNAVAILABLE, NO_WORKER_BODY)))
     for _ in range(30):  # the same service avoids it; another service does not
         (n,) = s.submit(s.table.prepare("only", "x", (), {}, F()))
         assert n.broker == t2.broker
@@ -275,3 +278,55 @@ def test_a_call_that_never_found_a_broker_says_so_in_its_timeout():
     assert isinstance(fut.exc, Timeout) and "no broker of the cluster is known" in str(fut.exc)
     with pytest.raises(Timeout):
         raise fut.exc
+
+
+def test_a_lost_worker_s_call_not_retried_is_the_caller_s_answer_not_moved():
+    """The broker's retry budget said no: moving the call would get round it."""
+    s, _ = make(3)
+    call = s.table.prepare("calc", "add", (), {}, F())
+    (t,) = s.submit(call)
+    body = pack_error("ServiceUnavailable", "worker lost; retry budget exhausted")
+    (done,) = s.received(t.broker, ClientReply(call.request_id, Status.SERVICE_UNAVAILABLE, body))
+    assert isinstance(done, Completed) and done.status == Status.SERVICE_UNAVAILABLE
+
+
+def test_a_late_refusal_from_a_broker_the_call_left_moves_nothing():
+    s, clock = make(2)
+    call = s.table.prepare("only", "x", (), {}, F())
+    (t,) = s.submit(call)
+    (t2,) = sent(s.received(t.broker, ClientReply(call.request_id, Status.SERVICE_UNAVAILABLE, NO_WORKER_BODY)))
+    for status in (Status.SERVICE_UNAVAILABLE, Status.NOT_ACTIVE):  # t.broker again, late
+        assert sent(s.received(t.broker, ClientReply(call.request_id, status, NO_WORKER_BODY))) == []
+    assert call.broker == t2.broker and s.load[t2.broker] == 1
+
+
+def test_a_member_that_cannot_be_dialled_costs_itself_only():
+    from zrpc._io._follow import Changes, apply_changes
+
+    s, _ = make(0)
+    members: dict[str, int] = {}
+    dialled: list[tuple[int, str]] = []
+
+    def connect(b: int, endpoint: str) -> None:
+        if "bad" in endpoint:
+            raise OSError("cannot dial")
+        dialled.append((b, endpoint))
+
+    changes = Changes(joined={"a": "tcp://h:1", "bad": "tcp://bad:2", "c": "tcp://h:3"})
+    assert apply_changes(changes, s, members, connect, lambda b: None) == []
+    assert members == {"a": 0, "c": 2} and s.gone == [False, True, False]
+    assert dialled == [(0, "tcp://h:1"), (2, "tcp://h:3")]
+    assert {s.submit(s.table.prepare("calc", "add", (), {}, F()))[0].broker for _ in range(40)} == {0, 2}
+
+
+def test_a_member_refusing_our_key_hands_its_calls_to_another():
+    from zrpc._core._session import Refused
+
+    s, _ = make(2)
+    calls = [s.table.prepare("calc", "add", (), {}, F()) for _ in range(10)]
+    on = [s.submit(c)[0].broker for c in calls]
+    out = s.handshake(0, "key refused")
+    assert not [o for o in out if isinstance(o, Refused)]
+    assert {t.broker for t in sent(out)} == {1} and len(sent(out)) == on.count(0)
+    out = s.handshake(1, "key refused")  # nobody takes our key: now the calls fail
+    assert len([o for o in out if isinstance(o, Refused)]) == 10

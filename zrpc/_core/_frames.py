@@ -88,6 +88,11 @@ H_CALLER = "caller"  # broker -> worker: the caller's CURVE public key (Z85), wh
 H_HEDGE = "hedge_after_ms"  # client -> broker: run a second copy elsewhere if no reply by then
 H_REDUNDANT = "redundant"  # client -> broker: run on this many workers, compare the replies
 
+NO_WORKER = "no worker serves"
+"""How a broker's SERVICE_UNAVAILABLE message begins when no worker of the service is there
+(rule 8), as opposed to a lost worker's call it could not retry: a cluster client tries the
+other members for the first kind only."""
+
 
 @dataclass(frozen=True, slots=True)
 class ClientRequest:

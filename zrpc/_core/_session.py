@@ -15,9 +15,20 @@ from typing import Any
 
 from zrpc._core._calls import CallTable, PendingCall
 from zrpc._core._clock import Clock
-from zrpc._core._frames import CLIENT, H_RESENT, ClientReply, Heartbeat, Message, Status, decode_frames, encode
+from zrpc._core._frames import (
+    CLIENT,
+    H_RESENT,
+    NO_WORKER,
+    ClientReply,
+    Heartbeat,
+    Message,
+    Status,
+    decode_frames,
+    encode,
+)
 from zrpc._core._liveness import LivenessTracker
 from zrpc._core._malformed import Malformed
+from zrpc._core._serial import unpack_error
 from zrpc._defaults import HEARTBEAT_INTERVAL, LIVENESS
 from zrpc._errors import ProtocolError, Timeout, Unauthorized
 
@@ -77,6 +88,13 @@ def epoch_of(info: dict[str, Any]) -> int:
     if type(v) is float and math.isfinite(v):
         return int(v)
     return 0
+
+
+def _no_worker(body: bytes) -> bool:
+    """Whether a SERVICE_UNAVAILABLE says no worker of the service is at that broker (its
+    other kind, a lost worker's call not retried, must not be retried by moving it)."""
+    message = unpack_error(body).get("message")
+    return isinstance(message, str) and message.startswith(NO_WORKER)
 
 
 def settle(o: Output) -> None:
@@ -188,6 +206,9 @@ class Session:
             return []
         out: list[Output] = []
         for c in [c for c in self.table if c.broker == broker]:
+            if self.spread and self.pick(avoid=broker, call=c) not in (None, broker):
+                out.extend(self._place(c, avoid=broker))  # another member may take our key
+                continue
             self.table.pop(c.request_id)
             self._unload(c)
             out.append(Refused(c, refused))
@@ -220,7 +241,10 @@ class Session:
         if type(msg) is ClientReply:
             if msg.status == Status.NOT_ACTIVE:
                 return out + self._bounce(broker, msg.request_id)
-            if msg.status == Status.SERVICE_UNAVAILABLE and self.spread:
+            if msg.status == Status.SERVICE_UNAVAILABLE and self.spread and _no_worker(msg.body):
+                pending = self.table.pending.get(msg.request_id)
+                if pending is not None and pending.broker != broker:
+                    return out  # a late refusal from a broker the call has left
                 moved = self._elsewhere(broker, msg.request_id)
                 if moved is not None:
                     return out + moved
@@ -271,7 +295,7 @@ class Session:
         if self.liveness.beat():
             out.extend(Transmit(b, self._heartbeat) for b in range(self.brokers) if not self.gone[b])
         for c in self.table.expired():
-            waited = self.spread and c.broker < 0 and any(p is c for p in self._parked)
+            waited = self.spread and c.broker < 0  # parked (or bounced): it found no broker
             self._unload(c)
             out.append(Expired(c, self._no_broker() if waited else ""))
         if self._parked:  # waiting for a broker: one may have joined or come back
@@ -428,8 +452,8 @@ class Session:
         """A passive broker refused the call: try the other one, at once the first time,
         then once per interval (both may be passive for a moment during a takeover)."""
         call = self.table.pending.get(request_id)
-        if call is None:
-            return []
+        if call is None or (self.spread and call.broker != broker):
+            return []  # spread: a late refusal from a broker the call has left
         self.info[broker]["state"] = "passive"
         out: list[Output] = []
         if self.spread:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zrpc._core._clock import Clock, monotonic
+from zrpc._core._config import check_endpoint
 from zrpc._core._membership import (
     RAISED,
     RESOLVED,
@@ -31,6 +32,8 @@ from zrpc._core._session import Output as SessionOutput
 from zrpc._core._session import Session
 from zrpc._defaults import CLUSTER_NAME
 from zrpc._io._etcd import EtcdEdge
+
+log = logging.getLogger("zrpc.client")
 
 BATCH = 512
 """Answers from etcd handed to the core per step: a burst of joins never starves the loop."""
@@ -60,6 +63,7 @@ class ClusterFollower:
         self._edge = EtcdEdge(parse_cluster(url), self._deliver, logger=logger)
         self.core = Membership(clock, "", {}, cluster=name, where=self._edge.where, register=False)
         self._known: dict[str, str] = {}  # name -> frontend, as the loop was last told
+        self._odd: set[str] = set()  # members whose registration has no usable frontend
         self._stopped = False
 
     @property
@@ -124,8 +128,16 @@ class ClusterFollower:
         now: dict[str, str] = {}
         for name, info in self.core.members.items():
             frontend = info.get("frontend")
-            if type(frontend) is str and frontend.startswith(("tcp://", "ipc://", "inproc://")):
-                now[name] = frontend
+            try:
+                now[name] = check_endpoint(frontend) if type(frontend) is str else ""
+            except ValueError:
+                now[name] = ""
+            if not now[name]:  # a registration no broker wrote: not followed, said once
+                del now[name]
+                if name not in self._odd:
+                    self._odd.add(name)
+                    self._log.warning("cluster member %s registered no usable frontend (%r): not followed",
+                                      name, frontend)
         out = Changes()
         for name, ep in self._known.items():
             if now.get(name) != ep:
@@ -157,6 +169,12 @@ def apply_changes(changes: Changes, session: Session, members: dict[str, int],
             out.extend(session.remove_broker(b))
             disconnect(b)
     for name, endpoint in changes.joined.items():
-        b = members[name] = session.add_broker()
-        connect(b, endpoint)
+        b = session.add_broker()
+        try:
+            connect(b, endpoint)
+        except Exception as exc:  # noqa: BLE001 - one broker that cannot be dialled costs itself
+            log.warning("cannot connect to cluster member %s at %s: %s", name, endpoint, exc)
+            out.extend(session.remove_broker(b))
+            continue
+        members[name] = b
     return out

@@ -9,9 +9,10 @@ holds the NAME.key files it admits and, optionally, ROLES_FILE: what each key ma
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,8 @@ class Role:
 
 NO_ROLE = Role()
 """A key a roles file does not name, when it has no [default]: zrpc.ping and zrpc.health only."""
+EVERY_ROLE = Role(frozenset({ANY}), frozenset({ANY}), True)
+"""Every authorized key's role when the directory has no roles file."""
 
 
 @dataclass(frozen=True)
@@ -218,10 +221,25 @@ class Roles:
     default: Role = NO_ROLE
     names: Mapping[str, str] = field(default_factory=dict)
     """Z85 public key -> the name of its key file."""
+    authorized: frozenset[str] | None = None
+    """The keys the directory holds now (None: any key ZAP admitted). A key removed from it
+    may do nothing more, even on a connection ZAP admitted before the reload."""
+
+    @classmethod
+    def everyone(cls, named: Mapping[str, bytes]) -> Roles:
+        """No roles file: every key of the directory may do everything."""
+        return cls("(no roles file)", {}, EVERY_ROLE, {v.decode("ascii"): k for k, v in named.items()})
+
+    def admitting(self, allowed: Iterable[bytes]) -> Roles:
+        """These roles for the keys ZAP admits now (`allowed`), and for no other key."""
+        return dataclasses.replace(self, authorized=frozenset(k.decode("ascii") for k in allowed))
 
     def role(self, key: str | None) -> Role:
-        """A message without a key (none can reach a broker with keys) may do nothing."""
-        return NO_ROLE if key is None else self.keys.get(key, self.default)
+        """A message without a key (none can reach a broker with keys) may do nothing; nor
+        may a key no longer in the directory."""
+        if key is None or (self.authorized is not None and key not in self.authorized):
+            return NO_ROLE
+        return self.keys.get(key, self.default)
 
     def may_serve(self, key: str | None, service: str) -> bool:
         return self.role(key).serves(service)

@@ -247,16 +247,25 @@ class BrokerLinks:
 
     def connect(self, b: int, endpoint: str) -> None:
         """Broker `b`'s socket (always the next index), with its handshake monitor, polled."""
+        if len(self.endpoints) <= b:
+            self.endpoints.append(endpoint)
+        self.socks.append(None)  # the index exists whatever fails below
+        self.monitors.append(None)
         sock = make_socket(self._ctx, zmq.DEALER, identity=self._identity, options=self._options)
-        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
-        self.socks.append(sock)
-        self.monitors.append(monitor)
+        try:
+            monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+        except Exception:
+            sock.close(linger=0)
+            raise
+        self.socks[b], self.monitors[b] = sock, monitor
         for s, is_monitor in ((sock, False), (monitor, True)):
             self.index[s] = (b, is_monitor)
             self._poller.register(s, zmq.POLLIN)
-        sock.connect(endpoint)
-        if len(self.endpoints) <= b:
-            self.endpoints.append(endpoint)
+        try:
+            sock.connect(endpoint)
+        except Exception:
+            self.disconnect(b)
+            raise
 
     def disconnect(self, b: int) -> None:
         """Broker `b` left the cluster (or the client closes): its sockets are closed."""
