@@ -96,7 +96,9 @@ class _Prefix(logging.LoggerAdapter[logging.Logger]):
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         b = self.broker
-        return f"broker[{b.role}/{b.state}] {msg}", kwargs
+        # a cluster member has no pair role: its name says which member it is
+        who = b.config.name if b.config.cluster and b.config.name else b.role
+        return f"broker[{who}/{b.state}] {msg}", kwargs
 
 
 class Broker:
