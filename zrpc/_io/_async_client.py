@@ -91,15 +91,23 @@ class AsyncClient:
         self._links = BrokerLinks(self._ctx, self._poller, self.identity, self._opts)
         self._socks = self._links.socks  # the same list: the hot path reads it
         self._index = self._links.index
-        for b, ep in enumerate(self.brokers):
-            self._links.connect(b, ep)
-        self.brokers = self._links.endpoints  # grows as brokers join (cluster mode)
         self._members: dict[str, int] = {}  # cluster mode: broker name -> session index
-        # the reader polls every TICK at most: it reads what etcd answered without a wake-up
-        self._follower = (ClusterFollower(self.cluster, lambda: None, name=cluster_name, logger=log)
-                          if self.cluster else None)
-        if self._follower is not None:
-            self._follower.start()
+        self._follower: ClusterFollower | None = None
+        try:
+            for b, ep in enumerate(self.brokers):
+                self._links.connect(b, ep)
+            if self.cluster:
+                # the reader polls every TICK at most: it reads what etcd answered unwoken
+                self._follower = ClusterFollower(self.cluster, lambda: None, name=cluster_name, logger=log)
+                self._follower.start()
+        except BaseException:  # what was made is released: a failed constructor leaks nothing
+            if self._follower is not None:
+                quietly(self._follower.stop)
+            self._links.close()
+            if self._own_ctx:
+                self._ctx.term()
+            raise
+        self.brokers = self._links.endpoints  # grows as brokers join (cluster mode)
         self._reader: asyncio.Task[None] | None = None
         self._closed = False  # no new calls: close() was called, or the reader died
         self._released = False  # sockets and context released (close() ran)

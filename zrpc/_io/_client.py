@@ -174,14 +174,18 @@ class Client:
         self._links = BrokerLinks(self._ctx, self._poller, self.identity, self._opts)
         self._socks = self._links.socks  # the same list: the hot path reads it
         self._index = self._links.index
-        for b, ep in enumerate(self.brokers):
-            self._links.connect(b, ep)
-        self.brokers = self._links.endpoints  # grows as brokers join (cluster mode)
         self._members: dict[str, int] = {}  # cluster mode: broker name -> session index
-        self._follower = (ClusterFollower(self.cluster, self._waker.wake, name=cluster_name, logger=log)
-                          if self.cluster else None)
-        if self._follower is not None:
-            self._follower.start()
+        self._follower: ClusterFollower | None = None
+        try:
+            for b, ep in enumerate(self.brokers):
+                self._links.connect(b, ep)
+            if self.cluster:
+                self._follower = ClusterFollower(self.cluster, self._waker.wake, name=cluster_name, logger=log)
+                self._follower.start()
+        except BaseException:  # what was made is released: a failed constructor leaks nothing
+            self._release()
+            raise
+        self.brokers = self._links.endpoints  # grows as brokers join (cluster mode)
         self._thread = threading.Thread(target=self._loop, name="zrpc-client", daemon=True)
         self._thread.start()
         self._io_ident = self._thread.ident
@@ -416,14 +420,18 @@ class Client:
         reason = self._dead or "client closed"
         for call in pending:
             call.fail(ZrpcError(reason))
+        self._release()
+        if self._callbacks is not None:
+            self._callbacks.stop()
+
+    def _release(self) -> None:
+        """The etcd follower, every socket, the waker, and the context we own."""
         if self._follower is not None:
             quietly(self._follower.stop)
         self._links.close()
         quietly(self._waker.close)
         if self._own_ctx:
             self._ctx.term()
-        if self._callbacks is not None:
-            self._callbacks.stop()
 
     def _post_callback(self, fn: Callable[[Future[Any]], object], fut: Future[Any]) -> None:
         """Called on the I/O thread only, so the callback thread needs no lock to start."""

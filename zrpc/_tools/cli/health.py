@@ -37,8 +37,10 @@ def ask_brokers(endpoints: Sequence[str], service: str | None, timeout: float,
     `status` (and the broker's `state`) or the `error` that stood for it."""
     from zrpc._io._client import Client
 
-    clients = [Client([ep], timeout=timeout, **keys) for ep in endpoints]
+    clients: list[Client] = []
     try:
+        for ep in endpoints:  # made inside the try: one that fails leaves none open
+            clients.append(Client([ep], timeout=timeout, **keys))
         args = () if service is None else (service,)
         futures: list[Future[Any]] = [c.future("zrpc", "health", *args) for c in clients]
         out = []
