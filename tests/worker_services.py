@@ -64,7 +64,7 @@ twin = zrpc.Service("twin")
 def _delay() -> None:
     delay = float(os.environ.get("ZRPC_TEST_DELAY", "0"))
     if delay:
-        time.sleep(delay)  # a slow handler is the point
+        time.sleep(delay)  # noqa: sleep (a slow handler is the point)
 
 
 @twin.method(name="add")
@@ -85,5 +85,5 @@ def charge(account: str, delay: float = 0.0) -> int:
     """Not idempotent: each run appends a line to the file ZRPC_LEDGER names."""
     with open(os.environ["ZRPC_LEDGER"], "a") as f:
         f.write(f"{account} {os.getpid()}\n")
-    time.sleep(delay)  # a slow handler is the point
+    time.sleep(delay)  # noqa: sleep (a slow handler is the point)
     return os.getpid()

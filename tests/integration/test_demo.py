@@ -76,11 +76,11 @@ def test_the_demo_notices_a_child_it_did_not_kill_and_restarts_a_broker(monkeypa
 
         def fake_zrpc(*args, **kw):
             started.append(args)
-            return demo.procs.spawn([sys.executable, "-c", "import time; time.sleep(60)"], name=kw.get("name"))
+            return demo.procs.spawn([sys.executable, "-c", "import time; time.sleep(60)"], name=kw.get("name"))  # noqa: sleep (a child that idles)
 
         crash = demo.procs.spawn([sys.executable, "-c", "import sys; sys.exit(3)"], name=role)
         demo.brokers[role] = crash
-        killed = demo.procs.spawn([sys.executable, "-c", "import time; time.sleep(60)"], name="worker1")
+        killed = demo.procs.spawn([sys.executable, "-c", "import time; time.sleep(60)"], name="worker1")  # noqa: sleep (a child that idles)
         demo.procs.kill(killed)
         crash.wait(10)
         monkeypatch.setattr(demo.procs, "zrpc", fake_zrpc)

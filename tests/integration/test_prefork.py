@@ -34,7 +34,7 @@ PROBE = textwrap.dedent("""
 
     @probe.method
     def sleep(seconds):
-        time.sleep(seconds)
+        time.sleep(seconds)  # noqa: sleep (a handler that takes a while)
         return os.getpid()
     """)
 

@@ -139,7 +139,7 @@ def test_the_loop_supervises_any_number_of_named_children(monkeypatch, capfd):
         assert args[0] == "broker"
         started.append(list(args[1:]))
         dies = args[1] == "b2" and "--restarts" not in args
-        code = "import sys; sys.exit(3)" if dies else "import time; time.sleep(60)"
+        code = "import sys; sys.exit(3)" if dies else "import time; time.sleep(60)"  # noqa: sleep (a child that idles)
         return self.spawn([sys.executable, "-c", code], **kw)
 
     def failed() -> str | None:
