@@ -215,8 +215,10 @@ class Broker:
                     sub.setsockopt(zmq.SUBSCRIBE, b"")
                     sub.connect(cfg.peer_state)
             if cfg.monitor is not None:
-                self._mon = mon = make_socket(self._ctx, zmq.PUB, options=opts)
+                # XPUB: each subscription reaches the loop, which repeats the alerts in force
+                self._mon = mon = make_socket(self._ctx, zmq.XPUB, options=opts)
                 made.append(mon)
+                mon.setsockopt(zmq.XPUB_VERBOSE, 1)
                 bind(mon, cfg.monitor, "monitor endpoint")
             if cfg.metrics_port is not None:
                 from zrpc.broker._metrics import serve_prometheus
@@ -249,6 +251,9 @@ class Broker:
         poller.register(front, zmq.POLLIN)
         if self._sub is not None:
             poller.register(self._sub, zmq.POLLIN)
+        mon = self._mon
+        if mon is not None:
+            poller.register(mon, zmq.POLLIN)
         if (core.cluster is not None and self.config.cluster is not None) or core.election is not None:
             self._waker = Waker(self._ctx, f"etcd-{id(self):x}")
             poller.register(self._waker.socket, zmq.POLLIN)
@@ -282,6 +287,8 @@ class Broker:
                     # the peer's state first: a broker resumed after SIGSTOP must learn that
                     # its peer took over before it serves anything from its backlog
                     self._read_peer()
+                    if mon is not None and any(sock is mon for sock, _ in events):
+                        self._read_subscriptions(mon)
                     for _ in range(BATCH):
                         user: str | None = None
                         if keyed:
@@ -516,6 +523,18 @@ class Broker:
                 except Exception as exc:  # noqa: BLE001 - a bug costs one action, never the broker
                     record(exc, f"an action ({type(a).__name__})")
             pending = more
+
+    def _read_subscriptions(self, mon: zmq.Socket[Any]) -> None:
+        """Monitor subscriptions (`\\x01` + topic prefix; unsubscriptions start `\\x00`)."""
+        for _ in range(BATCH):
+            msg = recv_nowait(mon)
+            if msg is None:
+                return
+            if msg[0][:1] == b"\x01":
+                try:
+                    self._execute(self.core.subscribed(msg[0][1:]))
+                except Exception as exc:  # noqa: BLE001 - a bug costs one subscription
+                    self._errors.record(exc, "a monitor subscription")
 
     @staticmethod
     def _publish(sock: zmq.Socket[Any] | None, frames: list[bytes]) -> None:

@@ -37,7 +37,8 @@ Rules (DESIGN.md §3-5, docs/protocol.md §7-8):
    go out only while this broker is active (the passive one would only repeat its peer's);
    notices about this broker itself (ALWAYS_NOTICED) and Binary Star's go out in every
    state. Every alert is logged and published on `alert.<name>`; an unpublished notice is
-   logged at debug level.
+   logged at debug level. A new subscriber to `alert.` hears the alerts in force again, as
+   `in_force` (`subscribed`).
 9. Timers: the monitor evaluates every min(EVAL_PERIOD, interval / 2); every METRICS_PERIOD
    the metrics go out on `metrics` (in every state), the stored status is refreshed and
    memory is released; workers are sent a heartbeat every interval; `broker_restarted`
@@ -158,7 +159,7 @@ from zrpc.broker._core._election import Event as ElectionEvent
 from zrpc.broker._core._election import Log as ElectionLog
 from zrpc.broker._core._election import Output as ElectionOutput
 from zrpc.broker._core._election import ServingChanged as ElectionServing
-from zrpc.broker._core._monitor import Eject, Monitor, Thresholds
+from zrpc.broker._core._monitor import IN_FORCE, Alert, Eject, Monitor, Thresholds
 from zrpc.broker._core._monitor import Output as MonitorOutput
 
 DRAIN_TIMEOUTS = 10
@@ -1145,10 +1146,19 @@ class BrokerCore:
                 continue
             level = logging.INFO if o.state == "resolved" else _LEVELS.get(o.severity, logging.ERROR)
             out.append(Log(level, "alert %s %s: %s %s", (o.name, o.state, o.subject, o.detail)))
-            out.append(Publish("alert." + o.name, {
-                "name": o.name, "severity": o.severity, "state": o.state,
-                "resolved": o.state == "resolved", "subject": o.subject, "detail": o.detail,
-                **self._identity()}))
+            out.append(self._alert(o, o.state))
+
+    def _alert(self, a: Alert, state: str) -> Publish:
+        return Publish("alert." + a.name, {
+            "name": a.name, "severity": a.severity, "state": state, "resolved": state == "resolved",
+            "subject": a.subject, "detail": a.detail, **self._identity()})
+
+    def subscribed(self, prefix: bytes) -> list[Action]:
+        """Rule 8: a monitor subscriber that joins late hears every alert in force (state
+        `in_force`): a PUB socket drops what was published before a subscriber connected, and
+        an operator who starts `zrpc monitor` after two primaries met would otherwise see nothing."""
+        return [self._alert(a, IN_FORCE) for a in self._monitor.active
+                if ("alert." + a.name).encode().startswith(prefix)]
 
     def _membership(self, config: Settings, clock: Clock) -> Membership | None:
         """Rule 11: a cluster member registers its endpoints under its name."""

@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # the dispatcher imports ewma() from here: no import back at 
     from zrpc.broker._core._dispatch import Notice
 
 RAISED, RESOLVED, EVENT = "raised", "resolved", "event"
+IN_FORCE = "in_force"
+"""An alert raised earlier, published again for a monitor that subscribed since."""
 
 CATALOGUE = {
     # name: (severity, what it means)

@@ -57,6 +57,27 @@ def test_worker_kill_raises_lost_and_redundancy_then_both_resolve(tapped, cluste
     print(f"\nworker_lost published {(t_lost - t0) * 1000:.0f} ms after kill -9")
 
 
+def test_a_monitor_that_subscribes_late_hears_the_alerts_in_force(tapped, cluster, procs):
+    ep, early, mon = tapped()
+    w1 = cluster.worker(ep)
+    cluster.worker(ep)
+    early.wait("worker_joined", "event")
+    procs.signal(w1, signal.SIGKILL)
+    _, lost = early.wait("worker_lost")
+    early.wait("redundancy_lost", subject="calc")
+    late = MonitorTap(mon)  # subscribes after both were raised: a PUB alone would tell it nothing
+    try:
+        _, again = late.wait("worker_lost", "in_force")
+        assert again["subject"] == lost["subject"] and again["severity"] == "critical" and not again["resolved"]
+        late.wait("redundancy_lost", "in_force", subject="calc")
+        assert not late.alerts("worker_joined")  # an event is over once published
+        early.wait("worker_lost", "in_force")  # every subscriber hears the repeat
+        cluster.worker(ep)
+        late.wait("worker_lost", "resolved")
+    finally:
+        late.close()
+
+
 def test_service_unavailable_and_queue_backlog_and_error_rate(tapped, cluster, procs, client_factory):
     ep, tap, _ = tapped("--backlog", "5", "--error-rate", "0.2")
     w = cluster.worker(ep, "--concurrency", "1")

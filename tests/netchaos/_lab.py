@@ -186,7 +186,8 @@ class Lab:
 
     def pair(self, roles: tuple[str, str] = ("primary", "backup"), settle: bool = True,
              extra: Sequence[str] = ()) -> tuple[Broker, Broker]:
-        """Brokers on a and b (their witnesses first, so that no alert is missed); with
+        """Brokers on a and b (their witnesses first, so that no alert is missed: one raised
+        before a witness's subscription arrived comes to it as `in_force`); with
         `settle`, until a is active and b passive, each hearing the other."""
         hosts = ("a", "b")
         made = []

@@ -178,6 +178,25 @@ def test_a_restarted_broker_raises_broker_restarted_and_resolves_it_a_minute_lat
     assert seen.count(("broker_restarted", "resolved")) == 1
 
 
+def test_a_late_monitor_subscriber_hears_the_alerts_in_force_and_nothing_else() -> None:
+    clock = FakeClock()
+    errors = InternalErrors(logging.getLogger("zrpc.broker.test"), "broker")
+    core = BrokerCore(BrokerConfig(heartbeat_interval=INTERVAL, restarts=1), clock, errors)
+    core.start()
+    register(core, b"w1", "alpha")  # worker_joined: an event, over once published
+    for prefix in (b"alert.", b"", b"alert.broker_restarted", b"al"):
+        (pub,) = [a for a in core.subscribed(prefix) if type(a) is Publish]
+        assert pub.topic == "alert.broker_restarted"
+        assert pub.event["state"] == "in_force" and not pub.event["resolved"]
+        assert pub.event["detail"]["restarts"] == 1 and pub.event["broker_state"] == "active"
+    assert core.subscribed(b"metrics") == [] and core.subscribed(b"alert.x") == []
+    for _ in range(61):
+        clock.advance(1.0)
+        core.tick()
+    # broker_restarted resolved; the silent worker is lost
+    assert [a.event["name"] for a in core.subscribed(b"alert.") if type(a) is Publish] == ["worker_lost"]
+
+
 # --- timers -----------------------------------------------------------------------------------
 
 
