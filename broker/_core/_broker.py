@@ -28,7 +28,8 @@ Rules (DESIGN.md §3-5, docs/protocol.md §7-8):
    liveness, monitor, the internal errors it reported.
 6. A registered worker's heartbeat `info` is read for two things: a rise in its internal
    errors (an `internal_error` notice naming it), and an `active_epoch` above ours while we
-   are ACTIVE (HigherEpochSeen: a broker we cannot hear took over).
+   are ACTIVE (HigherEpochSeen: a broker we cannot hear took over), or any `active_epoch`
+   once that fenced us, until we hear our peer (Binary Star's rule 8: it still serves).
 7. Our own stall (more time between checkpoints than the poll was allowed, by more than a
    heartbeat interval) is no evidence against anyone: every worker's silence is shortened by
    it, nobody is judged before the frontend's backlog is drained (or DRAIN_TIMEOUTS liveness
@@ -980,8 +981,8 @@ class BrokerCore:
                     "count": n, "worker": peer.hex()}), out)
         epoch = info.get("active_epoch")
         bstar = self._bstar
-        if (bstar is not None and type(epoch) is int and bstar.state is BStar.ACTIVE
-                and bstar.epoch < epoch <= MAX_EPOCH):
+        if (bstar is not None and type(epoch) is int and 0 < epoch <= MAX_EPOCH
+                and ((bstar.state is BStar.ACTIVE and bstar.epoch < epoch) or bstar.fenced)):
             self._bstar_actions(bstar.handle(HigherEpochSeen(epoch)), out)
         e = self._election
         if e is not None and type(epoch) is int and e.holding and epoch > e.epoch:

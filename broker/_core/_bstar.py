@@ -30,7 +30,13 @@ Rules (the names in quotes are the rules of RULES that TRANSITIONS points to):
    the peer: a loop that stalls over and over still finds a dead peer, and still serves.
 8. "fenced", for a one-way state link: the ACTIVE broker that cannot hear its peer learns from
    workers, which hear both. A worker that saw a broker announce ACTIVE with a higher epoch
-   than ours makes an ACTIVE broker step down, as a split brain seen on the link does.
+   than ours makes an ACTIVE broker step down, as a split brain seen on the link does. Until
+   it hears its peer again, a broker fenced so takes each worker's report of an active broker
+   at the epoch it knows of (or higher) for a sign of its peer's life: a client request is no
+   vote while workers still see that broker serve (the calls its clients sent it just before a
+   cut, delivered late when the cut heals, are such requests). A worker reports only what its
+   open links say, so once that broker is gone the reports stop within the worker's liveness,
+   and rule 4 applies again one peer timeout later.
 9. Misconfiguration: the state message carries the sender's role. Two primaries or two backups
    raise `role_conflict` (critical) for as long as it lasts, and refuse to be confused: two
    backups never serve (rule 3); two primaries never serve while they hear each other (rule 3
@@ -209,6 +215,7 @@ class BinaryStar:
         self._reason = ""  # why serving changed, when no state change says it
         self._forgiven = False  # a stall of ours was allowed for since the peer was last heard
         self._stale_since: float | None = None  # rule 11: since when the peer's news is stale
+        self._fenced = False  # rule 8: stepped down on a worker's word, peer not heard since
 
     # --- what it knows (read-only) ----------------------------------------------------------
 
@@ -250,6 +257,12 @@ class BinaryStar:
     @property
     def accepts_clients(self) -> bool:
         return self._state is BStar.ACTIVE and self._doubt_until is None
+
+    @property
+    def fenced(self) -> bool:
+        """Rule 8: stepped down on a worker's word and not heard from its peer since: every
+        worker's report of an active broker is news to it."""
+        return self._fenced
 
     @property
     def peer_alive(self) -> bool:
@@ -343,6 +356,9 @@ class BinaryStar:
                 if not 0 <= event.epoch <= MAX_EPOCH:
                     return out  # garbage from a worker
                 self._known_epoch = max(self._known_epoch, event.epoch)
+                if self._fenced and self._state is not BStar.ACTIVE and event.epoch >= self._known_epoch:
+                    # rule 8: the broker that fenced us serves on; our peer lives
+                    self._peer_expiry = max(self._peer_expiry, self._clock() + self._peer_timeout)
                 key = HigherEpochSeen
             case _:
                 raise TypeError(f"unknown event {event!r}")
@@ -381,6 +397,7 @@ class BinaryStar:
         self._peer_seen = now
         self._peer_expiry = now + self._peer_timeout
         self._forgiven = False
+        self._fenced = False  # the link works: the table decides from the peer's own word
         self._peer_state = event.state
         self._peer_epoch = event.epoch
         self._known_epoch = max(self._known_epoch, event.epoch)
@@ -475,6 +492,7 @@ class BinaryStar:
                                                              "seen_by": "worker"}))
         out.extend(self._go(BStar.PASSIVE, reason.format(theirs=theirs, mine=mine)))
         out.extend(self._split_over())
+        self._fenced = True
         return out
 
     # --- what the rules share -------------------------------------------------------------
@@ -505,6 +523,7 @@ class BinaryStar:
         out: list[Action] = [StateChanged(old, new, reason)]
         if new is BStar.ACTIVE:
             self._epoch = max(self._epoch, self._peer_epoch, self._known_epoch) + 1
+            self._fenced = False
         else:
             self._epoch = max(self._epoch, self._peer_epoch, self._known_epoch)
         out.append(self._publish(self._clock()))  # tell the peer at once

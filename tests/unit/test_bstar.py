@@ -344,6 +344,36 @@ def test_higher_epoch_from_a_worker_steps_down_with_a_split_brain_alert():
     assert m.state is A and m.epoch == 5
 
 
+def test_a_fenced_broker_takes_no_vote_while_workers_see_the_other_serve():
+    """The primary was cut off; the backup took over; the primary's workers and clients came
+    back before its state link did. A worker fenced it; then its clients' calls from before the
+    cut arrive, late: while workers report the backup active, they are no votes."""
+    m, clock = reach("primary", A, epoch=1)
+    m.handle(HigherEpochSeen(2))
+    assert m.state is S and m.fenced
+    for _ in range(12):  # 3 s: the state link is still cut, every worker reports each interval
+        clock.advance(INTERVAL)
+        m.handle(HigherEpochSeen(2))
+        m.tick()
+        assert m.handle(ClientVoted()) == [] and m.state is S
+    # the backup dies: its workers close their links to it and report nothing active
+    clock.advance(m.peer_timeout)
+    m.tick()
+    m.handle(ClientVoted())
+    assert m.state is A and m.epoch == 3 and not m.fenced
+
+
+def test_a_fenced_broker_that_hears_its_peer_again_follows_the_table():
+    m, clock = reach("primary", A, epoch=1)
+    m.handle(HigherEpochSeen(2))
+    m.handle(PeerStateSeen(A, 2, "backup"))  # the state link works again
+    assert not m.fenced
+    clock.advance(m.peer_timeout)
+    m.handle(HigherEpochSeen(2))  # the peer's own silence counts again, not the workers' word
+    m.handle(ClientVoted())
+    assert m.state is A and m.epoch == 3
+
+
 def test_absurd_epochs_from_a_worker_are_ignored():
     m, _ = reach("primary", A, epoch=1)
     m.handle(HigherEpochSeen(MAX_EPOCH + 1))
