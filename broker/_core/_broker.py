@@ -1247,8 +1247,12 @@ class BrokerCore:
             self._activate(serving, out)
 
     def _identity(self) -> dict[str, Any]:
-        return {"time": self._wall(), "broker": self.config.frontend, "role": self.role,
-                "broker_state": self.state}
+        """Who says it, on every event: a cluster member by its name (it has no pair role)."""
+        who = {"time": self._wall(), "broker": self.config.frontend, "role": self.role,
+               "broker_state": self.state}
+        if self._cluster is not None:
+            who["member"] = self._cluster.name
+        return who
 
     def _hello(self) -> dict[str, Any]:
         b, e = self._bstar, self._election

@@ -311,3 +311,4 @@ def test_monitor_follows_the_members_of_a_cluster(etcd, members, procs):
     assert mon.wait(30) == 0
     events = [e for e in lines() if e["topic"].startswith("alert.")]
     assert [(e["name"], e["subject"]) for e in events] == [("member_joined", "b2"), ("member_left", "b1")]
+    assert [e["member"] for e in events] == ["b1", "b2"]  # who said it: b1 saw b2 join, b2 saw b1 leave

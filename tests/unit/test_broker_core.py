@@ -166,6 +166,14 @@ def test_an_active_broker_publishes_worker_alerts_stamped_with_its_identity() ->
     assert pub.event["broker"] == "tcp://127.0.0.1:7000" and pub.event["broker_state"] == "active"
 
 
+def test_a_cluster_members_events_name_it() -> None:
+    clock = FakeClock()
+    core = make(clock, cluster="etcd://127.0.0.1:2379", name="b1")
+    (pub,) = [a for a in register(core, b"w1", "alpha") if type(a) is Publish]
+    assert pub.event["member"] == "b1"
+    assert "member" not in [a for a in register(make(clock), b"w1") if type(a) is Publish][0].event
+
+
 def test_a_restarted_broker_raises_broker_restarted_and_resolves_it_a_minute_later() -> None:
     clock = FakeClock()
     errors = InternalErrors(logging.getLogger("zrpc.broker.test"), "broker")

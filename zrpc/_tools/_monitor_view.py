@@ -112,7 +112,7 @@ def post_webhook(url: str, event: dict[str, Any], timeout: float = 5.0, attempts
 
 def _line(topic: str, ev: dict[str, Any]) -> tuple[str, str]:
     stamp = time.strftime("%H:%M:%S", time.localtime(ev.get("time", time.time())))
-    where = f"[{ev.get('role')}/{ev.get('broker_state')}]"
+    where = f"[{ev.get('member') or ev.get('role')}/{ev.get('broker_state')}]"  # as the broker logs
     if topic == "metrics":
         parts = [f"{name} {s['calls_s']:.0f}/s p99 {s['p99_ms'] if s['p99_ms'] is not None else '-'}ms "
                  f"q{s['queued']} w{s['workers']}" for name, s in sorted(ev.get("services", {}).items())]
