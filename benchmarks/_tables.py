@@ -3,6 +3,9 @@ prefork), as rich Tables."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Iterator
+from typing import TypeVar
+
 from _cluster import WORKERS, ClusterRow
 from _knobs import KnobRow
 from _prefork import CALLS, SUPERVISOR, PreforkRow
@@ -11,9 +14,26 @@ from _systems import WORKLOADS
 from rich import box
 from rich.table import Table
 
+T = TypeVar("T")
+
 
 def fmt(value: float | None, digits: int = 0) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def sectioned(t: Table, items: list[T], group: Callable[[T], Hashable]) -> Iterator[T]:
+    """The items, with a section line in `t` wherever `group` changes."""
+    last: Hashable = None
+    for i, item in enumerate(items):
+        if i and group(item) != last:
+            t.add_section()
+        last = group(item)
+        yield item
+
+
+def split_cell(share: dict[str, float]) -> str:
+    """Each process's share of the calls, as "50/50 %"."""
+    return "/".join(f"{100 * s:.0f}" for s in share.values()) + " %" if share else "—"
 
 
 def cpu_cells(cpu: list[float | None]) -> list[str]:
@@ -27,11 +47,7 @@ def scaling_table(points: list[Point], box_style: box.Box) -> Table:
         t.add_column(name)
     for name in ("calls/s", "p50 µs", "p99 µs", "clients µs", "broker µs", "workers µs", "total µs", "broker MB"):
         t.add_column(name, justify="right")
-    last = None
-    for p in points:
-        if last is not None and (p.system, p.axis) != last:
-            t.add_section()
-        last = (p.system, p.axis)
+    for p in sectioned(t, points, lambda p: (p.system, p.axis)):
         r = p.row
         what = f"{p.n} {p.axis if p.n > 1 else p.axis.replace('threads', 'thread').replace('processes', 'process')}"
         if p.axis == "workers":
@@ -95,15 +111,11 @@ def cluster_table(rows: list[ClusterRow], box_style: box.Box) -> Table:
     for name in ("calls/s", "÷ 1 broker", "p50 µs", "p99 µs", "client µs", "brokers µs", "per broker µs",
                  "workers µs", "etcd µs", "total µs", "split"):
         t.add_column(name, justify="right")
-    last = None
-    for c in rows:
-        if last is not None and c.brokers != last:
-            t.add_section()
-        last = c.brokers
+    for c in sectioned(t, rows, lambda c: c.brokers):
         r = c.row
         ref = base.get(r.workload)
         each = "/".join(fmt(r.cpu_us.get(b)) for b in c.names)
-        split = "/".join(f"{100 * s:.0f}" for s in c.share().values()) + " %" if c.share() else "—"
+        split = split_cell(c.share())
         how = "sequential" if WORKLOADS[r.workload].window == 1 else f"{WORKLOADS[r.workload].window:,} in flight"
         t.add_row(str(c.brokers), how, fmt(r.calls_s),
                   fmt(r.calls_s / ref, 2) if ref else "—", fmt(r.p50_us), fmt(r.p99_us),
@@ -121,15 +133,11 @@ def prefork_table(rows: list[PreforkRow], box_style: box.Box) -> Table:
     for name in ("calls/s", "÷ 1", "p50 µs", "p99 µs", "client µs", "broker µs", "workers µs",
                  "per process µs", "supervisor µs", "total µs", "split"):
         t.add_column(name, justify="right")
-    last = None
-    for p in rows:
-        if last is not None and p.processes != last:
-            t.add_section()
-        last = p.processes
+    for p in sectioned(t, rows, lambda p: p.processes):
         r = p.row
         ref = base.get(r.workload)
         each = "/".join(fmt(r.cpu_us.get(w)) for w in p.workers)
-        split = "/".join(f"{100 * s:.0f}" for s in p.share().values()) + " %" if p.share() else "—"
+        split = split_cell(p.share())
         t.add_row(str(p.processes), CALLS[r.workload].label, fmt(r.calls_s), fmt(r.calls_s / ref, 2) if ref else "—",
                   fmt(r.p50_us), fmt(r.p99_us), fmt(r.cpu_role("client"), 1), fmt(r.cpu_role("broker"), 1),
                   fmt(r.cpu_role("server"), 1), each, fmt(r.cpu_us.get(SUPERVISOR), 1),

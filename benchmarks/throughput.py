@@ -43,7 +43,17 @@ import zmq
 from _measure import Meter, Row, sequential, warm_up
 from _sections import STEPS, Depth, Memory, Point, Progress, memory, queue_depths, scaling
 from _systems import ECHO1K, ECHO1M, ECHO64K, SEQ, SYSTEMS, WORKLOADS, Client, System
-from _tables import cluster_table, knobs_table, memory_table, prefork_table, queue_table, scaling_table
+from _tables import (
+    cluster_table,
+    cpu_cells,
+    fmt,
+    knobs_table,
+    memory_table,
+    prefork_table,
+    queue_table,
+    scaling_table,
+    sectioned,
+)
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -114,24 +124,16 @@ def measure(system: System, keys: list[str], procs: Processes, seconds: float, c
     return rows
 
 
-def fmt(value: float | None, digits: int = 0) -> str:
-    return "—" if value is None else f"{value:,.{digits}f}"
-
-
 def results_table(rows: list[Row], labels: dict[str, str], box_style: box.Box) -> Table:
     t = Table(title="calls/s, latency and CPU µs per call of each process", box=box_style)
     for name in ("system", "workload"):
         t.add_column(name)
     for name in ("calls/s", "p50 µs", "p99 µs", "client µs", "broker µs", "server µs", "total µs"):
         t.add_column(name, justify="right")
-    last = None
-    for r in rows:
-        if last is not None and r.system != last:
-            t.add_section()
-        last = r.system
+    for r in sectioned(t, rows, lambda r: r.system):
         cpu = [r.cpu_role(role) for role in ("client", "broker", "server")]
         t.add_row(labels[r.system], WORKLOADS[r.workload].label, fmt(r.calls_s), fmt(r.p50_us), fmt(r.p99_us),
-                  *(fmt(c, 1) for c in cpu), fmt(sum(c for c in cpu if c is not None), 1))
+                  *cpu_cells(cpu))
     return t
 
 
